@@ -1,0 +1,161 @@
+"""PerTaskEvaluation: fills the success matrix R[j, i] and writes the run's results.
+
+Every task of the stream is evaluated with E episodes before training (b_i) and after each
+task (row j of R); optionally every N iterations as well (success curves). Episodes are
+split over DDP ranks and the counts summed. Rank 0 writes ``metrics.json`` and ``R.csv``
+in the run's log dir after every evaluation (``"complete": false`` until the last task
+ends, so a crash keeps what was computed and nothing partial looks final), logs TensorBoard
+scalars and an R heatmap, and prints the paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from lightning import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torchrl.envs.utils import step_mdp
+
+from callbacks.metrics import continual_metrics, heatmap_image
+from callbacks.task_boundary import TaskBoundaryHooks
+
+
+class PerTaskEvaluation(Callback, TaskBoundaryHooks):
+    def __init__(self, episodes_per_task: int = 32, num_envs: int = 32, greedy: bool = False,
+                 every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000):
+        if episodes_per_task <= 0:
+            raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
+        if num_envs <= 0:
+            raise ValueError(f"PerTaskEvaluation.num_envs={num_envs!r}: must be > 0")
+        self.episodes, self.num_envs, self.greedy = episodes_per_task, num_envs, greedy
+        self.every_n, self.seed, self.max_steps = every_n_iterations, seed, max_steps
+        self.b: list[float] | None = None
+        self.R: list[list[float] | None] | None = None
+        self.curves: list[dict] = []  # {"iteration", "task_trained", "success": [...]}
+
+    # -- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def success_rate(self, trainer, pl_module, task_index: int) -> float:
+        dm = trainer.datamodule
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = list(range(rank, self.episodes, world))  # this rank's episode ids
+        policy = pl_module.acting_policy(greedy=self.greedy)
+        was_training = pl_module.training
+        pl_module.eval()
+        successes = 0
+        for start in range(0, len(mine), self.num_envs):
+            ids = mine[start:start + self.num_envs]
+            env = dm.make_env(dm.tasks[task_index], len(ids),
+                              seed=self.seed + 7919 * task_index + ids[0])
+            successes += self._run(env, policy, pl_module.device)
+            env.close()
+        pl_module.train(was_training)
+        counts = torch.tensor([successes, len(mine)], dtype=torch.float64, device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return float(counts[0] / counts[1])
+
+    def _run(self, env, policy, device) -> int:
+        td = env.reset()
+        n = env.batch_size.numel()
+        finished = torch.zeros(n, dtype=torch.bool)
+        success = torch.zeros(n, dtype=torch.bool)
+        for _ in range(self.max_steps):
+            td = env.step(policy(td.to(device)).to(env.device))
+            done = td.get(("next", "done")).reshape(-1)
+            first = done & ~finished  # only each env's first episode counts
+            success |= first & td.get(("next", "success")).reshape(-1)
+            finished |= done
+            if finished.all():
+                break
+            td = step_mdp(td)
+        return int(success.sum())
+
+    def evaluate_all(self, trainer, pl_module) -> list[float]:
+        return [self.success_rate(trainer, pl_module, i) for i in range(trainer.datamodule.num_tasks)]
+
+    # -- boundary events ------------------------------------------------------------------
+    def on_task_start(self, trainer, pl_module, task_index):
+        if self.b is None:  # the starting model, once
+            K = trainer.datamodule.num_tasks
+            self.b = self.evaluate_all(trainer, pl_module)
+            self.R = [None] * K
+            self._record(trainer, "before", self.b)
+
+    def on_task_end(self, trainer, pl_module, task_index):
+        row = self.evaluate_all(trainer, pl_module)
+        self.R[task_index] = row
+        self.curves.append({"iteration": trainer.current_epoch + 1, "task_trained": task_index,
+                            "success": row, "task_end": True})
+        self._record(trainer, f"after task {task_index}", row)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.every_n and (trainer.current_epoch + 1) % self.every_n == 0:
+            row = self.evaluate_all(trainer, pl_module)
+            self.curves.append({"iteration": trainer.current_epoch + 1,
+                                "task_trained": trainer.datamodule.task_index,
+                                "success": row, "task_end": False})
+            self._log_row(trainer, row)
+
+    # -- results ----------------------------------------------------------------------------
+    def results(self, tasks) -> dict:
+        K = len(self.R)
+        done = [r is not None for r in self.R]
+        out = {"complete": all(done), "tasks": [t.name for t in tasks],
+               "episodes_per_task": self.episodes, "b": self.b, "R": self.R,
+               "curves": self.curves}
+        if all(done):
+            in_task = [[c["success"][k] for c in self.curves if c["task_trained"] == k]
+                       for k in range(K)]
+            out["metrics"] = continual_metrics(self.R, self.b, in_task)
+        return out
+
+    def _log_row(self, trainer, row):
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"eval/success_task{i}": v for i, v in enumerate(row)},
+                                       step=trainer.current_epoch)
+
+    def _record(self, trainer, label, row):
+        self._log_row(trainer, row)
+        if trainer.global_rank != 0:
+            return
+        rank_zero_info(f"[eval] {label}: " + " ".join(f"{v:.2f}" for v in row))
+        log_dir = trainer.log_dir or "."
+        os.makedirs(log_dir, exist_ok=True)
+        res = self.results(trainer.datamodule.tasks)
+        _atomic_write(os.path.join(log_dir, "metrics.json"), json.dumps(res, indent=2))
+        rows = ["row," + ",".join(res["tasks"]), "before," + ",".join(f"{v:.4f}" for v in self.b)]
+        rows += [f"after_task{j}," + ",".join(f"{v:.4f}" for v in r)
+                 for j, r in enumerate(self.R) if r is not None]
+        _atomic_write(os.path.join(log_dir, "R.csv"), "\n".join(rows) + "\n")
+        if res["complete"]:
+            self._final_report(trainer, res, log_dir)
+
+    def _final_report(self, trainer, res, log_dir):
+        R = np.array(res["R"])
+        lines = ["Success matrix R[j, i] (row j: after training task j; column i: task i)",
+                 "          " + " ".join(f"task{i:<3d}" for i in range(len(R))),
+                 "before    " + " ".join(f"{v:7.2f}" for v in res["b"])]
+        lines += [f"after {j:<3d} " + " ".join(f"{v:7.2f}" for v in r) for j, r in enumerate(R)]
+        lines.append("  ".join(f"{k}={v:+.3f}" for k, v in res["metrics"].items()))
+        lines.append(f"wrote {os.path.join(log_dir, 'metrics.json')} and {os.path.join(log_dir, 'R.csv')}")
+        print("\n".join(lines), flush=True)
+        exp = getattr(trainer.logger, "experiment", None)
+        if exp is not None and hasattr(exp, "add_image"):
+            exp.add_image("eval/R", heatmap_image(R), trainer.current_epoch)
+            for k, v in res["metrics"].items():
+                exp.add_scalar(f"eval/{k}", v, trainer.current_epoch)
+
+    def state_dict(self):
+        return {"b": self.b, "R": self.R, "curves": self.curves}
+
+    def load_state_dict(self, state):
+        self.b, self.R, self.curves = state["b"], state["R"], state["curves"]
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,21 @@
+"""Task boundaries as events between callbacks.
+
+``TaskSwitch`` is the only place that decides when a task ends. It calls, on every
+callback that defines them, ``on_task_start(trainer, pl_module, task_index)`` and
+``on_task_end(trainer, pl_module, task_index)``.
+"""
+from __future__ import annotations
+
+
+class TaskBoundaryHooks:
+    def on_task_start(self, trainer, pl_module, task_index: int) -> None:
+        pass
+
+    def on_task_end(self, trainer, pl_module, task_index: int) -> None:
+        pass
+
+
+def announce(trainer, pl_module, event: str, task_index: int) -> None:
+    for cb in trainer.callbacks:
+        if isinstance(cb, TaskBoundaryHooks):
+            getattr(cb, event)(trainer, pl_module, task_index)

@@ -1,0 +1,67 @@
+"""TaskSwitch: moves the datamodule along the task stream."""
+from __future__ import annotations
+
+import os
+
+from lightning import Callback
+
+from callbacks.task_boundary import TaskBoundaryHooks, announce
+
+
+class TaskSwitch(Callback, TaskBoundaryHooks):
+    """Ends a task after ``iterations_per_task`` PPO iterations, or earlier once the rollout
+    success reaches ``success_threshold`` (after ``min_iterations``). At each task end it
+    announces the boundary, advances the stream and saves ``task{k}_end.ckpt``; after the
+    last task it stops training."""
+
+    def __init__(self, iterations_per_task: int = 20, success_threshold: float | None = None,
+                 min_iterations: int = 1, save_checkpoints: bool = True):
+        if iterations_per_task <= 0:
+            raise ValueError(f"TaskSwitch.iterations_per_task={iterations_per_task!r}: must be > 0")
+        if success_threshold is not None and not 0 < success_threshold <= 1:
+            raise ValueError(f"TaskSwitch.success_threshold={success_threshold!r}: must be in (0, 1]")
+        self.iterations_per_task = iterations_per_task
+        self.success_threshold = success_threshold
+        self.min_iterations = min_iterations
+        self.save_checkpoints = save_checkpoints
+        self.iteration_in_task = 0
+        self.finished = False
+
+    def on_train_start(self, trainer, pl_module):
+        if self.finished:
+            trainer.should_stop = True
+        elif self.iteration_in_task == 0:
+            announce(trainer, pl_module, "on_task_start", trainer.datamodule.task_index)
+
+    def _task_done(self, pl_module) -> bool:
+        if self.iteration_in_task >= self.iterations_per_task:
+            return True
+        success = pl_module.rollout_stats.get("rollout/success")
+        return (self.success_threshold is not None and success is not None
+                and self.iteration_in_task >= self.min_iterations
+                and success >= self.success_threshold)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.iteration_in_task += 1
+        if not self._task_done(pl_module):
+            return
+        dm = trainer.datamodule
+        k = dm.task_index
+        announce(trainer, pl_module, "on_task_end", k)
+        self.iteration_in_task = 0
+        if k + 1 < dm.num_tasks:
+            dm.set_task(k + 1)
+        else:
+            self.finished = True
+            trainer.should_stop = True
+        if self.save_checkpoints and trainer.log_dir:
+            trainer.save_checkpoint(os.path.join(trainer.log_dir, "checkpoints", f"task{k}_end.ckpt"))
+        if not self.finished:
+            announce(trainer, pl_module, "on_task_start", k + 1)
+
+    def state_dict(self):
+        return {"iteration_in_task": self.iteration_in_task, "finished": self.finished}
+
+    def load_state_dict(self, state):
+        self.iteration_in_task = state["iteration_in_task"]
+        self.finished = state["finished"]

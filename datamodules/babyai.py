@@ -1,0 +1,208 @@
+"""BabyAI (minigrid) tasks as a batched TorchRL env speaking the VLA TensorDict schema.
+
+The default level, ``GoToObjectRoom``, is the CPU benchmark of ``shared/specs/ENVIRONMENT.md``:
+a 6x6 room holding the same three objects every episode (red ball, green key, blue box) at
+random cells, the agent at a random pose. Task i = "go to the <object i>". Success follows
+BabyAI GoTo: the target is in the cell in front of the agent after an action (reward
+1 - 0.9 t / max_steps); facing a *wrong* object ends the episode with reward 0, so a policy
+that ignores the instruction succeeds only ~1/3 of the time. Only the three navigation
+actions (left, right, forward). Every episode samples the same scene distribution; only the
+instruction changes between tasks (like LIBERO-Goal).
+
+Registered BabyAI levels (``BabyAI-GoToObj-v0``, ...) can also be used: success is a
+positive reward at termination, the action space is minigrid's 7 actions.
+
+Observations are the agent's 7x7 egocentric view rendered as RGB (``tile_size`` pixels per
+cell, default 8 -> 56x56), rendered from the symbolic view through minigrid's own tile
+renderer (cached per cell kind, so a frame is one array gather).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from minigrid.core.constants import COLOR_TO_IDX, IDX_TO_COLOR, IDX_TO_OBJECT, OBJECT_TO_IDX
+from minigrid.core.grid import Grid
+from minigrid.core.mission import MissionSpace
+from minigrid.core.world_object import Ball, Box, Key, WorldObj
+from minigrid.minigrid_env import MiniGridEnv
+from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
+from torchrl.envs import EnvBase
+
+GOTO_OBJECTS = ("red ball", "green key", "blue box")
+_OBJ_CLASSES = {"ball": Ball, "key": Key, "box": Box}
+NAVIGATION_ACTIONS = 3  # left, right, forward
+
+
+class GoToObjectRoom(MiniGridEnv):
+    """One room, three fixed objects at random cells; the mission names one of them."""
+
+    def __init__(self, target: str, room_size: int = 6, max_steps: int = 64, **kwargs):
+        if target not in GOTO_OBJECTS:
+            raise ValueError(f"target={target!r}: expected one of {list(GOTO_OBJECTS)}")
+        self.target = target
+        mission = f"go to the {target}"
+        super().__init__(
+            mission_space=MissionSpace(mission_func=lambda: mission),
+            grid_size=room_size + 2,
+            max_steps=max_steps,
+            see_through_walls=True,
+            **kwargs,
+        )
+
+    def _gen_grid(self, width, height):
+        self.grid = Grid(width, height)
+        self.grid.wall_rect(0, 0, width, height)
+        for name in GOTO_OBJECTS:
+            color, kind = name.split()
+            self.place_obj(_OBJ_CLASSES[kind](color))
+        self.place_agent()
+        self.mission = f"go to the {self.target}"
+
+    def step(self, action):
+        obs, _, _, truncated, info = super().step(action)
+        front = self.grid.get(*self.front_pos)
+        reward, terminated, success = 0.0, False, False
+        if front is not None and front.type in _OBJ_CLASSES:
+            terminated = True  # facing any object ends the episode
+            success = f"{front.color} {front.type}" == self.target
+            reward = self._reward() if success else 0.0
+        info["success"] = success
+        return obs, reward, terminated, truncated and not terminated, info
+
+
+class _TileRenderer:
+    """Symbolic 7x7x3 views -> RGB frames with minigrid's own tiles, one gather per batch."""
+
+    def __init__(self, tile_size: int, view_size: int = 7):
+        self.tile_size, self.view_size = tile_size, view_size
+        n_t, n_c = len(IDX_TO_OBJECT), len(IDX_TO_COLOR)
+        tiles = np.zeros((n_t, n_c, 3, tile_size, tile_size, 3), np.uint8)
+        for t in range(n_t):
+            for c in range(n_c):
+                for s in range(3):
+                    obj = WorldObj.decode(t, c, s) if IDX_TO_OBJECT[t] not in ("unseen",) else None
+                    if IDX_TO_OBJECT[t] == "unseen":
+                        continue  # unseen cells stay black
+                    tiles[t, c, s] = Grid.render_tile(obj, tile_size=tile_size)
+        self.tiles = tiles
+        # the agent always sits at the bottom centre of its own view, facing up
+        self.agent_tile = Grid.render_tile(None, agent_dir=3, tile_size=tile_size)
+
+    def __call__(self, views: np.ndarray) -> np.ndarray:
+        """views: [B, 7, 7, 3] (x, y, channel) -> [B, 3, H, W] uint8."""
+        t, c, s = views[..., 0], views[..., 1], views[..., 2]
+        img = self.tiles[t, c, s]  # [B, x, y, ts, ts, 3]
+        img[:, self.view_size // 2, self.view_size - 1] = self.agent_tile
+        b, v, ts = img.shape[0], self.view_size, self.tile_size
+        # rows of the frame are y, columns are x
+        img = img.transpose(0, 5, 2, 3, 1, 4).reshape(b, 3, v * ts, v * ts)
+        return np.ascontiguousarray(img)
+
+
+def make_minigrid(level: str, target: str | None, max_steps: int | None):
+    """One gymnasium minigrid env for a task; unknown levels fail with one clear line."""
+    if level == "GoToObjectRoom":
+        return GoToObjectRoom(target=target, max_steps=max_steps or 64)
+    import gymnasium as gym
+    import minigrid  # noqa: F401  (registers the BabyAI levels)
+
+    if level not in gym.registry:
+        raise ValueError(f"level={level!r}: not GoToObjectRoom nor a registered minigrid/BabyAI id")
+    kwargs = {"max_steps": max_steps} if max_steps else {}
+    return gym.make(level, **kwargs).unwrapped
+
+
+class BabyAIEnv(EnvBase):
+    """``num_envs`` minigrid envs stepped in-process as one batched TorchRL env.
+
+    Emits ``("observation", "image")`` uint8 [N, 3, H, W], ``language_instruction``
+    (strings), ``reward``, ``done``/``terminated``/``truncated`` and ``success``.
+    Takes ``action`` as a long index into the level's action set.
+    """
+
+    def __init__(self, level: str = "GoToObjectRoom", target: str | None = None,
+                 num_envs: int = 8, seed: int = 0, tile_size: int = 8,
+                 max_steps: int | None = None, device: str = "cpu"):
+        super().__init__(batch_size=torch.Size([num_envs]), device=device)
+        self.envs = [make_minigrid(level, target, max_steps) for _ in range(num_envs)]
+        self.num_actions = NAVIGATION_ACTIONS if level == "GoToObjectRoom" else 7
+        self.render_frames = _TileRenderer(tile_size)
+        self._base_seed = seed
+        self._seeded = False
+        side = 7 * tile_size
+        n = torch.Size([num_envs])
+        self.observation_spec = Composite(
+            observation=Composite(
+                image=Bounded(0, 255, (num_envs, 3, side, side), dtype=torch.uint8),
+                shape=n,
+            ),
+            language_instruction=NonTensor(shape=n, example_data="go to the red ball"),
+            shape=n,
+        )
+        self.action_spec = Categorical(self.num_actions, shape=n, dtype=torch.long)
+        self.reward_spec = Unbounded((num_envs, 1))
+        self.full_done_spec = Composite(
+            done=Categorical(2, (num_envs, 1), dtype=torch.bool),
+            terminated=Categorical(2, (num_envs, 1), dtype=torch.bool),
+            truncated=Categorical(2, (num_envs, 1), dtype=torch.bool),
+            success=Categorical(2, (num_envs, 1), dtype=torch.bool),
+            shape=n,
+        )
+        self._views = np.zeros((num_envs, 7, 7, 3), np.int64)
+        self._missions = [""] * num_envs
+
+    def _set_seed(self, seed: int | None):
+        self._base_seed = 0 if seed is None else int(seed)
+        self._seeded = False
+
+    def _obs(self) -> TensorDict:
+        frames = torch.from_numpy(self.render_frames(self._views))
+        if len(set(self._missions)) == 1:  # one instruction for the batch: no per-env stack
+            instruction = NonTensorData(self._missions[0], batch_size=self.batch_size,
+                                        device=self.device)
+        else:
+            instruction = NonTensorStack(
+                *(NonTensorData(m, device=self.device) for m in self._missions))
+        return TensorDict(
+            {"observation": TensorDict({"image": frames}, batch_size=self.batch_size),
+             "language_instruction": instruction},
+            batch_size=self.batch_size, device=self.device,
+        )
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        mask = None
+        if tensordict is not None and "_reset" in tensordict.keys():
+            mask = tensordict.get("_reset").reshape(-1)
+        for i, env in enumerate(self.envs):
+            if mask is not None and not bool(mask[i]):
+                continue
+            seed = None if self._seeded else self._base_seed + i
+            obs, _ = env.reset(seed=seed)
+            self._views[i], self._missions[i] = obs["image"], obs["mission"]
+        self._seeded = True
+        out = self._obs()
+        false = torch.zeros(*self.batch_size, 1, dtype=torch.bool)
+        out.update({"done": false, "terminated": false.clone(), "truncated": false.clone(),
+                    "success": false.clone()})
+        return out
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        actions = tensordict.get("action").reshape(-1).tolist()
+        n = len(self.envs)
+        reward = np.zeros(n, np.float32)
+        term, trunc, succ = (np.zeros(n, bool) for _ in range(3))
+        for i, (env, a) in enumerate(zip(self.envs, actions)):
+            obs, r, te, tr, info = env.step(a)
+            self._views[i], self._missions[i] = obs["image"], obs["mission"]
+            reward[i], term[i], trunc[i] = r, te, tr
+            succ[i] = info.get("success", te and r > 0)
+        out = self._obs()
+        out.update({
+            "reward": torch.from_numpy(reward).unsqueeze(-1),
+            "terminated": torch.from_numpy(term).unsqueeze(-1),
+            "truncated": torch.from_numpy(trunc).unsqueeze(-1),
+            "done": torch.from_numpy(term | trunc).unsqueeze(-1),
+            "success": torch.from_numpy(succ).unsqueeze(-1),
+        })
+        return out

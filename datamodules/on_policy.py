@@ -1,0 +1,187 @@
+"""The replay-free on-policy datamodule.
+
+Each Lightning epoch is one PPO iteration: a ``torchrl.collectors.Collector`` runs the
+current policy on the current task's vectorised envs for ``frames_per_batch`` frames, the
+module turns the rollout into samples (values, GAE, MC returns, anchor targets; no grad),
+this module yields ``ppo_epochs`` x shuffled minibatches, and the rollout is dropped.
+No buffer feeds the policy gradient. The only stored data is the optional bounded memory
+of old-task states for the anchor terms (``anchor_source: memory``).
+
+The datamodule knows the stream and the current task; *when* the task changes is decided
+by the TaskSwitch callback (``set_task``), and old goals are registered by the anchor
+callback (``remember_task``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning import LightningDataModule
+from tensordict import TensorDict
+from torch.utils.data import DataLoader, IterableDataset
+from torchrl.collectors import Collector
+
+from datamodules.tasks import Task, make_env, parse_stream
+
+ANCHOR_SOURCES = ("relabel", "memory")
+
+
+class _RolloutMinibatches(IterableDataset):
+    """Iterating it collects one rollout and yields its minibatches (one PPO iteration)."""
+
+    def __init__(self, dm: "OnPolicyDataModule"):
+        self.dm = dm
+
+    def __len__(self) -> int:
+        return self.dm.ppo_epochs * self.dm.num_minibatches
+
+    def __iter__(self):
+        yield from self.dm.iteration()
+
+
+class OnPolicyDataModule(LightningDataModule):
+    def __init__(
+        self,
+        stream: list[dict],
+        num_envs: int = 32,
+        frames_per_batch: int = 2048,
+        ppo_epochs: int = 4,
+        num_minibatches: int = 4,
+        anchor_source: str = "relabel",
+        anchor_fraction: float = 0.5,
+        memory_per_task: int = 512,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.tasks: list[Task] = parse_stream(stream)
+        if num_envs <= 0:
+            raise ValueError(f"data.num_envs={num_envs!r}: must be > 0")
+        if frames_per_batch <= 0:
+            raise ValueError(f"data.frames_per_batch={frames_per_batch!r}: must be > 0")
+        if frames_per_batch % num_envs:
+            raise ValueError(f"data.frames_per_batch={frames_per_batch!r}: must be a multiple "
+                             f"of data.num_envs={num_envs}")
+        for name, value in (("ppo_epochs", ppo_epochs), ("num_minibatches", num_minibatches)):
+            if value <= 0:
+                raise ValueError(f"data.{name}={value!r}: must be > 0")
+        if anchor_source not in ANCHOR_SOURCES:
+            raise ValueError(f"data.anchor_source={anchor_source!r}: expected one of {ANCHOR_SOURCES}")
+        if not 0.0 < anchor_fraction <= 1.0:
+            raise ValueError(f"data.anchor_fraction={anchor_fraction!r}: must be in (0, 1]")
+        if memory_per_task < 0:
+            raise ValueError(f"data.memory_per_task={memory_per_task!r}: must be >= 0")
+        self.save_hyperparameters()
+        self.num_envs, self.frames_per_batch = num_envs, frames_per_batch
+        self.ppo_epochs, self.num_minibatches = ppo_epochs, num_minibatches
+        self.anchor_source, self.anchor_fraction = anchor_source, anchor_fraction
+        self.memory_per_task, self.seed = memory_per_task, seed
+        self.task_index = 0
+        self.anchor_goals: list[str] = []  # instructions of earlier tasks (old goals)
+        self.memory: TensorDict | None = None  # anchor_source=memory: old-task states
+        self._last_samples: TensorDict | None = None
+        self._collector = None
+        self._collector_key = None
+
+    # -- the stream ----------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task(self) -> Task:
+        return self.tasks[self.task_index]
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self._trainer_ok() else 0
+
+    def _trainer_ok(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def set_task(self, index: int) -> None:
+        self.task_index = index
+        self._close_collector()
+
+    def remember_task(self, index: int) -> None:
+        """Register task ``index`` as an old goal (and, with memory, keep some of its states)."""
+        goal = self.tasks[index].instruction
+        if goal is None:
+            raise ValueError(f"data.stream[{index}]: task {self.tasks[index].name} has no fixed "
+                             "instruction to relabel with; use anchor_source: memory")
+        if goal not in self.anchor_goals:
+            self.anchor_goals.append(goal)
+        if self.anchor_source == "memory" and self._last_samples is not None and self.memory_per_task:
+            s = self._last_samples
+            keep = torch.randperm(s.numel())[: self.memory_per_task]
+            new = TensorDict({"image": s.get("image")[keep].cpu(),
+                              "goal": torch.full((len(keep),), self.anchor_goals.index(goal))},
+                             batch_size=[len(keep)])
+            self.memory = new if self.memory is None else torch.cat([self.memory, new])
+
+    def make_env(self, task: Task, num_envs: int, seed: int):
+        return make_env(task, num_envs, seed)
+
+    # -- collection ----------------------------------------------------------------------
+    def _collector_for(self, module):
+        key = (self.task_index,)
+        if self._collector is None or self._collector_key != key:
+            self._close_collector()
+            # each rank its own envs and seeds; a new seed block per task
+            seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
+            env = self.make_env(self.task, self.num_envs, seed)
+            self._collector = Collector(env, module.acting_policy(), frames_per_batch=self.frames_per_batch,
+                                        total_frames=-1, device=module.device)
+            self._collector_iter = iter(self._collector)
+            self._collector_key = key
+        return self._collector_iter
+
+    def _close_collector(self) -> None:
+        if self._collector is not None:
+            self._collector.shutdown()
+        self._collector = None
+
+    def iteration(self):
+        module = self.trainer.lightning_module
+        module.eval()
+        rollout = next(self._collector_for(module)).to(module.device)
+        module.train()
+        samples, anchors, stats = module.process_rollout(
+            rollout, self.anchor_goals, self.anchor_fraction,
+            self.memory if self.anchor_source == "memory" else None)
+        module.rollout_stats = stats
+        self._last_samples = samples
+        del rollout
+        n = samples.numel()
+        mb = math.ceil(n / self.num_minibatches)
+        na = anchors.numel() if anchors is not None else 0
+        mba = math.ceil(na / self.num_minibatches) if na else 0
+        for _ in range(self.ppo_epochs):
+            perm = torch.randperm(n, device=samples.device)
+            aperm = torch.randperm(na, device=samples.device) if na else None
+            for k in range(self.num_minibatches):
+                batch = {"cur": samples[perm[k * mb:(k + 1) * mb]]}
+                if na:
+                    batch["anchor"] = anchors[aperm[k * mba:(k + 1) * mba]]
+                yield batch
+
+    def train_dataloader(self):
+        return DataLoader(_RolloutMinibatches(self), batch_size=None, num_workers=0,
+                          collate_fn=_identity)
+
+    def teardown(self, stage: str) -> None:
+        self._close_collector()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"task_index": self.task_index, "anchor_goals": list(self.anchor_goals),
+                "memory": None if self.memory is None else self.memory.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_task(state["task_index"])
+        self.anchor_goals = list(state["anchor_goals"])
+        mem = state.get("memory")
+        self.memory = None if mem is None else TensorDict(mem, batch_size=[len(mem["goal"])])
+
+
+def _identity(batch):
+    return batch  # minibatches are already TensorDicts

@@ -1,0 +1,96 @@
+"""Task streams from YAML, and the env factory for each env kind.
+
+A stream is a list of tasks, each a mapping::
+
+    - {env: babyai, level: GoToObjectRoom, target: red ball}
+    - {env: babyai, level: BabyAI-GoToObj-v0}
+
+Bad entries fail with one line naming the key and the value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Task:
+    env: str
+    level: str
+    target: str | None = None
+    max_steps: int | None = None
+    params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.level}:{self.target}" if self.target else self.level
+
+    @property
+    def instruction(self) -> str | None:
+        """The goal text when the task fixes it (used to relabel states for anchors)."""
+        if self.env == "babyai" and self.level == "GoToObjectRoom":
+            return f"go to the {self.target}"
+        return self.params.get("instruction")
+
+
+ENV_KINDS = ("babyai",)
+
+
+def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
+    if not stream:
+        raise ValueError(f"{key}={stream!r}: the task stream is empty")
+    tasks = []
+    for i, entry in enumerate(stream):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}={entry!r}: expected a mapping with env and level")
+        entry = dict(entry)
+        env = entry.pop("env", None)
+        if env not in ENV_KINDS:
+            raise ValueError(f"{where}.env={env!r}: unknown env kind (known: {', '.join(ENV_KINDS)})")
+        level = entry.pop("level", None)
+        target = entry.pop("target", None)
+        max_steps = entry.pop("max_steps", None)
+        if max_steps is not None and int(max_steps) <= 0:
+            raise ValueError(f"{where}.max_steps={max_steps!r}: must be > 0")
+        _check_babyai(where, level, target)
+        tasks.append(Task(env, level, target, max_steps, entry))
+    return tasks
+
+
+def _check_babyai(where: str, level, target) -> None:
+    from datamodules.babyai import GOTO_OBJECTS
+
+    if level == "GoToObjectRoom":
+        if target not in GOTO_OBJECTS:
+            raise ValueError(f"{where}.target={target!r}: expected one of {list(GOTO_OBJECTS)}")
+        return
+    import gymnasium as gym
+    import minigrid  # noqa: F401
+
+    if not isinstance(level, str) or level not in gym.registry:
+        raise ValueError(f"{where}.level={level!r}: unknown level (GoToObjectRoom or a "
+                         "registered BabyAI/minigrid id such as BabyAI-GoToObj-v0)")
+
+
+def make_env(task: Task, num_envs: int, seed: int):
+    """A batched TorchRL env for ``task`` (the VLA TensorDict schema)."""
+    if task.env == "babyai":
+        from datamodules.babyai import BabyAIEnv
+
+        return BabyAIEnv(level=task.level, target=task.target, num_envs=num_envs, seed=seed,
+                         max_steps=task.max_steps, **task.params)
+    raise ValueError(f"env={task.env!r}: unknown env kind")
+
+
+def instructions_of(td, key="language_instruction") -> list[str]:
+    """Flat list of the instruction strings of a (possibly batched) tensordict."""
+    value = td.get(key)
+    n = td.batch_size.numel()
+    data = getattr(value, "data", None)
+    if isinstance(data, str):
+        return [data] * n
+    flat = value.tolist()
+    while flat and isinstance(flat[0], list):
+        flat = [s for row in flat for s in row]
+    return flat

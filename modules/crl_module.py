@@ -1,0 +1,282 @@
+"""CRLModule: the VLA policy, the trainable MC critic and (after the first task boundary)
+the frozen anchor critic and frozen old policy, trained with PPO and the CRL-VLA loss.
+
+The algorithm, top to bottom (one Lightning epoch = one PPO iteration):
+  1. the datamodule collects a rollout with ``acting_policy()`` (TorchRL Collector);
+  2. ``process_rollout``: values V(s, g) from the acting features, GAE advantages, MC
+     returns, and the anchor samples (old goals) with their targets from the frozen models;
+  3. ``training_step`` on each minibatch: Eq. 8 (modules/losses.py), clipped gradients,
+     a policy step (skipped during critic warm-up) and a critic step;
+  4. the approximate KL between the rollout policy and the current one stops the PPO
+     epochs early when it exceeds ``target_kl``.
+Task boundaries are not known here: callbacks call ``freeze_anchor()``.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from lightning import LightningModule
+from tensordict import TensorDict
+
+from datamodules.tasks import instructions_of
+from modules.critics import GoalConditionedCritic, frozen_copy
+from modules.losses import crl_loss
+from modules.policy.backbone import EncodedPrompts, cat_prompts
+from modules.policy.token_vla import TokenVLAPolicy
+from modules.returns import gae, mc_returns
+from modules.rollout_policy import RolloutPolicy
+
+PROMPT_KEYS = ("input_ids", "attention_mask", "image_mask", "goal_mask")
+
+
+def _prompts_to_td(prompts: EncodedPrompts) -> dict:
+    return dict(zip(PROMPT_KEYS, (prompts.input_ids, prompts.attention_mask,
+                                  prompts.image_mask, prompts.goal_mask)))
+
+
+def _prompts_from_td(td) -> EncodedPrompts:
+    return EncodedPrompts(*(td.get(k) for k in PROMPT_KEYS))
+
+
+def _require(name: str, value: float, low: float = 0.0, strict: bool = False) -> None:
+    if value is None or value < low or (strict and value == low):
+        op = ">" if strict else ">="
+        raise ValueError(f"model.{name}={value!r}: must be {op} {low}")
+
+
+class CRLModule(LightningModule):
+    def __init__(
+        self,
+        policy: TokenVLAPolicy,
+        critic_hidden_sizes: list[int] = (256, 256),
+        policy_lr: float = 3e-4,
+        critic_lr: float = 1e-3,
+        adam_eps: float = 1e-5,
+        clip_eps: float = 0.2,
+        alpha: float = 1e-5,
+        beta_v: float = 1e-3,
+        eta: float = 1.0,
+        entropy_coef: float = 0.0,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        value_target: str = "mc",
+        normalize_advantage: bool = True,
+        target_kl: float | None = None,
+        max_grad_norm: float = 1.0,
+        critic_warmup_iterations: int = 0,
+        critic_detach_features: bool = False,
+        anchor_chunk_size: int = 1024,
+    ):
+        super().__init__()
+        for name in ("policy_lr", "critic_lr", "clip_eps", "max_grad_norm"):
+            _require(name, locals()[name], strict=True)
+        for name in ("alpha", "beta_v", "eta", "entropy_coef", "critic_warmup_iterations"):
+            _require(name, locals()[name])
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= locals()[name] <= 1.0:
+                raise ValueError(f"model.{name}={locals()[name]!r}: must be in [0, 1]")
+        if value_target not in ("mc", "gae"):
+            raise ValueError(f"model.value_target={value_target!r}: expected 'mc' or 'gae'")
+        if target_kl is not None:
+            _require("target_kl", target_kl, strict=True)
+        self.save_hyperparameters(ignore=["policy"])
+        self.automatic_optimization = False
+        self.policy = policy
+        self.critic = GoalConditionedCritic(policy.feature_dim, list(critic_hidden_sizes))
+        self.anchor_critic: GoalConditionedCritic | None = None
+        self.old_policy: TokenVLAPolicy | None = None
+        self.critic_age = 0  # iterations since the trainable critic was (re)initialised
+        self.rollout_stats: dict[str, float] = {}
+        self._stop_epoch = False
+
+    # -- acting -------------------------------------------------------------------------
+    def acting_policy(self, greedy: bool = False) -> RolloutPolicy:
+        return RolloutPolicy(self.policy, greedy=greedy)
+
+    # -- anchors (called by callbacks at task boundaries) ------------------------------
+    @property
+    def has_anchor(self) -> bool:
+        return self.anchor_critic is not None
+
+    def freeze_anchor(self) -> None:
+        """Trainable critic -> frozen anchor critic; policy -> frozen old policy;
+        a fresh trainable critic (and fresh optimiser state) for the next task."""
+        self.anchor_critic = frozen_copy(self.critic)
+        self.old_policy = frozen_copy(self.policy)
+        self.critic.reset_parameters()
+        if self._trainer is not None and self.trainer.optimizers:
+            self.trainer.optimizers[1].state.clear()
+        self.critic_age = 0
+
+    # -- rollout -> training samples (no grad) ----------------------------------------
+    @torch.no_grad()
+    def process_rollout(self, rollout: TensorDict, anchor_goals: list[str],
+                        anchor_fraction: float = 1.0, anchor_memory: TensorDict | None = None):
+        """[envs, T] rollout -> (samples, anchor samples or None, stats)."""
+        hp = self.hparams
+        n_env, T = rollout.batch_size
+        phi, emb = rollout.get("phi"), rollout.get("emb")
+        value = self.critic(phi, emb)
+        done = rollout.get(("next", "done")).squeeze(-1)
+        terminated = rollout.get(("next", "terminated")).squeeze(-1)
+        # V(s'): the next step's acting features where the episode goes on; a prefill of
+        # the real next observation at truncations and at the end of the rollout.
+        next_value = torch.zeros_like(value)
+        next_value[:, :-1] = value[:, 1:]
+        need = done.clone()
+        need[:, -1] = True
+        need &= ~terminated
+        if need.any():
+            nxt = rollout.get("next")[need]
+            nphi, nemb = self.policy.features(nxt.get(("observation", "image")),
+                                              self.policy.encode(instructions_of(nxt)))
+            next_value[need] = self.critic(nphi, nemb)
+        reward = rollout.get(("next", "reward")).squeeze(-1)
+        advantage, _ = gae(reward, value, next_value, done, terminated, hp.gamma, hp.gae_lambda)
+        if hp.value_target == "mc":
+            target = mc_returns(reward, value, next_value, done, terminated, hp.gamma)
+        else:
+            target = advantage + value
+
+        flat = rollout.reshape(-1)
+        prompts = self.policy.encode(instructions_of(flat))
+        samples = TensorDict({
+            "image": flat.get(("observation", "image")),
+            "tokens": flat.get("action_tokens"),
+            "log_prob": flat.get("sample_log_prob"),
+            "advantage": advantage.reshape(-1),
+            "value_target": target.reshape(-1),
+            **_prompts_to_td(prompts),
+        }, batch_size=[n_env * T])
+
+        ended = done.sum().item()
+        stats = {
+            "rollout/episodes": float(ended),
+            "rollout/explained_variance": float(
+                1 - (target - value).var() / target.var().clamp_min(1e-8)),
+            "rollout/value_mean": float(value.mean()),
+            "rollout/reward_mean": float(reward.mean()),
+        }
+        if ended:
+            stats["rollout/success"] = rollout.get(("next", "success")).sum().item() / ended
+        anchors = None
+        if self.has_anchor and (hp.alpha > 0 or hp.beta_v > 0):
+            anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory)
+        return samples, anchors, stats
+
+    def _anchor_samples(self, samples, anchor_goals, fraction, memory):
+        """States with old goals and the frozen models' targets pi_old(.|s,g), V_old(s,g).
+        Replay-free (default): current states relabelled with an earlier task's instruction.
+        Memory: stored old-task states with their own instructions (the paper's setting)."""
+        if memory is not None and memory.numel():
+            images, goals = memory.get("image"), memory.get("goal")
+            texts = [anchor_goals[i] for i in goals.tolist()]
+        elif anchor_goals:
+            n = max(1, int(round(fraction * samples.numel())))
+            idx = torch.randperm(samples.numel(), device=samples.device)[:n]
+            images = samples.get("image")[idx]
+            choice = torch.randint(len(anchor_goals), (n,)).tolist()
+            texts = [anchor_goals[i] for i in choice]
+        else:
+            return None
+        prompts = self.policy.encode(texts)
+        chunks = []
+        for s in range(0, len(texts), self.hparams.anchor_chunk_size):
+            sl = slice(s, s + self.hparams.anchor_chunk_size)
+            p = prompts.index(sl)
+            old = self.old_policy.act(images[sl], p)
+            chunks.append(TensorDict({
+                "tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
+                "value_target": self.anchor_critic(old.phi, old.emb)}, batch_size=[len(old.tokens)]))
+        out = torch.cat(chunks)
+        out.update({"image": images, **_prompts_to_td(prompts)})
+        return out
+
+    # -- one PPO minibatch -------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        cur, anc = batch["cur"], batch.get("anchor")
+        prompts, images, tokens = _prompts_from_td(cur), cur.get("image"), cur.get("tokens")
+        if anc is not None:
+            prompts = cat_prompts(prompts, _prompts_from_td(anc))
+            images = torch.cat([images, anc.get("image")])
+            tokens = torch.cat([tokens, anc.get("tokens")])
+        out = self.policy.evaluate(images, prompts, tokens)
+        n = cur.batch_size[0]
+        phi, emb = out.phi[:n], out.emb[:n]
+        if hp.critic_detach_features:
+            phi, emb = phi.detach(), emb.detach()
+        advantage = cur.get("advantage")
+        if hp.normalize_advantage and advantage.numel() > 1:
+            advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+        anchor_terms = {}
+        if anc is not None:
+            anchor_terms = dict(
+                anchor_token_log_probs=out.token_log_probs[n:],
+                anchor_old_token_log_probs=anc.get("old_token_log_probs"),
+                anchor_value=self.anchor_critic(out.phi[n:], out.emb[n:]),
+                anchor_value_target=anc.get("value_target"))
+        loss, terms = crl_loss(
+            log_prob=out.log_prob[:n], old_log_prob=cur.get("log_prob"), advantage=advantage,
+            value=self.critic(phi, emb), value_target=cur.get("value_target"),
+            entropy=out.entropy[:n], clip_eps=hp.clip_eps, alpha=hp.alpha, beta_v=hp.beta_v,
+            eta=hp.eta, entropy_coef=hp.entropy_coef, **anchor_terms)
+
+        opt_policy, opt_critic = self.optimizers()
+        opt_policy.zero_grad()
+        opt_critic.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+        self.clip_gradients(opt_critic, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+        opt_critic.step()
+        warming_up = self.critic_age < hp.critic_warmup_iterations
+        if not warming_up:  # critic warm-up (VLA-RL): the policy stays frozen
+            opt_policy.step()
+
+        approx_kl = self.all_gather(terms["approx_kl"]).mean()  # same decision on every rank
+        if hp.target_kl is not None and approx_kl > hp.target_kl:
+            self._stop_epoch = True
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True,
+                      sync_dist=True, batch_size=n)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._stop_epoch = False
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._stop_epoch:
+            return -1  # approx-KL early stop: skip the remaining PPO minibatches
+
+    def on_train_epoch_end(self) -> None:
+        self.critic_age += 1
+        if self.rollout_stats:
+            self.log_dict(self.rollout_stats, sync_dist=True, prog_bar=False)
+            if "rollout/success" in self.rollout_stats:
+                self.log("success", self.rollout_stats["rollout/success"], prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return (torch.optim.AdamW(self.policy.parameters(), lr=hp.policy_lr, eps=hp.adam_eps, weight_decay=0.0),
+                torch.optim.AdamW(self.critic.parameters(), lr=hp.critic_lr, eps=hp.adam_eps, weight_decay=0.0))
+
+    # -- checkpoints: anchors, critic age and RNG ------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["crl"] = {
+            "has_anchor": self.has_anchor, "critic_age": self.critic_age,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("crl", {})
+        if state.get("has_anchor"):  # create the frozen modules so their weights load
+            self.anchor_critic = frozen_copy(self.critic)
+            self.old_policy = frozen_copy(self.policy)
+        self.critic_age = state.get("critic_age", 0)
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])

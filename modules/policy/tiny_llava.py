@@ -1,0 +1,73 @@
+"""A tiny Llava (CLIP vision tower + projector + Llama) built from a config, offline.
+
+The tokenizer is a word-level ``tokenizers`` model over a word list, so nothing is
+downloaded; its vocabulary ends with ``action_bins`` action tokens (OpenVLA's vocab-tail
+layout). Used by the CPU quickstart and the tests.
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import PreTrainedTokenizerFast
+
+from modules.policy.backbone import VLMBackbone
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+PROMPT_WORDS = "in : what action should the robot take to ? out".split()
+
+
+def word_tokenizer(words: list[str], action_bins: int) -> PreTrainedTokenizerFast:
+    vocab = {}
+    for w in SPECIALS + PROMPT_WORDS + sorted(set(words)) + [f"<act_{i}>" for i in range(action_bins)]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+class TinyLlava(VLMBackbone):
+    """Random-init Llava small enough to train with RL on two CPU cores."""
+
+    def __init__(self, words: list[str] = (), action_bins: int = 3, image_size: int = 56,
+                 patch_size: int = 8, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                 vision_hidden_size: int = 64, vision_layers: int = 2, seed: int = 0):
+        super().__init__()
+        word_list = [w for s in words for w in s.lower().split()]
+        self.tokenizer = word_tokenizer(word_list, action_bins)
+        vocab = len(self.tokenizer)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        self.image_size, self.patch_size = image_size, patch_size
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
+                num_hidden_layers=vision_layers, num_attention_heads=heads,
+                image_size=image_size, patch_size=patch_size, num_channels=3),
+            text_config=LlamaConfig(
+                vocab_size=vocab, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+            image_token_id=self.image_token_id, vision_feature_layer=-1,
+            vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        )
+        config.text_config._attn_implementation = "sdpa"
+        config.vision_config._attn_implementation = "sdpa"
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.model = LlavaForConditionalGeneration(config)
+
+    def prompt(self, instruction: str) -> str:
+        return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
+
+    @property
+    def image_token_count(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.image_size:
+            images = torch.nn.functional.interpolate(images.float(), size=self.image_size,
+                                                     mode="bilinear", antialias=True)
+        return images.float().div(127.5).sub(1.0)

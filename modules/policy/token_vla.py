@@ -1,0 +1,118 @@
+"""An autoregressive token VLA: a vision-language backbone whose action is a short sequence
+of action tokens (the last ``action_bins`` ids of the vocabulary, as in OpenVLA).
+
+* Sampling is restricted to the action tokens (VLA-RL's public code sampled the full
+  vocabulary; see specs/VLA-RL.md) and uses ``logits / temperature``.
+* log pi(a | s, g) = sum over the action tokens of log_softmax(logits / T) at the token,
+  computed the same way when acting (prefill + KV-cached decode) and when training
+  (one teacher-forced forward over prompt + action tokens).
+* The same forward returns phi(s) (mean of the last hidden states over the image positions)
+  and emb(g) (mean over the instruction's token positions), so the critics never cost a
+  second backbone pass. The image comes first in the sequence, so in a causal model phi(s)
+  does not depend on the instruction and emb(g) reads the image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from modules.policy.backbone import EncodedPrompts, VLMBackbone, positions_from_mask
+
+
+@dataclass
+class PolicyOutput:
+    tokens: torch.Tensor  # [B, n] action-bin indices in [0, bins)
+    log_prob: torch.Tensor  # [B] sum over action tokens
+    token_log_probs: torch.Tensor  # [B, n, bins] log-softmax over the action vocabulary
+    entropy: torch.Tensor  # [B] sum over action tokens
+    phi: torch.Tensor  # [B, H] state features
+    emb: torch.Tensor  # [B, H] goal (instruction) features
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class TokenVLAPolicy(nn.Module):
+    def __init__(self, backbone: VLMBackbone, action_tokens: int = 1, action_bins: int = 3,
+                 temperature: float = 1.0):
+        super().__init__()
+        if action_tokens < 1 or action_bins < 2:
+            raise ValueError(f"action_tokens={action_tokens}, action_bins={action_bins}: "
+                             "need >= 1 token and >= 2 bins")
+        if temperature <= 0:
+            raise ValueError(f"model.policy.temperature={temperature}: must be > 0")
+        self.backbone = backbone
+        self.action_tokens, self.action_bins, self.temperature = action_tokens, action_bins, temperature
+        self.register_buffer("action_ids", backbone.action_token_ids(action_bins), persistent=False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.hidden_size
+
+    def encode(self, instructions: list[str]) -> EncodedPrompts:
+        return self.backbone.encode(instructions).to(self.action_ids.device)
+
+    def _action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the action tokens only: [..., H] -> [..., bins], divided by T."""
+        w = self.backbone.model.get_output_embeddings().weight[self.action_ids]
+        return (hidden @ w.T).float() / self.temperature
+
+    def _features(self, hidden: torch.Tensor, prompts: EncodedPrompts):
+        return (_masked_mean(hidden, prompts.image_mask).float(),
+                _masked_mean(hidden, prompts.goal_mask).float())
+
+    @torch.no_grad()
+    def act(self, images: torch.Tensor, prompts: EncodedPrompts, greedy: bool = False) -> PolicyOutput:
+        """One prefill, then exactly ``action_tokens - 1`` KV-cached decode steps."""
+        pixel_values = self.backbone.preprocess(images)
+        mask = prompts.attention_mask
+        pos = positions_from_mask(mask)
+        hidden, cache = self.backbone(prompts.input_ids, mask, pixel_values, pos, use_cache=True)
+        phi, emb = self._features(hidden, prompts)
+        tokens, logps = [], []
+        h_last = hidden[:, -1]
+        for k in range(self.action_tokens):
+            logp = torch.log_softmax(self._action_logits(h_last), -1)
+            tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+            tokens.append(tok)
+            logps.append(logp)
+            if k + 1 < self.action_tokens:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                pos = pos[:, -1:] + 1
+                h, cache = self.backbone(self.action_ids[tok][:, None], mask, None, pos,
+                                         past_key_values=cache, use_cache=True)
+                h_last = h[:, -1]
+        return self._output(torch.stack(tokens, 1), torch.stack(logps, 1), phi, emb)
+
+    def evaluate(self, images: torch.Tensor, prompts: EncodedPrompts, tokens: torch.Tensor) -> PolicyOutput:
+        """Teacher-forced training forward over prompt + action tokens (one backbone pass)."""
+        pixel_values = self.backbone.preprocess(images)
+        n = self.action_tokens
+        ids = torch.cat([prompts.input_ids, self.action_ids[tokens[:, : n - 1]]], 1)
+        mask = torch.cat([prompts.attention_mask, prompts.attention_mask.new_ones(len(ids), n - 1)], 1)
+        hidden, _ = self.backbone(ids, mask, pixel_values)
+        length = prompts.input_ids.shape[1]
+        phi, emb = self._features(hidden[:, :length], prompts)
+        logp = torch.log_softmax(self._action_logits(hidden[:, length - 1:]), -1)
+        return self._output(tokens, logp, phi, emb)
+
+    @staticmethod
+    def _output(tokens, token_log_probs, phi, emb) -> PolicyOutput:
+        chosen = token_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
+        entropy = -(token_log_probs.exp() * token_log_probs).sum(-1).sum(-1)
+        return PolicyOutput(tokens, chosen, token_log_probs, entropy, phi, emb)
+
+    def env_action(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Action-bin indices -> the env's action. Discrete envs (one token) take the index."""
+        return tokens[:, 0] if self.action_tokens == 1 else tokens
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, prompts: EncodedPrompts):
+        """phi(s), emb(g) alone (one prefill; used to bootstrap values at truncations)."""
+        hidden, _ = self.backbone(prompts.input_ids, prompts.attention_mask,
+                                  self.backbone.preprocess(images))
+        return self._features(hidden, prompts)

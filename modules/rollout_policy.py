@@ -1,0 +1,33 @@
+"""The acting side of the policy as a TensorDict module, for TorchRL collectors."""
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+
+from datamodules.tasks import instructions_of
+
+
+class RolloutPolicy(TensorDictModuleBase):
+    """Reads ``("observation", "image")`` and ``language_instruction``; writes ``action``,
+    the action tokens, their log-prob and the features phi(s), emb(g) (kept in the rollout
+    so values need no second forward)."""
+
+    in_keys = [("observation", "image"), "language_instruction"]
+    out_keys = ["action", "action_tokens", "sample_log_prob", "phi", "emb"]
+
+    def __init__(self, policy, greedy: bool = False):
+        super().__init__()
+        self.policy = policy
+        self.greedy = greedy
+
+    @torch.no_grad()
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        prompts = self.policy.encode(instructions_of(td))
+        out = self.policy.act(td.get(("observation", "image")), prompts, greedy=self.greedy)
+        td.set("action", self.policy.env_action(out.tokens))
+        td.set("action_tokens", out.tokens)
+        td.set("sample_log_prob", out.log_prob)
+        td.set("phi", out.phi)
+        td.set("emb", out.emb)
+        return td

@@ -1,0 +1,56 @@
+"""Entry point: python train.py --config configs/quickstart.yaml [--trainer.devices 2 ...]
+
+A LightningCLI (omegaconf parser mode) over CRLModule and OnPolicyDataModule. Every knob is
+in the YAML and shows with --print_config. --ckpt_path resumes a run where it stopped.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+
+def _threads_per_process() -> None:
+    """Split the cores between DDP ranks on CPU instead of oversubscribing them."""
+    import torch
+
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    from lightning.pytorch.cli import LightningCLI
+
+    from datamodules.on_policy import OnPolicyDataModule
+    from modules.crl_module import CRLModule
+
+    class CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_argument("--ckpt_path", type=str | None, default=None,
+                                help="resume from this Lightning checkpoint")
+            parser.add_argument("--seed", type=int, default=0, help="global seed (seed_everything)")
+
+        def before_instantiate_classes(self):
+            from lightning.pytorch import seed_everything
+
+            seed_everything(self.config.seed, workers=True, verbose=False)
+
+    _threads_per_process()
+    try:
+        cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=argv,
+                  parser_kwargs={"parser_mode": "omegaconf"},
+                  save_config_kwargs={"overwrite": True}, seed_everything_default=False)
+        ckpt = cli.config.ckpt_path
+        if ckpt is not None and not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such checkpoint file")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
