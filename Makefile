@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# the CPU torch wheel: a local file where the machine has one, else the CPU index
+# the CPU torch wheel: a local folder of wheels where the machine has one (else PyPI's build)
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SPEC   ?= torch==2.13.0
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	if [ -d "$(TORCH_WHEELS)" ]; then \
 	  $(PY) -m pip install -q --find-links $(TORCH_WHEELS) "$(TORCH_SPEC)"; \
 	else \
-	  $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"; \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)"; \
 	fi
 	$(PY) -m pip install -q --find-links $(TORCH_WHEELS) -e ".[dev]" "$(TORCH_SPEC)"
 	touch $@

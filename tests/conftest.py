@@ -1,0 +1,67 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORDS = ["go to the red ball", "go to the green key", "go to the blue box"]
+
+
+@pytest.fixture
+def tiny_policy():
+    from modules.policy import TinyLlava, TokenVLAPolicy
+
+    def make(action_tokens=1, action_bins=3, temperature=1.0, seed=0):
+        torch.manual_seed(seed)
+        bb = TinyLlava(words=WORDS + ["pick up a"], action_bins=action_bins, hidden_size=32,
+                       vision_hidden_size=32, layers=2, vision_layers=1, heads=2, seed=seed)
+        return TokenVLAPolicy(bb, action_tokens=action_tokens, action_bins=action_bins,
+                              temperature=temperature)
+    return make
+
+
+def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, tasks=3,
+                 ckpt_every=1):
+    """The quickstart config shrunk to seconds: 8 envs x 16 steps, 4 eval episodes."""
+    cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
+    cfg.trainer.logger.init_args.save_dir = str(tmp_path / "runs")
+    cfg.trainer.logger.init_args.name = name
+    cfg.trainer.enable_progress_bar = False
+    cbs = []
+    for cb in cfg.trainer.callbacks:
+        path = cb.class_path
+        if path.endswith("TaskSwitch"):
+            cb.init_args.iterations_per_task = iterations
+        if path.endswith("AnchorCriticFreeze") and not anchor:
+            continue
+        if path.endswith("PerTaskEvaluation"):
+            cb.init_args.episodes_per_task = 4
+            cb.init_args.num_envs = 4
+            cb.init_args.max_steps = 64
+        if path.endswith("TaskProgressBar"):
+            continue
+        if path.endswith("ModelCheckpoint"):
+            cb.init_args.every_n_epochs = ckpt_every
+        cbs.append(cb)
+    cfg.trainer.callbacks = cbs
+    cfg.data.stream = cfg.data.stream[:tasks]
+    cfg.data.num_envs = 8
+    cfg.data.frames_per_batch = 128
+    cfg.data.num_minibatches = 2
+    cfg.data.ppo_epochs = 2
+    for key, value in (extra or {}).items():
+        OmegaConf.update(cfg, key, value)
+    path = tmp_path / f"{name}.yaml"
+    OmegaConf.save(cfg, path)
+    return str(path)
+
+
+def run_train(*args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)

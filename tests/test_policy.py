@@ -1,0 +1,67 @@
+"""The token VLA: action-only sampling, and acting log-probs == training forward log-probs."""
+import pytest
+import torch
+
+from conftest import WORDS
+
+
+@pytest.mark.parametrize("n_tokens,bins,temp", [(1, 3, 1.0), (3, 7, 1.6)])
+def test_act_log_probs_equal_training_forward(tiny_policy, n_tokens, bins, temp):
+    policy = tiny_policy(action_tokens=n_tokens, action_bins=bins, temperature=temp)
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 56, 56), dtype=torch.uint8)
+    prompts = policy.encode([WORDS[0], "pick up a blue box", WORDS[2]] * 2)  # mixed lengths
+    acted = policy.act(images, prompts)
+    trained = policy.evaluate(images, prompts, acted.tokens)
+    assert acted.tokens.shape == (6, n_tokens)
+    assert ((acted.tokens >= 0) & (acted.tokens < bins)).all()
+    assert torch.allclose(acted.log_prob, trained.log_prob, atol=1e-5)
+    assert torch.allclose(acted.token_log_probs, trained.token_log_probs, atol=1e-5)
+    assert torch.allclose(acted.phi, trained.phi, atol=1e-5)
+    assert torch.allclose(acted.emb, trained.emb, atol=1e-5)
+
+
+def test_later_tokens_depend_on_earlier_ones(tiny_policy):
+    """The KV-cached decode really conditions on the sampled prefix."""
+    policy = tiny_policy(action_tokens=2, action_bins=7)
+    images = torch.randint(0, 256, (1, 3, 56, 56), dtype=torch.uint8).repeat(2, 1, 1, 1)
+    prompts = policy.encode([WORDS[0]] * 2)
+    out = policy.evaluate(images, prompts, torch.tensor([[0, 0], [5, 0]]))
+    assert torch.allclose(out.token_log_probs[0, 0], out.token_log_probs[1, 0])
+    assert (out.token_log_probs[0, 1] - out.token_log_probs[1, 1]).abs().max() > 1e-4
+
+
+def test_temperature_scales_logits(tiny_policy):
+    p1, p2 = tiny_policy(temperature=1.0), tiny_policy(temperature=2.0)
+    images = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    prompts = p1.encode(WORDS[:2])
+    tok = torch.zeros(2, 1, dtype=torch.long)
+    l1 = p1.evaluate(images, prompts, tok).token_log_probs
+    l2 = p2.evaluate(images, prompts, tok).token_log_probs
+    # log_softmax(z / 2) == log_softmax(log_softmax(z) / 2)
+    assert torch.allclose(torch.log_softmax(l1 / 2, -1), l2, atol=1e-5)
+
+
+def test_goal_features_see_instruction_state_features_do_not(tiny_policy):
+    policy = tiny_policy()
+    images = torch.randint(0, 256, (1, 3, 56, 56), dtype=torch.uint8).repeat(2, 1, 1, 1)
+    prompts = policy.encode(WORDS[:2])
+    phi, emb = policy.features(images, prompts)
+    assert torch.allclose(phi[0], phi[1], atol=1e-6)  # image first: causal, goal-independent
+    assert (emb[0] - emb[1]).abs().max() > 1e-4
+
+
+def test_prompt_layout(tiny_policy):
+    policy = tiny_policy()
+    tok = policy.backbone.tokenizer
+    p = policy.encode(["go to the red ball"])
+    ids = p.input_ids[0].tolist()
+    assert ids[0] == tok.bos_token_id
+    assert ids[1:50] == [policy.backbone.image_token_id] * 49
+    text = tok.convert_ids_to_tokens(ids[50:])
+    assert text == ["in", ":", "what", "action", "should", "the", "robot", "take", "to",
+                    "go", "to", "the", "red", "ball", "?", "out", ":"]
+    goal = [t for t, g in zip(text, p.goal_mask[0, 50:].tolist()) if g]
+    assert goal == ["go", "to", "the", "red", "ball"]
+    # action tokens are the vocabulary's last ids
+    assert policy.action_ids.tolist() == list(range(len(tok) - 3, len(tok)))
