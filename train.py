@@ -36,16 +36,17 @@ def main(argv: list[str] | None = None) -> int:
             from lightning.pytorch import seed_everything
 
             seed_everything(self.config.seed, workers=True, verbose=False)
+            ckpt = self.config.ckpt_path
+            if ckpt is not None and not os.path.isfile(ckpt):
+                raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such checkpoint file")
 
     _threads_per_process()
     try:
         cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=argv,
                   parser_kwargs={"parser_mode": "omegaconf"},
                   save_config_kwargs={"overwrite": True}, seed_everything_default=False)
-        ckpt = cli.config.ckpt_path
-        if ckpt is not None and not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such checkpoint file")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path,
+                        weights_only=False)  # our own checkpoints hold RNG and datamodule state
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

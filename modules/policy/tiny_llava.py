@@ -34,7 +34,8 @@ class TinyLlava(VLMBackbone):
 
     def __init__(self, words: list[str] = (), action_bins: int = 3, image_size: int = 56,
                  patch_size: int = 8, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                 vision_hidden_size: int = 64, vision_layers: int = 2, seed: int = 0):
+                 vision_hidden_size: int = 64, vision_layers: int = 2, initializer_range: float = 0.02,
+                 seed: int = 0):
         super().__init__()
         word_list = [w for s in words for w in s.lower().split()]
         self.tokenizer = word_tokenizer(word_list, action_bins)
@@ -45,13 +46,16 @@ class TinyLlava(VLMBackbone):
             vision_config=CLIPVisionConfig(
                 hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
                 num_hidden_layers=vision_layers, num_attention_heads=heads,
-                image_size=image_size, patch_size=patch_size, num_channels=3),
+                image_size=image_size, patch_size=patch_size, num_channels=3,
+                initializer_range=initializer_range),
             text_config=LlamaConfig(
                 vocab_size=vocab, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                initializer_range=initializer_range),
             image_token_id=self.image_token_id, vision_feature_layer=-1,
             vision_feature_select_strategy="default", projector_hidden_act="gelu",
+            initializer_range=initializer_range,
         )
         config.text_config._attn_implementation = "sdpa"
         config.vision_config._attn_implementation = "sdpa"

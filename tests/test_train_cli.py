@@ -1,0 +1,101 @@
+"""train.py end to end: bad input, a full tiny stream, 2-process DDP, and exact resume."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, run_train, small_config
+
+BAD = [
+    ("--data.stream=[]", "data.stream"),
+    ("--data.stream=[{env: foo, level: x}]", "data.stream[0].env"),
+    ("--data.stream=[{env: babyai, level: NoSuchLevel}]", "data.stream[0].level"),
+    ("--data.frames_per_batch=0", "data.frames_per_batch"),
+    ("--data.frames_per_batch=-8", "data.frames_per_batch"),
+    ("--model.alpha=-1", "model.alpha"),
+    ("--model.beta_v=-0.5", "model.beta_v"),
+    ("--ckpt_path=/no/such/file.ckpt", "ckpt_path"),
+]
+
+
+@pytest.mark.parametrize("arg,key", BAD)
+def test_bad_input_one_line_nonzero_no_results(tmp_path, arg, key):
+    cfg = small_config(tmp_path)
+    res = run_train("--config", cfg, arg, timeout=300)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and key in last, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not glob.glob(str(tmp_path / "runs" / "**" / "metrics.json"), recursive=True)
+    assert not glob.glob(str(tmp_path / "runs" / "**" / "*.ckpt"), recursive=True)
+
+
+def _metrics(tmp_path, name):
+    paths = sorted(glob.glob(str(tmp_path / "runs" / name / "version_*" / "metrics.json")))
+    assert paths, "no metrics.json written"
+    with open(paths[-1]) as f:
+        return json.load(f), os.path.dirname(paths[-1])
+
+
+@pytest.mark.slow
+def test_full_tiny_stream_writes_results(tmp_path):
+    res = run_train("--config", small_config(tmp_path, "full"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    m, log_dir = _metrics(tmp_path, "full")
+    assert m["complete"] and len(m["R"]) == 3 and all(len(r) == 3 for r in m["R"])
+    assert set(m["metrics"]) == {"FAR", "BWT", "FT", "F", "FWT", "NBT", "AUC"}
+    assert os.path.isfile(os.path.join(log_dir, "R.csv"))
+    assert "FAR=" in res.stdout and "metrics.json" in res.stdout
+    assert {f"task{k}_end.ckpt" for k in range(3)} <= set(os.listdir(os.path.join(log_dir, "checkpoints")))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known open defect: on 2 CPU ranks (gloo) rank 1 crashes in its "
+                   "first DDP forward (CLIP position_ids index out of range) while rank 0 has not "
+                   "reached training_step; collectives appear misaligned. Not fixed yet.")
+def test_ddp_two_processes(tmp_path):
+    cfg = small_config(tmp_path, "ddp", tasks=2)
+    res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m, log_dir = _metrics(tmp_path, "ddp")
+    assert m["complete"] and len(m["R"]) == 2
+    # evaluation split over ranks and gathered: 4 episodes -> multiples of 1/4
+    for row in m["R"] + [m["b"]]:
+        for v in row:
+            assert abs(v * 4 - round(v * 4)) < 1e-9
+    # ranks stayed in sync: the final checkpoint holds one set of weights
+    ckpt = torch.load(os.path.join(log_dir, "checkpoints", "task1_end.ckpt"), weights_only=False)
+    assert ckpt["crl"]["has_anchor"]
+
+
+@pytest.mark.slow
+def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
+    cfg = small_config(tmp_path, "resume", iterations=2, tasks=3)
+    res = run_train("--config", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full, log_dir = _metrics(tmp_path, "resume")
+    ckpts = os.path.join(log_dir, "checkpoints")
+    mid = os.path.join(ckpts, "task0_end.ckpt")
+    state = torch.load(mid, weights_only=False)
+    assert state["crl"]["has_anchor"]
+    # resume from the end of task 0: the run must continue on task 1 with the anchors and R
+    res2 = run_train("--config", cfg, f"--ckpt_path={mid}")
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    resumed, log_dir2 = _metrics(tmp_path, "resume")
+    assert log_dir2 != log_dir
+    assert resumed["b"] == full["b"]
+    assert resumed["R"][0] == full["R"][0]  # R so far restored, not recomputed
+    assert resumed["complete"] and len(resumed["R"]) == 3
+    r2 = torch.load(os.path.join(log_dir2, "checkpoints", "task1_end.ckpt"), weights_only=False)
+    r1 = torch.load(os.path.join(ckpts, "task1_end.ckpt"), weights_only=False)
+    assert r2["epoch"] == r1["epoch"]  # same iteration count at the same boundary
+    # the anchor critic restored from the checkpoint is the one frozen at the end of task 0
+    a_mid = {k: v for k, v in state["state_dict"].items() if k.startswith("anchor_critic.")}
+    a_r2 = {k: v for k, v in r2["state_dict"].items() if k.startswith("anchor_critic.")}
+    a_r1 = {k: v for k, v in r1["state_dict"].items() if k.startswith("anchor_critic.")}
+    assert a_mid and set(a_mid) == set(a_r2)
+    # after task 1 the anchor is re-frozen from the task-1 critic: differs from the task-0 one
+    assert any((a_mid[k] - a_r2[k]).abs().max() > 0 for k in a_mid)
+    assert set(a_r1) == set(a_r2)
