@@ -99,3 +99,14 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
     # after task 1 the anchor is re-frozen from the task-1 critic: differs from the task-0 one
     assert any((a_mid[k] - a_r2[k]).abs().max() > 0 for k in a_mid)
     assert set(a_r1) == set(a_r2)
+
+
+@pytest.mark.parametrize("configs", [["configs/quickstart.yaml"], ["configs/crl.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml"]])
+def test_configs_parse_and_print(configs):
+    args = [a for c in configs for a in ("--config", os.path.join(ROOT, c))]
+    res = run_train(*args, "--print_config", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "model:" in res.stdout and "data:" in res.stdout and "stream:" in res.stdout
+    has_anchor = "AnchorCriticFreeze" in res.stdout
+    assert has_anchor == (configs[-1] != "configs/ablations/seq_ft.yaml")
