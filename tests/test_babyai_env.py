@@ -16,10 +16,8 @@ def test_specs_and_schema():
 
 
 def _facing(env: GoToObjectRoom, obj):
+    """Agent at (2, 3) facing east, obj at (4, 3): one step forward puts obj in front."""
     env.reset(seed=0)
-    env.grid.set(*env.front_pos, None)
-    x, y = env.agent_pos
-    # put obj two cells ahead (if free) then step forward once -> it is in front
     env.agent_dir = 0
     env.agent_pos = (2, 3)
     for cell in [(3, 3), (4, 3)]:
@@ -40,12 +38,12 @@ def test_truncation_at_max_steps():
     env = BabyAIEnv(target="red ball", num_envs=2, seed=3, max_steps=5)
     td = env.reset()
     for t in range(5):
-        td["action"] = torch.tensor([0, 1])  # spin in place: never faces an object long enough?
+        td["action"] = torch.tensor([0, 1])  # turn in place: ends only by facing an object or time
         td = env.step(td)
         nxt = td["next"]
         if t < 4:
             assert not (nxt["truncated"].any())
-        td = env.step_mdp(td) if hasattr(env, "step_mdp") else nxt
+        td = nxt
     # after 5 steps: each env either terminated (faced an object while turning) or truncated
     assert (nxt["terminated"] | nxt["truncated"]).all()
     assert not (nxt["terminated"] & nxt["truncated"]).any()
