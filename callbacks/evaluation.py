@@ -118,10 +118,10 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
 
     def _record(self, trainer, label, row):
         self._log_row(trainer, row)
+        log_dir = trainer.log_dir or "."  # a broadcast under DDP: every rank must ask
         if trainer.global_rank != 0:
             return
         rank_zero_info(f"[eval] {label}: " + " ".join(f"{v:.2f}" for v in row))
-        log_dir = trainer.log_dir or "."
         os.makedirs(log_dir, exist_ok=True)
         res = self.results(trainer.datamodule.tasks)
         _atomic_write(os.path.join(log_dir, "metrics.json"), json.dumps(res, indent=2))

@@ -35,7 +35,7 @@ class TinyLlava(VLMBackbone):
     def __init__(self, words: list[str] = (), action_bins: int = 3, image_size: int = 56,
                  patch_size: int = 8, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                  vision_hidden_size: int = 64, vision_layers: int = 2, initializer_range: float = 0.02,
-                 seed: int = 0):
+                 position_init_std: float | None = None, seed: int = 0):
         super().__init__()
         word_list = [w for s in words for w in s.lower().split()]
         self.tokenizer = word_tokenizer(word_list, action_bins)
@@ -62,6 +62,12 @@ class TinyLlava(VLMBackbone):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.model = LlavaForConditionalGeneration(config)
+            if position_init_std is not None:
+                # From scratch, CLIP's 0.02-std position embeddings are ~10x smaller than the
+                # patch contents, so after the pre-LayerNorm *where* an object is barely
+                # shows; a larger init lets a tiny model read positions from the start.
+                self.model.model.vision_tower.embeddings.position_embedding.weight.data.normal_(
+                    0.0, position_init_std)
 
     def prompt(self, instruction: str) -> str:
         return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
