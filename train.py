@@ -14,6 +14,9 @@ def _threads_per_process() -> None:
     """Split the cores between DDP ranks on CPU instead of oversubscribing them."""
     import torch
 
+    if os.environ.get("OMP_NUM_THREADS"):  # set by the caller (e.g. a sweep of parallel runs)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return
     world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
 

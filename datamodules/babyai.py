@@ -100,10 +100,10 @@ class _TileRenderer:
         return np.ascontiguousarray(img)
 
 
-def make_minigrid(level: str, target: str | None, max_steps: int | None):
+def make_minigrid(level: str, target: str | None, max_steps: int | None, room_size: int = 6):
     """One gymnasium minigrid env for a task; unknown levels fail with one clear line."""
     if level == "GoToObjectRoom":
-        return GoToObjectRoom(target=target, max_steps=max_steps or 64)
+        return GoToObjectRoom(target=target, room_size=room_size, max_steps=max_steps or 64)
     import gymnasium as gym
     import minigrid  # noqa: F401  (registers the BabyAI levels)
 
@@ -123,9 +123,11 @@ class BabyAIEnv(EnvBase):
 
     def __init__(self, level: str = "GoToObjectRoom", target: str | None = None,
                  num_envs: int = 8, seed: int = 0, tile_size: int = 8,
-                 max_steps: int | None = None, device: str = "cpu"):
+                 max_steps: int | None = None, room_size: int = 6, device: str = "cpu"):
         super().__init__(batch_size=torch.Size([num_envs]), device=device)
-        self.envs = [make_minigrid(level, target, max_steps) for _ in range(num_envs)]
+        if room_size < 3:
+            raise ValueError(f"room_size={room_size!r}: must be >= 3 (three objects and the agent)")
+        self.envs = [make_minigrid(level, target, max_steps, room_size) for _ in range(num_envs)]
         self.num_actions = NAVIGATION_ACTIONS if level == "GoToObjectRoom" else 7
         self.render_frames = _TileRenderer(tile_size)
         self._base_seed = seed

@@ -129,8 +129,10 @@ class OnPolicyDataModule(LightningDataModule):
             # each rank its own envs and seeds; a new seed block per task
             seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
             env = self.make_env(self.task, self.num_envs, seed)
+            # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
             self._collector = Collector(env, module.acting_policy(), frames_per_batch=self.frames_per_batch,
-                                        total_frames=-1, device=module.device)
+                                        total_frames=-1, env_device=env.device,
+                                        policy_device=module.device, storing_device=module.device)
             self._collector_iter = iter(self._collector)
             self._collector_key = key
         return self._collector_iter

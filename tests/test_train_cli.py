@@ -110,3 +110,15 @@ def test_configs_parse_and_print(configs):
     assert "model:" in res.stdout and "data:" in res.stdout and "stream:" in res.stdout
     has_anchor = "AnchorCriticFreeze" in res.stdout
     assert has_anchor == (configs[-1] != "configs/ablations/seq_ft.yaml")
+
+
+def test_seq_ft_is_the_quickstart_minus_the_anchor_callback():
+    """The ablation must differ from CRL only by AnchorCriticFreeze (same budget, same eval)."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml")).trainer.callbacks
+    ablation = OmegaConf.load(os.path.join(ROOT, "configs", "ablations", "seq_ft.yaml")).trainer.callbacks
+    expected = [OmegaConf.to_container(c) for c in base
+                if not c.class_path.endswith("AnchorCriticFreeze")]
+    assert [OmegaConf.to_container(c) for c in ablation] == expected
+    assert len(expected) == len(base) - 1

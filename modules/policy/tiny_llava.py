@@ -35,7 +35,7 @@ class TinyLlava(VLMBackbone):
     def __init__(self, words: list[str] = (), action_bins: int = 3, image_size: int = 56,
                  patch_size: int = 8, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                  vision_hidden_size: int = 64, vision_layers: int = 2, initializer_range: float = 0.02,
-                 position_init_std: float | None = None, seed: int = 0):
+                 position_init_std: float | None = None, seed: int | None = None):
         super().__init__()
         word_list = [w for s in words for w in s.lower().split()]
         self.tokenizer = word_tokenizer(word_list, action_bins)
@@ -59,8 +59,10 @@ class TinyLlava(VLMBackbone):
         )
         config.text_config._attn_implementation = "sdpa"
         config.vision_config._attn_implementation = "sdpa"
+        # seed=None: the global RNG (train.py's --seed); an int: the same weights every time
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            if seed is not None:
+                torch.manual_seed(seed)
             self.model = LlavaForConditionalGeneration(config)
             if position_init_std is not None:
                 # From scratch, CLIP's 0.02-std position embeddings are ~10x smaller than the

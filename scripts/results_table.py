@@ -1,0 +1,84 @@
+"""Collect ``<sweep>/<method>/seed*/metrics.json`` into a markdown table (mean +- std over seeds).
+
+    python scripts/results_table.py runs/sweep [--out table.md]
+
+Runs whose metrics.json is missing or incomplete are listed, not averaged.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+METRICS = ("FAR", "BWT", "F", "FT", "FWT", "NBT", "AUC")
+
+
+def load(sweep: str):
+    runs, broken = {}, []
+    for path in sorted(glob.glob(os.path.join(sweep, "*", "seed*"))):
+        method, seed = path.split(os.sep)[-2:]
+        mfile = os.path.join(path, "metrics.json")
+        res = json.load(open(mfile)) if os.path.isfile(mfile) else None
+        if res is None or not res.get("complete"):
+            broken.append(f"{method}/{seed}")
+            continue
+        wall = os.path.join(path, "wall_s.txt")
+        res["wall_s"] = float(open(wall).read()) if os.path.isfile(wall) else float("nan")
+        runs.setdefault(method, []).append(res)
+    return runs, broken
+
+
+def fmt(values) -> str:
+    v = np.asarray(values, float)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+
+
+def table(runs: dict) -> str:
+    K = max(len(r["R"]) for rs in runs.values() for r in rs)
+    head = (["method", "seeds", "before (mean b)"] + [f"R[{i},{i}]" for i in range(K)]
+            + list(METRICS) + ["wall (min)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, rs in runs.items():
+        R = np.array([r["R"] for r in rs], float)
+        row = [method, str(len(rs)), fmt([np.mean(r["b"]) for r in rs])]
+        row += [fmt(R[:, i, i]) for i in range(K)]
+        row += [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
+        row += [fmt([r["wall_s"] / 60 for r in rs])]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for method, rs in runs.items():
+        R = np.mean([r["R"] for r in rs], 0)
+        lines.append(f"Mean R for {method} (row j: after task j; column i: task i):")
+        lines.append("")
+        lines.append("| after | " + " | ".join(f"task {i}" for i in range(K)) + " |")
+        lines.append("|" + "---|" * (K + 1))
+        lines += [f"| {j} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for j, row in enumerate(R)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("sweep")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    runs, broken = load(args.sweep)
+    if not runs:
+        print(f"error: sweep={args.sweep!r}: no complete metrics.json under <method>/seed*/", file=sys.stderr)
+        return 2
+    text = table(runs)
+    if broken:
+        text += "\nIncomplete or failed runs (not averaged): " + ", ".join(broken) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

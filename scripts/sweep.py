@@ -1,0 +1,88 @@
+"""Run methods x seeds on one stream, a bounded number of processes at a time.
+
+    python scripts/sweep.py --config configs/quickstart.yaml \
+        --method crl= --method seq_ft=configs/ablations/seq_ft.yaml \
+        --seeds 0 1 2 --parallel 1 --out runs/sweep [-- --trainer.accelerator gpu]
+
+Each run writes ``<out>/<method>/seed<s>/`` (metrics.json, R.csv, TensorBoard, checkpoints,
+train.log). A run that fails keeps its log and is reported; the others go on.
+Then: ``python scripts/results_table.py <out>`` writes the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", required=True, help="base config(s), in order")
+    p.add_argument("--method", action="append", required=True,
+                   help="NAME=ABLATION_YAML (empty after '=' for the base config alone)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / parallel)")
+    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("extra", nargs="*", help="after '--': more train.py arguments for every run")
+    args = p.parse_args(argv)
+    methods = []
+    for m in args.method:
+        if "=" not in m:
+            p.error(f"--method {m!r}: expected NAME=ABLATION_YAML")
+        name, yaml = m.split("=", 1)
+        if yaml and not os.path.isfile(yaml):
+            p.error(f"--method {m!r}: no such file {yaml!r}")
+        methods.append((name, yaml))
+    if args.parallel <= 0:
+        p.error(f"--parallel {args.parallel}: must be > 0")
+    return args, methods
+
+
+def command(args, name, yaml, seed):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
+    for c in args.config + ([yaml] if yaml else []):
+        cmd += ["--config", c]
+    cmd += ["--seed", str(seed), "--data.seed", str(seed),
+            "--trainer.logger.init_args.save_dir", args.out,
+            "--trainer.logger.init_args.name", name,
+            "--trainer.logger.init_args.version", f"seed{seed}",
+            *args.extra]
+    return cmd
+
+
+def run_one(args, threads, name, yaml, seed):
+    run_dir = os.path.join(args.out, name, f"seed{seed}")
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
+    start = time.time()
+    with open(os.path.join(run_dir, "train.log"), "w") as log:
+        rc = subprocess.call(command(args, name, yaml, seed), stdout=log, stderr=subprocess.STDOUT,
+                             env=env, cwd=ROOT)
+    wall = time.time() - start
+    with open(os.path.join(run_dir, "wall_s.txt"), "w") as f:
+        f.write(f"{wall:.1f}\n")
+    print(f"{name} seed {seed}: rc={rc} wall={wall:.0f}s -> {run_dir}", flush=True)
+    return name, seed, rc, wall
+
+
+def main(argv=None) -> int:
+    args, methods = parse_args(argv)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    jobs = [(name, yaml, s) for s in args.seeds for name, yaml in methods]
+    start = time.time()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(lambda j: run_one(args, threads, *j), jobs))
+    failed = [(n, s) for n, s, rc, _ in results if rc != 0]
+    print(f"sweep: {len(jobs)} runs, {len(failed)} failed, wall {time.time() - start:.0f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
