@@ -65,3 +65,20 @@ def test_prompt_layout(tiny_policy):
     assert goal == ["go", "to", "the", "red", "ball"]
     # action tokens are the vocabulary's last ids
     assert policy.action_ids.tolist() == list(range(len(tok) - 3, len(tok)))
+
+
+def test_every_trainable_parameter_gets_a_gradient(tiny_policy):
+    """DDP (find_unused_parameters=False) needs a gradient for every trainable parameter
+    from one training forward: action log-probs, entropy and the critic features."""
+    from modules.critics import GoalConditionedCritic
+
+    policy = tiny_policy(action_tokens=2, action_bins=5)
+    prompts = policy.encode(WORDS[:2])
+    images = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    out = policy.evaluate(images, prompts, torch.tensor([[0, 1], [2, 3]]))
+    critic = GoalConditionedCritic(policy.feature_dim, [8])
+    (out.log_prob.sum() + out.entropy.sum() + critic(out.phi, out.emb).sum()).backward()
+    missing = [n for n, p in policy.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    frozen = [n for n, p in policy.named_parameters() if not p.requires_grad]
+    assert frozen and all("post_layernorm" in n for n in frozen)

@@ -52,9 +52,6 @@ def test_full_tiny_stream_writes_results(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known open defect: on 2 CPU ranks (gloo) rank 1 crashes in its "
-                   "first DDP forward (CLIP position_ids index out of range) while rank 0 has not "
-                   "reached training_step; collectives appear misaligned. Not fixed yet.")
 def test_ddp_two_processes(tmp_path):
     cfg = small_config(tmp_path, "ddp", tasks=2)
     res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp")

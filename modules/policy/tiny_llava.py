@@ -71,6 +71,10 @@ class TinyLlava(VLMBackbone):
                 self.model.model.vision_tower.embeddings.position_embedding.weight.data.normal_(
                     0.0, position_init_std)
 
+        # Llava reads the vision tower's hidden states, never its pooled output: the pooled
+        # output's LayerNorm gets no gradient, which DDP (find_unused_parameters=False) rejects.
+        self.model.model.vision_tower.post_layernorm.requires_grad_(False)
+
     def prompt(self, instruction: str) -> str:
         return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
 

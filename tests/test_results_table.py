@@ -1,0 +1,41 @@
+"""scripts/results_table.py on hand-made metrics.json files."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(d, R, b, metrics, complete=True, wall=60.0):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "metrics.json"), "w") as f:
+        json.dump({"complete": complete, "R": R, "b": b, "metrics": metrics}, f)
+    with open(os.path.join(d, "wall_s.txt"), "w") as f:
+        f.write(f"{wall}\n")
+
+
+def test_table_means_and_spreads(tmp_path):
+    m = {"FAR": 0.5, "BWT": -0.2, "F": 0.2, "FT": 0.0, "FWT": 0.8, "NBT": 0.2, "AUC": 0.6}
+    _write(tmp_path / "crl" / "seed0", [[0.8, 0.1], [0.6, 0.9]], [0.1, 0.1], m, wall=120)
+    _write(tmp_path / "crl" / "seed1", [[1.0, 0.1], [0.8, 0.7]], [0.3, 0.1], dict(m, FAR=0.7), wall=180)
+    _write(tmp_path / "seq_ft" / "seed0", [[0.5, 0.0], [None, None]], [0.1, 0.1], m, complete=False)
+    out = tmp_path / "table.md"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"),
+                          str(tmp_path), "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| crl |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # method, seeds, mean b, R[0,0], R[1,1], FAR, ...; std is the sample std (ddof=1)
+    assert cells[:5] == ["crl", "2", "0.15 ± 0.07", "0.90 ± 0.14", "0.80 ± 0.14"]
+    assert cells[5] == "0.60 ± 0.14"  # FAR 0.5, 0.7
+    assert cells[-1] == "2.50 ± 0.71"  # wall 2 and 3 minutes
+    assert "| 1 | 0.70 | 0.80 |" in text  # mean R row after task 1
+    assert "seq_ft/seed0" in text and "| seq_ft |" not in text  # incomplete: listed, not averaged
+
+
+def test_table_without_runs_is_a_clear_error(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "no complete metrics.json" in res.stderr
