@@ -32,6 +32,7 @@ from torchrl.envs import EnvBase
 GOTO_OBJECTS = ("red ball", "green key", "blue box")
 _OBJ_CLASSES = {"ball": Ball, "key": Key, "box": Box}
 NAVIGATION_ACTIONS = 3  # left, right, forward
+MIN_ROOM_SIZE = 3
 
 
 class GoToObjectRoom(MiniGridEnv):
@@ -40,6 +41,8 @@ class GoToObjectRoom(MiniGridEnv):
     def __init__(self, target: str, room_size: int = 6, max_steps: int = 64, **kwargs):
         if target not in GOTO_OBJECTS:
             raise ValueError(f"target={target!r}: expected one of {list(GOTO_OBJECTS)}")
+        if room_size < MIN_ROOM_SIZE:
+            raise ValueError(f"room_size={room_size!r}: must be >= {MIN_ROOM_SIZE} (three objects and the agent)")
         self.target = target
         mission = f"go to the {target}"
         super().__init__(
@@ -125,8 +128,6 @@ class BabyAIEnv(EnvBase):
                  num_envs: int = 8, seed: int = 0, tile_size: int = 8,
                  max_steps: int | None = None, room_size: int = 6, device: str = "cpu"):
         super().__init__(batch_size=torch.Size([num_envs]), device=device)
-        if room_size < 3:
-            raise ValueError(f"room_size={room_size!r}: must be >= 3 (three objects and the agent)")
         self.envs = [make_minigrid(level, target, max_steps, room_size) for _ in range(num_envs)]
         self.num_actions = NAVIGATION_ACTIONS if level == "GoToObjectRoom" else 7
         self.render_frames = _TileRenderer(tile_size)

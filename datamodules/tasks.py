@@ -53,17 +53,19 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
         max_steps = entry.pop("max_steps", None)
         if max_steps is not None and int(max_steps) <= 0:
             raise ValueError(f"{where}.max_steps={max_steps!r}: must be > 0")
-        _check_babyai(where, level, target)
+        _check_babyai(where, level, target, entry.get("room_size"))
         tasks.append(Task(env, level, target, max_steps, entry))
     return tasks
 
 
-def _check_babyai(where: str, level, target) -> None:
-    from datamodules.babyai import GOTO_OBJECTS
+def _check_babyai(where: str, level, target, room_size=None) -> None:
+    from datamodules.babyai import GOTO_OBJECTS, MIN_ROOM_SIZE
 
     if level == "GoToObjectRoom":
         if target not in GOTO_OBJECTS:
             raise ValueError(f"{where}.target={target!r}: expected one of {list(GOTO_OBJECTS)}")
+        if room_size is not None and (not isinstance(room_size, int) or room_size < MIN_ROOM_SIZE):
+            raise ValueError(f"{where}.room_size={room_size!r}: must be an integer >= {MIN_ROOM_SIZE}")
         return
     import gymnasium as gym
     import minigrid  # noqa: F401

@@ -12,6 +12,8 @@ BAD = [
     ("--data.stream=[]", "data.stream"),
     ("--data.stream=[{env: foo, level: x}]", "data.stream[0].env"),
     ("--data.stream=[{env: babyai, level: NoSuchLevel}]", "data.stream[0].level"),
+    ("--data.stream=[{env: babyai, level: GoToObjectRoom, target: red ball, room_size: 2}]",
+     "data.stream[0].room_size"),
     ("--data.frames_per_batch=0", "data.frames_per_batch"),
     ("--data.frames_per_batch=-8", "data.frames_per_batch"),
     ("--model.alpha=-1", "model.alpha"),
