@@ -26,7 +26,7 @@ def tiny_policy():
 
 
 def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, tasks=3,
-                 ckpt_every=1):
+                 ckpt_every=1, extra_callbacks=None):
     """The quickstart config shrunk to seconds: 8 envs x 16 steps, 4 eval episodes."""
     cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
     cfg.trainer.logger.init_args.save_dir = str(tmp_path / "runs")
@@ -48,7 +48,7 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
         if path.endswith("ModelCheckpoint"):
             cb.init_args.every_n_epochs = ckpt_every
         cbs.append(cb)
-    cfg.trainer.callbacks = cbs
+    cfg.trainer.callbacks = cbs + list(extra_callbacks or [])
     cfg.data.stream = cfg.data.stream[:tasks]
     cfg.data.num_envs = 8
     cfg.data.frames_per_batch = 128

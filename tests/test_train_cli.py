@@ -55,7 +55,9 @@ def test_full_tiny_stream_writes_results(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
-    cfg = small_config(tmp_path, "ddp", tasks=2)
+    sums = tmp_path / "checksums"
+    cfg = small_config(tmp_path, "ddp", tasks=2, extra_callbacks=[
+        {"class_path": "tests.weight_checksum.WeightChecksum", "init_args": {"out_dir": str(sums)}}])
     res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp")
     assert res.returncode == 0, res.stderr[-3000:]
     m, log_dir = _metrics(tmp_path, "ddp")
@@ -67,6 +69,10 @@ def test_ddp_two_processes(tmp_path):
     # ranks stayed in sync: the final checkpoint holds one set of weights
     ckpt = torch.load(os.path.join(log_dir, "checkpoints", "task1_end.ckpt"), weights_only=False)
     assert ckpt["crl"]["has_anchor"]
+    # gradients synced: the ranks collected different rollouts (own env seeds) yet end with
+    # the same weights (policy, critic, anchor critic, old policy)
+    rank0, rank1 = ((sums / f"rank{r}.txt").read_text().split() for r in (0, 1))
+    assert rank0 == rank1
 
 
 @pytest.mark.slow
