@@ -1,8 +1,10 @@
 """Collect ``<sweep>/<method>/seed*/metrics.json`` into a markdown table (mean +- std over seeds).
 
-    python scripts/results_table.py runs/sweep [--out table.md]
+    python scripts/results_table.py runs/sweep [--out table.md] [--tasks K]
 
-Runs whose metrics.json is missing or incomplete are listed, not averaged.
+Runs whose metrics.json is missing or incomplete are listed, not averaged. ``--tasks K``
+scores the first K tasks only (the K x K corner of R, metrics recomputed on it), so runs cut
+short after task K-1 still count.
 """
 from __future__ import annotations
 
@@ -14,15 +16,30 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from callbacks.metrics import continual_metrics  # noqa: E402
+
 METRICS = ("FAR", "BWT", "F", "FT", "FWT", "NBT", "AUC")
 
 
-def load(sweep: str):
+def first_tasks(res: dict, K: int) -> dict | None:
+    """The run restricted to its first K tasks, or None if R's first K rows are not all there."""
+    rows = res["R"][:K]
+    if len(rows) < K or any(r is None for r in rows):
+        return None
+    R = [r[:K] for r in rows]
+    b = res["b"][:K]
+    return dict(res, R=R, b=b, complete=True, metrics=continual_metrics(R, b))
+
+
+def load(sweep: str, tasks: int | None = None):
     runs, broken = {}, []
     for path in sorted(glob.glob(os.path.join(sweep, "*", "seed*"))):
         method, seed = path.split(os.sep)[-2:]
         mfile = os.path.join(path, "metrics.json")
         res = json.load(open(mfile)) if os.path.isfile(mfile) else None
+        if res is not None and tasks:
+            res = first_tasks(res, tasks)
         if res is None or not res.get("complete"):
             broken.append(f"{method}/{seed}")
             continue
@@ -34,6 +51,8 @@ def load(sweep: str):
 
 def fmt(values) -> str:
     v = np.asarray(values, float)
+    if np.isnan(v).all():
+        return "n/a"
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
@@ -65,8 +84,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("sweep")
     p.add_argument("--out", default=None)
+    p.add_argument("--tasks", type=int, default=None, help="score only the first K tasks")
     args = p.parse_args(argv)
-    runs, broken = load(args.sweep)
+    if args.tasks is not None and args.tasks <= 0:
+        print(f"error: --tasks={args.tasks}: must be > 0", file=sys.stderr)
+        return 2
+    runs, broken = load(args.sweep, args.tasks)
     if not runs:
         print(f"error: sweep={args.sweep!r}: no complete metrics.json under <method>/seed*/", file=sys.stderr)
         return 2

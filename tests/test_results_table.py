@@ -39,3 +39,15 @@ def test_table_without_runs_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"), str(tmp_path)],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "no complete metrics.json" in res.stderr
+
+
+def test_first_tasks_scores_runs_cut_short(tmp_path):
+    """--tasks 1 keeps a run whose R has only row 0, with metrics recomputed on the corner."""
+    m = {k: 0.0 for k in ("FAR", "BWT", "F", "FT", "FWT", "NBT", "AUC")}
+    _write(tmp_path / "seq_ft" / "seed0", [[0.5, 0.0], None], [0.1, 0.3], m, complete=False)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"),
+                          str(tmp_path), "--tasks", "1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    row = next(line for line in res.stdout.splitlines() if line.startswith("| seq_ft |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:5] == ["seq_ft", "1", "0.10 ± 0.00", "0.50 ± 0.00", "0.50 ± 0.00"]  # b, R[0,0], FAR
