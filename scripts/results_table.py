@@ -51,7 +51,8 @@ def load(sweep: str, tasks: int | None = None):
 
 def fmt(values) -> str:
     v = np.asarray(values, float)
-    if np.isnan(v).all():
+    v = v[~np.isnan(v)]  # e.g. a run without wall_s.txt
+    if not len(v):
         return "n/a"
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
