@@ -41,6 +41,7 @@ def parse_args(argv=None):
         methods.append((name, yaml))
     if args.parallel <= 0:
         p.error(f"--parallel {args.parallel}: must be > 0")
+    args.out = os.path.abspath(args.out)  # train.py runs from the repo root
     return args, methods
 
 
@@ -59,6 +60,9 @@ def command(args, name, yaml, seed):
 def run_one(args, threads, name, yaml, seed):
     run_dir = os.path.join(args.out, name, f"seed{seed}")
     os.makedirs(run_dir, exist_ok=True)
+    stale = os.path.join(run_dir, "wall_s.txt")  # from an earlier sweep into the same folder
+    if os.path.exists(stale):
+        os.remove(stale)
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
     start = time.time()
