@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     OmegaConf.save(build(name, overrides, out), path)
     start = time.time()
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", path], cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)))
     print(f"rc {res.returncode}  wall {time.time() - start:.0f}s")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(sorted(glob.glob(os.path.join(out, name, "version_*")))[-1])
