@@ -118,6 +118,11 @@ class OnPolicyDataModule(LightningDataModule):
                              batch_size=[len(keep)])
             self.memory = new if self.memory is None else torch.cat([self.memory, new])
 
+    @property
+    def last_samples(self) -> TensorDict | None:
+        """The last iteration's current-task samples (for callbacks at a task end)."""
+        return self._last_samples
+
     def make_env(self, task: Task, num_envs: int, seed: int):
         return make_env(task, num_envs, seed)
 

@@ -1,7 +1,12 @@
-"""Goal-conditioned value heads (CRL-VLA's GCVF): V(s, g) = MLP([phi(s); emb(g)]).
+"""Goal-conditioned critic heads (CRL-VLA's GCVF).
+
+    V(s, g)    = MLP([phi(s); emb(g)])
+    Q(s, a, g) = MLP([phi(s); emb(g); onehot(a)])   (a = the action tokens, one-hot per token)
 
 phi(s) and emb(g) come from the policy's own forward (TokenVLAPolicy), so a critic is only
-this small MLP. The trainable MC critic and the frozen anchor critic are two instances.
+this small MLP. The trainable MC critic and the frozen anchor critic are two instances of
+the same class. Both kinds answer ``forward(phi, emb, tokens)`` (V ignores the action) and
+``state_value(phi, emb, token_log_probs)`` = V(s, g), for Q: E_{a ~ pi(.|s,g)} Q(s, a, g).
 """
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ from torch import nn
 
 
 class GoalConditionedCritic(nn.Module):
-    def __init__(self, feature_dim: int, hidden_sizes: list[int] = (256, 256)):
+    """V(s, g)."""
+
+    def __init__(self, feature_dim: int, hidden_sizes: list[int] = (256, 256), action_width: int = 0):
         super().__init__()
-        layers, width = [], 2 * feature_dim
+        layers, width = [], 2 * feature_dim + action_width
         for h in hidden_sizes:
             layers += [nn.Linear(width, h), nn.Tanh()]
             width = h
@@ -30,8 +37,54 @@ class GoalConditionedCritic(nn.Module):
             nn.init.zeros_(m.bias)
         nn.init.orthogonal_(linears[-1].weight, gain=1.0)
 
-    def forward(self, phi: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, phi: torch.Tensor, emb: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(torch.cat([phi, emb], -1)).squeeze(-1)
+
+    def state_value(self, phi, emb, token_log_probs=None) -> torch.Tensor:
+        return self(phi, emb)
+
+
+class GoalConditionedQCritic(GoalConditionedCritic):
+    """Q(s, a, g) over token actions (``action_tokens`` tokens of ``action_bins`` bins).
+
+    E_{a~pi} Q(s, a, g) is exact for one action token (a sum over the bins). For several
+    tokens it is a Monte-Carlo mean over ``baseline_samples`` actions drawn token by token
+    from the given per-token distributions (those were computed teacher-forced on the
+    rollout's own prefix, so for n > 1 the estimate ignores how a different earlier token
+    would change the later ones: an approximation, stated here)."""
+
+    def __init__(self, feature_dim: int, hidden_sizes: list[int] = (256, 256), action_tokens: int = 1,
+                 action_bins: int = 3, baseline_samples: int = 8):
+        super().__init__(feature_dim, hidden_sizes, action_width=action_tokens * action_bins)
+        self.action_tokens, self.action_bins, self.baseline_samples = action_tokens, action_bins, baseline_samples
+
+    def forward(self, phi, emb, tokens=None):
+        if tokens is None:
+            raise ValueError("a Q critic needs the action tokens")
+        onehot = nn.functional.one_hot(tokens, self.action_bins).flatten(1).to(phi.dtype)
+        return self.net(torch.cat([phi, emb, onehot], -1)).squeeze(-1)
+
+    def state_value(self, phi, emb, token_log_probs=None):
+        probs = token_log_probs.exp()  # [B, n, bins]
+        b = phi.shape[0]
+        if self.action_tokens == 1:  # exact: sum_a pi(a) Q(s, a)
+            a = torch.arange(self.action_bins, device=phi.device)
+            q = self(phi.repeat_interleave(self.action_bins, 0), emb.repeat_interleave(self.action_bins, 0),
+                     a.repeat(b)[:, None]).view(b, self.action_bins)
+            return (probs[:, 0] * q).sum(-1)
+        k = self.baseline_samples
+        draws = torch.multinomial(probs.reshape(-1, self.action_bins), k, replacement=True)  # [B*n, k]
+        draws = draws.view(b, self.action_tokens, k).permute(0, 2, 1).reshape(b * k, self.action_tokens)
+        q = self(phi.repeat_interleave(k, 0), emb.repeat_interleave(k, 0), draws)
+        return q.view(b, k).mean(-1)
+
+
+def make_critic(kind: str, feature_dim: int, hidden_sizes, action_tokens: int, action_bins: int):
+    if kind == "v":
+        return GoalConditionedCritic(feature_dim, list(hidden_sizes))
+    if kind == "q":
+        return GoalConditionedQCritic(feature_dim, list(hidden_sizes), action_tokens, action_bins)
+    raise ValueError(f"model.critic_type={kind!r}: expected 'v' or 'q'")
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

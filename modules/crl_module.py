@@ -21,7 +21,7 @@ from lightning import LightningModule
 from tensordict import TensorDict
 
 from datamodules.tasks import instructions_of
-from modules.critics import GoalConditionedCritic, frozen_copy
+from modules.critics import frozen_copy, make_critic
 from modules.losses import crl_loss
 from modules.policy.backbone import EncodedPrompts, cat_prompts
 from modules.policy.token_vla import TokenVLAPolicy
@@ -67,6 +67,7 @@ class CRLModule(LightningModule):
         max_grad_norm: float = 1.0,
         critic_warmup_iterations: int = 0,
         critic_detach_features: bool = False,
+        critic_type: str = "v",
         anchor_chunk_size: int = 1024,
     ):
         super().__init__()
@@ -77,6 +78,8 @@ class CRLModule(LightningModule):
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= locals()[name] <= 1.0:
                 raise ValueError(f"model.{name}={locals()[name]!r}: must be in [0, 1]")
+        if critic_type not in ("v", "q"):
+            raise ValueError(f"model.critic_type={critic_type!r}: expected 'v' or 'q'")
         if value_target not in ("mc", "gae"):
             raise ValueError(f"model.value_target={value_target!r}: expected 'mc' or 'gae'")
         if target_kl is not None:
@@ -84,10 +87,14 @@ class CRLModule(LightningModule):
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
-        self.critic = GoalConditionedCritic(policy.feature_dim, list(critic_hidden_sizes))
-        self.anchor_critic: GoalConditionedCritic | None = None
+        # V(s, g), or Q(s, a, g) for CRL-VLA (Q): advantage Q(s, a) - E_{a'~pi} Q(s, a')
+        self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
+                                  policy.action_tokens, policy.action_bins)
+        self.anchor_critic: torch.nn.Module | None = None
         self.old_policy: TokenVLAPolicy | None = None
         self.critic_age = 0  # iterations since the trainable critic was (re)initialised
+        # extra loss terms registered by baseline callbacks (e.g. online EWC): name -> () -> scalar
+        self.penalties: dict = {}
         self.rollout_stats: dict[str, float] = {}
         self._stop_epoch = False
 
@@ -117,12 +124,15 @@ class CRLModule(LightningModule):
         """[envs, T] rollout -> (samples, anchor samples or None, stats)."""
         hp = self.hparams
         n_env, T = rollout.batch_size
-        phi, emb = rollout.get("phi"), rollout.get("emb")
-        value = self.critic(phi, emb)
+        flat = rollout.reshape(-1)
+        phi, emb, tokens = flat.get("phi"), flat.get("emb"), flat.get("action_tokens")
+        # V(s, g) (for a Q critic: E_{a~pi} Q(s, a, g)) and the critic's own prediction
+        value = self.critic.state_value(phi, emb, flat.get("token_log_probs")).view(n_env, T)
+        prediction = self.critic(phi, emb, tokens).view(n_env, T)
         done = rollout.get(("next", "done")).squeeze(-1)
         terminated = rollout.get(("next", "terminated")).squeeze(-1)
-        # V(s'): the next step's acting features where the episode goes on; a prefill of
-        # the real next observation at truncations and at the end of the rollout.
+        # V(s'): the next step's value where the episode goes on; one act() on the real next
+        # observation at truncations and at the end of the rollout.
         next_value = torch.zeros_like(value)
         next_value[:, :-1] = value[:, 1:]
         need = done.clone()
@@ -130,17 +140,18 @@ class CRLModule(LightningModule):
         need &= ~terminated
         if need.any():
             nxt = rollout.get("next")[need]
-            nphi, nemb = self.policy.features(nxt.get(("observation", "image")),
-                                              self.policy.encode(instructions_of(nxt)))
-            next_value[need] = self.critic(nphi, nemb)
+            nout = self.policy.act(nxt.get(("observation", "image")), self.policy.encode(instructions_of(nxt)),
+                                   greedy=True)  # greedy: the distribution is what counts, and no RNG draw
+            next_value[need] = self.critic.state_value(nout.phi, nout.emb, nout.token_log_probs)
         reward = rollout.get(("next", "reward")).squeeze(-1)
-        advantage, _ = gae(reward, value, next_value, done, terminated, hp.gamma, hp.gae_lambda)
+        advantage, gae_target = gae(reward, value, next_value, done, terminated, hp.gamma, hp.gae_lambda)
         if hp.value_target == "mc":
             target = mc_returns(reward, value, next_value, done, terminated, hp.gamma)
         else:
-            target = advantage + value
+            target = gae_target
+        if hp.critic_type == "q":  # A(s, a) = Q(s, a, g) - E_{a'~pi} Q(s, a', g)
+            advantage = prediction - value
 
-        flat = rollout.reshape(-1)
         prompts = self.policy.encode(instructions_of(flat))
         samples = TensorDict({
             "image": flat.get(("observation", "image")),
@@ -155,7 +166,7 @@ class CRLModule(LightningModule):
         stats = {
             "rollout/episodes": float(ended),
             "rollout/explained_variance": float(
-                1 - (target - value).var() / target.var().clamp_min(1e-8)),
+                1 - (target - prediction).var() / target.var().clamp_min(1e-8)),
             "rollout/value_mean": float(value.mean()),
             "rollout/reward_mean": float(reward.mean()),
         }
@@ -189,10 +200,15 @@ class CRLModule(LightningModule):
             old = self.old_policy.act(images[sl], p)
             chunks.append(TensorDict({
                 "tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
-                "value_target": self.anchor_critic(old.phi, old.emb)}, batch_size=[len(old.tokens)]))
+                "value_target": self.anchor_critic(old.phi, old.emb, old.tokens)}, batch_size=[len(old.tokens)]))
         out = torch.cat(chunks)
         out.update({"image": images, **_prompts_to_td(prompts)})
         return out
+
+    def action_log_prob(self, samples: TensorDict) -> torch.Tensor:
+        """log pi(a | s, g) of the samples' actions under the current policy (with grad)."""
+        return self.policy.evaluate(samples.get("image"), _prompts_from_td(samples),
+                                    samples.get("tokens")).log_prob
 
     # -- one PPO minibatch -------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -216,13 +232,17 @@ class CRLModule(LightningModule):
             anchor_terms = dict(
                 anchor_token_log_probs=out.token_log_probs[n:],
                 anchor_old_token_log_probs=anc.get("old_token_log_probs"),
-                anchor_value=self.anchor_critic(out.phi[n:], out.emb[n:]),
+                anchor_value=self.anchor_critic(out.phi[n:], out.emb[n:], anc.get("tokens")),
                 anchor_value_target=anc.get("value_target"))
         loss, terms = crl_loss(
             log_prob=out.log_prob[:n], old_log_prob=cur.get("log_prob"), advantage=advantage,
-            value=self.critic(phi, emb), value_target=cur.get("value_target"),
+            value=self.critic(phi, emb, cur.get("tokens")), value_target=cur.get("value_target"),
             entropy=out.entropy[:n], clip_eps=hp.clip_eps, alpha=hp.alpha, beta_v=hp.beta_v,
             eta=hp.eta, entropy_coef=hp.entropy_coef, **anchor_terms)
+        for name, penalty in self.penalties.items():  # baselines' terms (callbacks/ewc.py)
+            value = penalty()
+            loss = loss + value
+            terms[name] = value.detach()
 
         opt_policy, opt_critic = self.optimizers()
         opt_policy.zero_grad()

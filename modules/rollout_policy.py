@@ -10,11 +10,11 @@ from datamodules.tasks import instructions_of
 
 class RolloutPolicy(TensorDictModuleBase):
     """Reads ``("observation", "image")`` and ``language_instruction``; writes ``action``,
-    the action tokens, their log-prob and the features phi(s), emb(g) (kept in the rollout
+    the action tokens, their log-prob, the per-token action distribution and the features phi(s), emb(g) (kept in the rollout
     so values need no second forward)."""
 
     in_keys = [("observation", "image"), "language_instruction"]
-    out_keys = ["action", "action_tokens", "sample_log_prob", "phi", "emb"]
+    out_keys = ["action", "action_tokens", "sample_log_prob", "token_log_probs", "phi", "emb"]
 
     def __init__(self, policy, greedy: bool = False):
         super().__init__()
@@ -28,6 +28,7 @@ class RolloutPolicy(TensorDictModuleBase):
         td.set("action", self.policy.env_action(out.tokens))
         td.set("action_tokens", out.tokens)
         td.set("sample_log_prob", out.log_prob)
+        td.set("token_log_probs", out.token_log_probs)  # pi(.|s, g) per token (Q critic's baseline)
         td.set("phi", out.phi)
         td.set("emb", out.emb)
         return td

@@ -1,6 +1,6 @@
 """Collect ``<sweep>/<method>/seed*/metrics.json`` into a markdown table (mean +- std over seeds).
 
-    python scripts/results_table.py runs/sweep [--out table.md] [--tasks K]
+    python scripts/results_table.py runs/sweep [more sweeps ...] [--out table.md] [--tasks K]
 
 Runs whose metrics.json is missing or incomplete are listed, not averaged. ``--tasks K``
 scores the first K tasks only (the K x K corner of R, metrics recomputed on it), so runs cut
@@ -32,9 +32,10 @@ def first_tasks(res: dict, K: int) -> dict | None:
     return dict(res, R=R, b=b, complete=True, metrics=continual_metrics(R, b))
 
 
-def load(sweep: str, tasks: int | None = None):
+def load(sweeps: list[str], tasks: int | None = None):
     runs, broken = {}, []
-    for path in sorted(glob.glob(os.path.join(sweep, "*", "seed*"))):
+    paths = [p for sweep in sweeps for p in sorted(glob.glob(os.path.join(sweep, "*", "seed*")))]
+    for path in paths:
         method, seed = path.split(os.sep)[-2:]
         mfile = os.path.join(path, "metrics.json")
         res = json.load(open(mfile)) if os.path.isfile(mfile) else None
@@ -83,7 +84,7 @@ def table(runs: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("sweep")
+    p.add_argument("sweep", nargs="+", help="sweep folder(s): <sweep>/<method>/seed*/metrics.json")
     p.add_argument("--out", default=None)
     p.add_argument("--tasks", type=int, default=None, help="score only the first K tasks")
     args = p.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         return 2
     runs, broken = load(args.sweep, args.tasks)
     if not runs:
-        print(f"error: sweep={args.sweep!r}: no complete metrics.json under <method>/seed*/", file=sys.stderr)
+        print(f"error: sweep={' '.join(args.sweep)!r}: no complete metrics.json under <method>/seed*/", file=sys.stderr)
         return 2
     text = table(runs)
     if broken:

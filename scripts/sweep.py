@@ -11,6 +11,7 @@ Then: ``python scripts/results_table.py <out>`` writes the table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,11 @@ def parse_args(argv=None):
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / parallel)")
     p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--resume", action="store_true",
+                   help="runs with a checkpoints/last.ckpt and no complete metrics.json go on from it; "
+                        "complete runs are skipped")
+    p.add_argument("--time_limit", type=float, default=None,
+                   help="seconds; runs still going then are stopped (SIGTERM) and can --resume later")
     p.add_argument("extra", nargs="*", help="after '--': more train.py arguments for every run")
     args = p.parse_args(argv)
     methods = []
@@ -45,7 +51,7 @@ def parse_args(argv=None):
     return args, methods
 
 
-def command(args, name, yaml, seed):
+def command(args, name, yaml, seed, ckpt=None):
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
     for c in args.config + ([yaml] if yaml else []):
         cmd += ["--config", c]
@@ -54,23 +60,50 @@ def command(args, name, yaml, seed):
             "--trainer.logger.init_args.name", name,
             "--trainer.logger.init_args.version", f"seed{seed}",
             *args.extra]
-    return cmd
+    return cmd + (["--ckpt_path", ckpt] if ckpt else [])
+
+
+def _complete(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            return bool(json.load(f).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def run_one(args, threads, name, yaml, seed):
     run_dir = os.path.join(args.out, name, f"seed{seed}")
     os.makedirs(run_dir, exist_ok=True)
-    stale = os.path.join(run_dir, "wall_s.txt")  # from an earlier sweep into the same folder
-    if os.path.exists(stale):
-        os.remove(stale)
+    wall_file = os.path.join(run_dir, "wall_s.txt")
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    ckpt, earlier = None, 0.0
+    if args.resume and _complete(run_dir):
+        print(f"{name} seed {seed}: complete, skipped", flush=True)
+        return name, seed, 0, 0.0
+    if args.deadline is not None and time.time() >= args.deadline:
+        return name, seed, "not started (--time_limit)", 0.0
+    if args.resume and os.path.exists(last):
+        ckpt = last  # the wall time adds up over the segments
+        earlier = float(open(wall_file).read()) if os.path.exists(wall_file) else 0.0
+    elif os.path.exists(wall_file):  # from an earlier sweep into the same folder
+        os.remove(wall_file)
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
     start = time.time()
-    with open(os.path.join(run_dir, "train.log"), "w") as log:
-        rc = subprocess.call(command(args, name, yaml, seed), stdout=log, stderr=subprocess.STDOUT,
-                             env=env, cwd=ROOT)
-    wall = time.time() - start
-    with open(os.path.join(run_dir, "wall_s.txt"), "w") as f:
+    with open(os.path.join(run_dir, "train.log"), "a" if ckpt else "w") as log:
+        proc = subprocess.Popen(command(args, name, yaml, seed, ckpt), stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            rc = proc.wait(None if args.deadline is None else max(0.0, args.deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            rc = "stopped at --time_limit"
+    wall = earlier + time.time() - start
+    with open(wall_file, "w") as f:
         f.write(f"{wall:.1f}\n")
     print(f"{name} seed {seed}: rc={rc} wall={wall:.0f}s -> {run_dir}", flush=True)
     return name, seed, rc, wall
@@ -81,11 +114,14 @@ def main(argv=None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     jobs = [(name, yaml, s) for s in args.seeds for name, yaml in methods]
     start = time.time()
+    args.deadline = None if args.time_limit is None else start + args.time_limit
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda j: run_one(args, threads, *j), jobs))
-    failed = [(n, s) for n, s, rc, _ in results if rc != 0]
-    print(f"sweep: {len(jobs)} runs, {len(failed)} failed, wall {time.time() - start:.0f}s")
-    return 1 if failed else 0
+    stopped = [(n, s) for n, s, rc, _ in results if isinstance(rc, str)]
+    failed = [(n, s) for n, s, rc, _ in results if rc != 0 and not isinstance(rc, str)]
+    print(f"sweep: {len(jobs)} runs, {len(failed)} failed, {len(stopped)} stopped or not started "
+          f"(--resume goes on), wall {time.time() - start:.0f}s")
+    return 1 if failed or stopped else 0
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ def tiny_policy():
 
 
 def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, tasks=3,
-                 ckpt_every=1, extra_callbacks=None):
-    """The quickstart config shrunk to seconds: 8 envs x 16 steps, 4 eval episodes."""
+                 ckpt_every=1, extra_callbacks=None, ablation=None):
+    """The quickstart config (merged with ``configs/ablations/<ablation>.yaml`` if given)
+    shrunk to seconds: 8 envs x 16 steps, 4 eval episodes."""
     cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
+    if ablation:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{ablation}.yaml")))
     cfg.trainer.logger.init_args.save_dir = str(tmp_path / "runs")
     cfg.trainer.logger.init_args.name = name
     cfg.trainer.enable_progress_bar = False

@@ -46,7 +46,8 @@ def test_goal_features_see_instruction_state_features_do_not(tiny_policy):
     policy = tiny_policy()
     images = torch.randint(0, 256, (1, 3, 56, 56), dtype=torch.uint8).repeat(2, 1, 1, 1)
     prompts = policy.encode(WORDS[:2])
-    phi, emb = policy.features(images, prompts)
+    out = policy.act(images, prompts)
+    phi, emb = out.phi, out.emb
     assert torch.allclose(phi[0], phi[1], atol=1e-6)  # image first: causal, goal-independent
     assert (emb[0] - emb[1]).abs().max() > 1e-4
 

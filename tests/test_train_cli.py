@@ -18,6 +18,7 @@ BAD = [
     ("--data.frames_per_batch=-8", "data.frames_per_batch"),
     ("--model.alpha=-1", "model.alpha"),
     ("--model.beta_v=-0.5", "model.beta_v"),
+    ("--model.critic_type=w", "model.critic_type"),
     ("--ckpt_path=/no/such/file.ckpt", "ckpt_path"),
 ]
 
@@ -107,14 +108,17 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
 
 
 @pytest.mark.parametrize("configs", [["configs/quickstart.yaml"], ["configs/crl.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml"]])
+                                     ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/ewc.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/lwf.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"]])
 def test_configs_parse_and_print(configs):
     args = [a for c in configs for a in ("--config", os.path.join(ROOT, c))]
     res = run_train(*args, "--print_config", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "model:" in res.stdout and "data:" in res.stdout and "stream:" in res.stdout
     has_anchor = "AnchorCriticFreeze" in res.stdout
-    assert has_anchor == (configs[-1] != "configs/ablations/seq_ft.yaml")
+    assert has_anchor == (configs[-1] not in ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml"))
 
 
 def test_seq_ft_is_the_quickstart_minus_the_anchor_callback():
@@ -127,3 +131,17 @@ def test_seq_ft_is_the_quickstart_minus_the_anchor_callback():
                 if not c.class_path.endswith("AnchorCriticFreeze")]
     assert [OmegaConf.to_container(c) for c in ablation] == expected
     assert len(expected) == len(base) - 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation", ["seq_ft", "ewc", "lwf", "crl_q"])
+def test_each_ablation_runs_one_iteration_per_task(tmp_path, ablation):
+    res = run_train("--config", small_config(tmp_path, ablation, iterations=1, tasks=2, ablation=ablation))
+    assert res.returncode == 0, res.stderr[-3000:]
+    path = glob.glob(str(tmp_path / "runs" / ablation / "version_*" / "metrics.json"))[0]
+    m = json.load(open(path))
+    assert m["complete"] and len(m["R"]) == 2 and len(m["R"][1]) == 2
+    ckpt = torch.load(os.path.join(os.path.dirname(path), "checkpoints", "task1_end.ckpt"), weights_only=False)
+    critic_in = ckpt["state_dict"]["critic.net.0.weight"].shape[1]  # [phi; emb] (+ onehot(a) for Q)
+    assert critic_in == 2 * 32 + (3 if ablation == "crl_q" else 0)
+    assert ckpt["crl"]["has_anchor"] == (ablation in ("lwf", "crl_q"))

@@ -109,10 +109,3 @@ class TokenVLAPolicy(nn.Module):
     def env_action(self, tokens: torch.Tensor) -> torch.Tensor:
         """Action-bin indices -> the env's action. Discrete envs (one token) take the index."""
         return tokens[:, 0] if self.action_tokens == 1 else tokens
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor, prompts: EncodedPrompts):
-        """phi(s), emb(g) alone (one prefill; used to bootstrap values at truncations)."""
-        hidden, _ = self.backbone(prompts.input_ids, prompts.attention_mask,
-                                  self.backbone.preprocess(images))
-        return self._features(hidden, prompts)
