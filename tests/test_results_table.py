@@ -51,3 +51,22 @@ def test_first_tasks_scores_runs_cut_short(tmp_path):
     row = next(line for line in res.stdout.splitlines() if line.startswith("| seq_ft |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:5] == ["seq_ft", "1", "0.10 ± 0.00", "0.50 ± 0.00", "0.50 ± 0.00"]  # b, R[0,0], FAR
+
+
+def test_plots_from_the_committed_cpu_runs(tmp_path):
+    """scripts/plots.py on docs/data/quickstart_cpu: per-iteration curves read back from the
+    TensorBoard events (3 tasks x 50 iterations per run) and two PNGs written."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import plots
+
+    runs = plots.load([os.path.join(ROOT, "docs", "data", "quickstart_cpu")])
+    assert set(runs) == {"crl", "seq_ft"} and all(len(rs) == 3 for rs in runs.values())
+    for rs in runs.values():
+        for r in rs:
+            assert len(r["train_success"]) == 150
+            assert 0.0 <= r["train_success"].min() and r["train_success"].max() <= 1.0
+    paths = plots.plot(runs, str(tmp_path))
+    from PIL import Image
+    for p in paths:
+        w, h = Image.open(p).size
+        assert w > 300 and h > 200
