@@ -137,7 +137,9 @@ class OnPolicyDataModule(LightningDataModule):
             # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
             self._collector = Collector(env, module.acting_policy(), frames_per_batch=self.frames_per_batch,
                                         total_frames=-1, env_device=env.device,
-                                        policy_device=module.device, storing_device=module.device)
+                                        policy_device=module.device, storing_device=module.device,
+                                        # the policy is stateless (no InitTracker/recurrent state)
+                                        auto_register_policy_transforms=False)
             self._collector_iter = iter(self._collector)
             self._collector_key = key
         return self._collector_iter
