@@ -11,8 +11,9 @@ from callbacks.task_boundary import TaskBoundaryHooks, announce
 class TaskSwitch(Callback, TaskBoundaryHooks):
     """Ends a task after ``iterations_per_task`` PPO iterations, or earlier once the rollout
     success reaches ``success_threshold`` (after ``min_iterations``). At each task end it
-    announces the boundary, advances the stream and saves ``task{k}_end.ckpt``; after the
-    last task it stops training."""
+    announces the boundary, advances the stream and saves ``task{k}_end.ckpt`` (and, with
+    LoRA, the task's adapter in PEFT's format under ``adapters/task{k}``); after the last task
+    it stops training."""
 
     def __init__(self, iterations_per_task: int = 20, success_threshold: float | None = None,
                  min_iterations: int = 1, save_checkpoints: bool = True):
@@ -54,8 +55,11 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         else:
             self.finished = True
             trainer.should_stop = True
-        if self.save_checkpoints and trainer.log_dir:
-            trainer.save_checkpoint(os.path.join(trainer.log_dir, "checkpoints", f"task{k}_end.ckpt"))
+        log_dir = trainer.log_dir  # every rank asks (a broadcast under DDP)
+        if self.save_checkpoints and log_dir:
+            trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"))
+            if pl_module.policy.uses_lora and trainer.is_global_zero:  # PEFT format, per task
+                pl_module.policy.save_adapter(os.path.join(log_dir, "adapters", f"task{k}"))
         if not self.finished:
             announce(trainer, pl_module, "on_task_start", k + 1)
 

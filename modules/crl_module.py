@@ -91,7 +91,7 @@ class CRLModule(LightningModule):
         self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
                                   policy.action_tokens, policy.action_bins)
         self.anchor_critic: torch.nn.Module | None = None
-        self.old_policy: TokenVLAPolicy | None = None
+        self.old_policy = None  # TokenVLAPolicy (frozen copy) or AdapterPolicy (LoRA)
         self.critic_age = 0  # iterations since the trainable critic was (re)initialised
         # extra loss terms registered by baseline callbacks (e.g. online EWC): name -> () -> scalar
         self.penalties: dict = {}
@@ -111,7 +111,7 @@ class CRLModule(LightningModule):
         """Trainable critic -> frozen anchor critic; policy -> frozen old policy;
         a fresh trainable critic (and fresh optimiser state) for the next task."""
         self.anchor_critic = frozen_copy(self.critic)
-        self.old_policy = frozen_copy(self.policy)
+        self.old_policy = self.policy.snapshot()
         self.critic.reset_parameters()
         if self._trainer is not None and self.trainer.optimizers:
             self.trainer.optimizers[1].state.clear()
@@ -278,7 +278,10 @@ class CRLModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return (torch.optim.AdamW(self.policy.parameters(), lr=hp.policy_lr, eps=hp.adam_eps, weight_decay=0.0),
+        # trainable parameters only: with LoRA the frozen base and the old adapter stay out
+        # (the same set at the start and after a resume that recreates the old adapter)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        return (torch.optim.AdamW(trainable, lr=hp.policy_lr, eps=hp.adam_eps, weight_decay=0.0),
                 torch.optim.AdamW(self.critic.parameters(), lr=hp.critic_lr, eps=hp.adam_eps, weight_decay=0.0))
 
     # -- checkpoints: anchors, critic age and RNG ------------------------------------------
@@ -293,7 +296,7 @@ class CRLModule(LightningModule):
         state = checkpoint.get("crl", {})
         if state.get("has_anchor"):  # create the frozen modules so their weights load
             self.anchor_critic = frozen_copy(self.critic)
-            self.old_policy = frozen_copy(self.policy)
+            self.old_policy = self.policy.snapshot()
         self.critic_age = state.get("critic_age", 0)
         rng = state.get("rng")
         if rng:

@@ -111,14 +111,17 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
                                      ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/ewc.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/lwf.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"]])
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml",
+                                      "configs/ablations/lora.yaml"]])
 def test_configs_parse_and_print(configs):
     args = [a for c in configs for a in ("--config", os.path.join(ROOT, c))]
     res = run_train(*args, "--print_config", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "model:" in res.stdout and "data:" in res.stdout and "stream:" in res.stdout
     has_anchor = "AnchorCriticFreeze" in res.stdout
-    assert has_anchor == (configs[-1] not in ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml"))
+    assert has_anchor == (not any(c in configs for c in ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml")))
+    assert ("lora:" in res.stdout and ("r: 8" in res.stdout)) == ("configs/ablations/lora.yaml" in configs)
 
 
 def test_seq_ft_is_the_quickstart_minus_the_anchor_callback():

@@ -73,6 +73,13 @@ class VLMBackbone(nn.Module):
 
     # -- shared ---------------------------------------------------------------------------
     @property
+    def vlm(self) -> nn.Module:
+        """The model without its LM head (``*ForConditionalGeneration.model``), through a
+        PEFT wrapper if there is one."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.model
+
+    @property
     def hidden_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[1]
 
@@ -124,7 +131,7 @@ class VLMBackbone(nn.Module):
         """Last-layer hidden states [B, L, H] (after the final norm) and the KV cache."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        out = self.model.model(
+        out = self.vlm(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
         )

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modules.critics import frozen_copy
 from modules.policy.backbone import EncodedPrompts, VLMBackbone, positions_from_mask
+from modules.policy.lora import TRAIN_ADAPTER, AdapterPolicy, apply_lora, snapshot_adapter
 
 
 @dataclass
@@ -38,7 +40,9 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class TokenVLAPolicy(nn.Module):
     def __init__(self, backbone: VLMBackbone, action_tokens: int = 1, action_bins: int = 3,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, lora: dict | None = None):
+        """``lora``: PEFT LoRA on the backbone ({r, alpha, dropout, target_modules}); None:
+        full fine-tuning. With LoRA the frozen old policy is a second adapter."""
         super().__init__()
         if action_tokens < 1 or action_bins < 2:
             raise ValueError(f"action_tokens={action_tokens}, action_bins={action_bins}: "
@@ -46,6 +50,9 @@ class TokenVLAPolicy(nn.Module):
         if temperature <= 0:
             raise ValueError(f"model.policy.temperature={temperature}: must be > 0")
         self.backbone = backbone
+        self.uses_lora = lora is not None
+        if self.uses_lora:
+            backbone.model = apply_lora(backbone.model, **lora)
         self.action_tokens, self.action_bins, self.temperature = action_tokens, action_bins, temperature
         self.register_buffer("action_ids", backbone.action_token_ids(action_bins), persistent=False)
 
@@ -105,6 +112,18 @@ class TokenVLAPolicy(nn.Module):
         chosen = token_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
         entropy = -(token_log_probs.exp() * token_log_probs).sum(-1).sum(-1)
         return PolicyOutput(tokens, chosen, token_log_probs, entropy, phi, emb)
+
+    def snapshot(self):
+        """The frozen old policy pi_old: a second LoRA adapter on the same base weights, or
+        (full fine-tuning) a frozen copy."""
+        if self.uses_lora:
+            snapshot_adapter(self.backbone.model)
+            return AdapterPolicy(self)
+        return frozen_copy(self)
+
+    def save_adapter(self, path: str) -> None:
+        """The trainable LoRA adapter in PEFT's format (``PeftModel.from_pretrained``)."""
+        self.backbone.model.save_pretrained(path, selected_adapters=[TRAIN_ADAPTER])
 
     def env_action(self, tokens: torch.Tensor) -> torch.Tensor:
         """Action-bin indices -> the env's action. Discrete envs (one token) take the index."""

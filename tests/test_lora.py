@@ -1,0 +1,107 @@
+"""LoRA through PEFT: only adapters train, the old policy is a second adapter on the same
+base weights, adapters load with PeftModel.from_pretrained, and a full run with CRL."""
+import glob
+import os
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import WORDS, run_train, small_config
+from modules.crl_module import CRLModule
+from modules.policy import TinyLlava, TokenVLAPolicy
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _backbone(seed=0):
+    return TinyLlava(words=WORDS, action_bins=3, hidden_size=32, vision_hidden_size=32,
+                     layers=2, vision_layers=1, heads=2, seed=seed)
+
+
+def _inputs(policy, n=4):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 3, 56, 56), dtype=torch.uint8, generator=g)
+    return images, policy.encode([WORDS[i % 3] for i in range(n)])
+
+
+def _perturb_trainable(policy):
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def test_only_adapters_train_and_act_matches_evaluate():
+    torch.manual_seed(0)
+    policy = TokenVLAPolicy(_backbone(), action_tokens=2, action_bins=3, lora=LORA)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".default." in n for n in trainable)
+    _perturb_trainable(policy)  # LoRA B starts at 0: make the adapter matter
+    images, prompts = _inputs(policy)
+    out = policy.act(images, prompts)
+    again = policy.evaluate(images, prompts, out.tokens)
+    assert torch.allclose(out.log_prob, again.log_prob, atol=1e-5)
+    again.log_prob.sum().backward()
+    assert all(p.grad is not None for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_old_policy_is_a_second_adapter_on_the_same_base():
+    torch.manual_seed(0)
+    module = CRLModule(TokenVLAPolicy(_backbone(), lora=LORA), critic_hidden_sizes=[16])
+    policy = module.policy
+    _perturb_trainable(policy)
+    n_before = sum(p.numel() for p in policy.parameters())
+    n_adapter = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    images, prompts = _inputs(policy)
+    tokens = policy.act(images, prompts, greedy=True).tokens
+    at_boundary = policy.evaluate(images, prompts, tokens).token_log_probs.detach()
+    module.freeze_anchor()
+    # the old policy added exactly one adapter's parameters: no second copy of the base
+    assert sum(p.numel() for p in policy.parameters()) == n_before + n_adapter
+    assert not any(p.requires_grad for n, p in policy.named_parameters() if ".old." in n)
+    assert all(p.requires_grad for n, p in policy.named_parameters() if ".default." in n)
+    old = module.old_policy.evaluate(images, prompts, tokens).token_log_probs
+    assert torch.allclose(old, at_boundary, atol=1e-6)
+    _perturb_trainable(policy)  # train the current adapter: pi moves, pi_old does not
+    now = policy.evaluate(images, prompts, tokens).token_log_probs.detach()
+    old_after = module.old_policy.evaluate(images, prompts, tokens).token_log_probs
+    assert torch.allclose(old_after, at_boundary, atol=1e-6)
+    assert (now - at_boundary).abs().max() > 1e-3
+    # switching adapters for pi_old left the trainable adapter trainable and active
+    assert all(p.requires_grad for n, p in policy.named_parameters() if ".default." in n)
+    assert torch.allclose(policy.evaluate(images, prompts, tokens).token_log_probs, now, atol=1e-6)
+
+
+def test_adapter_saved_in_peft_format_loads_with_from_pretrained(tmp_path):
+    torch.manual_seed(0)
+    policy = TokenVLAPolicy(_backbone(seed=3), lora=LORA)
+    _perturb_trainable(policy)
+    policy.save_adapter(str(tmp_path / "task0"))
+    assert os.path.isfile(tmp_path / "task0" / "adapter_config.json")
+    fresh = _backbone(seed=3)  # the same base weights, rebuilt from the config
+    fresh.model = PeftModel.from_pretrained(fresh.model, str(tmp_path / "task0"))
+    images, prompts = _inputs(policy)
+    pixel = policy.backbone.preprocess(images)
+    ours, _ = policy.backbone(prompts.input_ids, prompts.attention_mask, pixel)
+    theirs, _ = fresh(prompts.input_ids, prompts.attention_mask, pixel)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    plain, _ = _backbone(seed=3)(prompts.input_ids, prompts.attention_mask, pixel)
+    assert (ours - plain).abs().max() > 1e-3  # the adapter is what makes the difference
+
+
+@pytest.mark.slow
+def test_crl_with_lora_runs_and_saves_adapters_per_task(tmp_path):
+    cfg = small_config(tmp_path, "lora", iterations=1, tasks=2,
+                       extra={"model.policy.init_args.lora": LORA})
+    res = run_train("--config", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log_dir = glob.glob(str(tmp_path / "runs" / "lora" / "version_*"))[0]
+    for k in (0, 1):
+        assert os.path.isfile(os.path.join(log_dir, "adapters", f"task{k}", "adapter_model.safetensors"))
+    ckpt = torch.load(os.path.join(log_dir, "checkpoints", "task1_end.ckpt"), weights_only=False)
+    keys = ckpt["state_dict"].keys()
+    assert any(".old." in k for k in keys) and not any(k.startswith("old_policy.") for k in keys)
+    # resuming at the boundary recreates the old adapter before the weights load
+    res = run_train("--config", cfg, "--ckpt_path", os.path.join(log_dir, "checkpoints", "task0_end.ckpt"))
+    assert res.returncode == 0, res.stderr[-3000:]
