@@ -121,14 +121,18 @@ class BabyAIEnv(EnvBase):
 
     Emits ``("observation", "image")`` uint8 [N, 3, H, W], ``language_instruction``
     (strings), ``reward``, ``done``/``terminated``/``truncated`` and ``success``.
-    Takes ``action`` as a long index into the level's action set.
+    Takes ``action`` as a long index into the level's action set. ``target`` may be a list:
+    env i then pursues ``target[i % len(target)]`` (several tasks in one batch).
     """
 
-    def __init__(self, level: str = "GoToObjectRoom", target: str | None = None,
+    def __init__(self, level: str = "GoToObjectRoom", target: str | list[str] | None = None,
                  num_envs: int = 8, seed: int = 0, tile_size: int = 8,
                  max_steps: int | None = None, room_size: int = 6, device: str = "cpu"):
         super().__init__(batch_size=torch.Size([num_envs]), device=device)
-        self.envs = [make_minigrid(level, target, max_steps, room_size) for _ in range(num_envs)]
+        # a list of targets: env i pursues target i mod len (joint multi-task training)
+        targets = target if isinstance(target, (list, tuple)) else [target]
+        self.envs = [make_minigrid(level, targets[i % len(targets)], max_steps, room_size)
+                     for i in range(num_envs)]
         self.num_actions = NAVIGATION_ACTIONS if level == "GoToObjectRoom" else 7
         self.render_frames = _TileRenderer(tile_size)
         self._base_seed = seed

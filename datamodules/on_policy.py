@@ -21,7 +21,7 @@ from tensordict import TensorDict
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
-from datamodules.tasks import Task, make_env, parse_stream
+from datamodules.tasks import Task, make_env, make_joint_env, parse_stream
 
 ANCHOR_SOURCES = ("relabel", "memory")
 
@@ -50,6 +50,7 @@ class OnPolicyDataModule(LightningDataModule):
         anchor_source: str = "relabel",
         anchor_fraction: float = 0.5,
         memory_per_task: int = 512,
+        joint: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -75,6 +76,11 @@ class OnPolicyDataModule(LightningDataModule):
         self.ppo_epochs, self.num_minibatches = ppo_epochs, num_minibatches
         self.anchor_source, self.anchor_fraction = anchor_source, anchor_fraction
         self.memory_per_task, self.seed = memory_per_task, seed
+        # joint=True (the MTL oracle): every iteration collects all tasks of the stream at
+        # once; TaskSwitch still cuts training into blocks, so R has one row per block
+        self.joint = joint
+        if joint:
+            make_joint_env(self.tasks, num_envs, seed)  # fail now on a stream it cannot join
         self.task_index = 0
         self.anchor_goals: list[str] = []  # instructions of earlier tasks (old goals)
         self.memory: TensorDict | None = None  # anchor_source=memory: old-task states
@@ -133,7 +139,8 @@ class OnPolicyDataModule(LightningDataModule):
             self._close_collector()
             # each rank its own envs and seeds; a new seed block per task
             seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
-            env = self.make_env(self.task, self.num_envs, seed)
+            env = (make_joint_env(self.tasks, self.num_envs, seed) if self.joint
+                   else self.make_env(self.task, self.num_envs, seed))
             # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
             self._collector = Collector(env, module.acting_policy(), frames_per_batch=self.frames_per_batch,
                                         total_frames=-1, env_device=env.device,

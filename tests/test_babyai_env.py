@@ -63,3 +63,23 @@ def test_random_policy_is_near_one_third():
         td = td["next"]
     rate = success.float().mean().item()
     assert 0.1 < rate < 0.55, rate
+
+
+def test_joint_env_runs_every_task_of_the_stream_side_by_side():
+    """data.joint (the MTL oracle): env i pursues task i mod K, in one batch."""
+    import pytest
+
+    from datamodules.tasks import instructions_of, make_joint_env, parse_stream
+
+    stream = parse_stream([{"env": "babyai", "level": "GoToObjectRoom", "target": t}
+                           for t in ("red ball", "green key", "blue box")])
+    env = make_joint_env(stream, num_envs=6, seed=0)
+    td = env.reset()
+    assert instructions_of(td) == [f"go to the {t}" for t in ("red ball", "green key", "blue box")] * 2
+    assert [e.target for e in env.envs] == ["red ball", "green key", "blue box"] * 2
+    with pytest.raises(ValueError, match="data.num_envs=2"):
+        make_joint_env(stream, num_envs=2, seed=0)
+    mixed = stream[:2] + parse_stream([{"env": "babyai", "level": "GoToObjectRoom", "target": "blue box",
+                                        "room_size": 5}])
+    with pytest.raises(ValueError, match="data.joint"):
+        make_joint_env(mixed, num_envs=6, seed=0)

@@ -112,6 +112,7 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
                                      ["configs/quickstart.yaml", "configs/ablations/ewc.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/lwf.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/mtl.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml",
                                       "configs/ablations/lora.yaml"]])
 def test_configs_parse_and_print(configs):
@@ -120,7 +121,8 @@ def test_configs_parse_and_print(configs):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "model:" in res.stdout and "data:" in res.stdout and "stream:" in res.stdout
     has_anchor = "AnchorCriticFreeze" in res.stdout
-    assert has_anchor == (not any(c in configs for c in ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml")))
+    no_anchor = ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml", "configs/ablations/mtl.yaml")
+    assert has_anchor == (not any(c in configs for c in no_anchor))
     assert ("lora:" in res.stdout and ("r: 8" in res.stdout)) == ("configs/ablations/lora.yaml" in configs)
 
 
@@ -137,7 +139,7 @@ def test_seq_ft_is_the_quickstart_minus_the_anchor_callback():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ablation", ["seq_ft", "ewc", "lwf", "crl_q"])
+@pytest.mark.parametrize("ablation", ["seq_ft", "ewc", "lwf", "crl_q", "mtl"])
 def test_each_ablation_runs_one_iteration_per_task(tmp_path, ablation):
     res = run_train("--config", small_config(tmp_path, ablation, iterations=1, tasks=2, ablation=ablation))
     assert res.returncode == 0, res.stderr[-3000:]
