@@ -113,6 +113,7 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
                                      ["configs/quickstart.yaml", "configs/ablations/lwf.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/mtl.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/er.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml",
                                       "configs/ablations/lora.yaml"]])
 def test_configs_parse_and_print(configs):
@@ -139,7 +140,7 @@ def test_seq_ft_is_the_quickstart_minus_the_anchor_callback():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ablation", ["seq_ft", "ewc", "lwf", "crl_q", "mtl"])
+@pytest.mark.parametrize("ablation", ["seq_ft", "ewc", "lwf", "crl_q", "mtl", "er"])
 def test_each_ablation_runs_one_iteration_per_task(tmp_path, ablation):
     res = run_train("--config", small_config(tmp_path, ablation, iterations=1, tasks=2, ablation=ablation))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -149,4 +150,9 @@ def test_each_ablation_runs_one_iteration_per_task(tmp_path, ablation):
     ckpt = torch.load(os.path.join(os.path.dirname(path), "checkpoints", "task1_end.ckpt"), weights_only=False)
     critic_in = ckpt["state_dict"]["critic.net.0.weight"].shape[1]  # [phi; emb] (+ onehot(a) for Q)
     assert critic_in == 2 * 32 + (3 if ablation == "crl_q" else 0)
-    assert ckpt["crl"]["has_anchor"] == (ablation in ("lwf", "crl_q"))
+    assert ckpt["crl"]["has_anchor"] == (ablation in ("lwf", "crl_q", "er"))
+    if ablation == "er":  # the bounded memory of task 0's states went into the checkpoint
+        memory = next(v for k, v in ckpt["datamodule_hyper_parameters"].items() if k == "anchor_source")
+        assert memory == "memory"
+        stored = ckpt["OnPolicyDataModule"]["memory"] if "OnPolicyDataModule" in ckpt else None
+        assert stored is not None and len(stored["goal"]) > 0 and set(stored["goal"].tolist()) == {0}
