@@ -24,6 +24,7 @@ from datamodules.tasks import instructions_of
 from modules.critics import frozen_copy, make_critic
 from modules.losses import crl_loss
 from modules.policy.backbone import EncodedPrompts, cat_prompts
+from modules.policy.lora import adapter_names
 from modules.policy.token_vla import TokenVLAPolicy
 from modules.returns import gae, mc_returns
 from modules.rollout_policy import RolloutPolicy
@@ -294,6 +295,8 @@ class CRLModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("crl", {})
+        if self.policy.uses_lora:  # adapters made at task boundaries (old, per-task) must exist
+            self.policy.ensure_adapters(adapter_names(checkpoint["state_dict"]))
         if state.get("has_anchor"):  # create the frozen modules so their weights load
             self.anchor_critic = frozen_copy(self.critic)
             self.old_policy = self.policy.snapshot()

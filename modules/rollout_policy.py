@@ -1,11 +1,14 @@
 """The acting side of the policy as a TensorDict module, for TorchRL collectors."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
 from datamodules.tasks import instructions_of
+from modules.policy.lora import active_adapter
 
 
 class RolloutPolicy(TensorDictModuleBase):
@@ -23,8 +26,11 @@ class RolloutPolicy(TensorDictModuleBase):
 
     @torch.no_grad()
     def forward(self, td: TensorDictBase) -> TensorDictBase:
-        prompts = self.policy.encode(instructions_of(td))
-        out = self.policy.act(td.get(("observation", "image")), prompts, greedy=self.greedy)
+        instructions = instructions_of(td)
+        prompts = self.policy.encode(instructions)
+        adapter = self.policy.routed_adapter(instructions)  # per-task adapters (callbacks/adapters.py)
+        with active_adapter(self.policy.backbone.model, adapter) if adapter else nullcontext():
+            out = self.policy.act(td.get(("observation", "image")), prompts, greedy=self.greedy)
         td.set("action", self.policy.env_action(out.tokens))
         td.set("action_tokens", out.tokens)
         td.set("sample_log_prob", out.log_prob)

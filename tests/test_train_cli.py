@@ -114,6 +114,7 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
                                      ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/mtl.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/er.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/per_task_adapters.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml",
                                       "configs/ablations/lora.yaml"]])
 def test_configs_parse_and_print(configs):
@@ -122,9 +123,11 @@ def test_configs_parse_and_print(configs):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "model:" in res.stdout and "data:" in res.stdout and "stream:" in res.stdout
     has_anchor = "AnchorCriticFreeze" in res.stdout
-    no_anchor = ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml", "configs/ablations/mtl.yaml")
+    no_anchor = ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml", "configs/ablations/mtl.yaml",
+                 "configs/ablations/per_task_adapters.yaml")
     assert has_anchor == (not any(c in configs for c in no_anchor))
-    assert ("lora:" in res.stdout and ("r: 8" in res.stdout)) == ("configs/ablations/lora.yaml" in configs)
+    lora_on = any(c in configs for c in ("configs/ablations/lora.yaml", "configs/ablations/per_task_adapters.yaml"))
+    assert ("lora:" in res.stdout and ("r: 8" in res.stdout)) == lora_on
 
 
 def test_seq_ft_is_the_quickstart_minus_the_anchor_callback():

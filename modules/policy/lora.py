@@ -54,6 +54,25 @@ def snapshot_adapter(model: PeftModel, src: str = TRAIN_ADAPTER, dst: str = OLD_
     model.base_model.set_adapter(src)  # src trainable, dst frozen
 
 
+def reset_adapter(model: PeftModel, name: str = TRAIN_ADAPTER) -> None:
+    """Fresh LoRA weights for adapter ``name`` (A random, B = 0: the base model's behaviour)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            module.reset_lora_parameters(name, init_lora_weights=True)
+
+
+def adapter_names(state_dict_keys) -> set[str]:
+    """Names of the LoRA adapters whose weights appear in a state dict."""
+    names = set()
+    for key in state_dict_keys:
+        for part in (".lora_A.", ".lora_B."):
+            if part in key:
+                names.add(key.split(part, 1)[1].split(".", 1)[0])
+    return names
+
+
 class AdapterPolicy:
     """The frozen old policy: the live policy with adapter ``name`` active. Not an
     nn.Module, so its (shared) weights are counted and checkpointed once, in the policy."""

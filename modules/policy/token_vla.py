@@ -53,6 +53,8 @@ class TokenVLAPolicy(nn.Module):
         self.uses_lora = lora is not None
         if self.uses_lora:
             backbone.model = apply_lora(backbone.model, **lora)
+        # instruction -> LoRA adapter used when acting on it (per-task adapters); others: default
+        self.adapter_routes: dict[str, str] = {}
         self.action_tokens, self.action_bins, self.temperature = action_tokens, action_bins, temperature
         self.register_buffer("action_ids", backbone.action_token_ids(action_bins), persistent=False)
 
@@ -120,6 +122,19 @@ class TokenVLAPolicy(nn.Module):
             snapshot_adapter(self.backbone.model)
             return AdapterPolicy(self)
         return frozen_copy(self)
+
+    def ensure_adapters(self, names) -> None:
+        """Create the LoRA adapters ``names`` (e.g. before loading a checkpoint that has them)."""
+        for name in sorted(set(names) - {TRAIN_ADAPTER}):
+            if name not in self.backbone.model.peft_config:
+                snapshot_adapter(self.backbone.model, dst=name)
+
+    def routed_adapter(self, instructions: list[str]) -> str | None:
+        """The adapter all ``instructions`` are routed to, or None (the trainable one)."""
+        names = {self.adapter_routes.get(s) for s in instructions}
+        if len(names) > 1:
+            raise ValueError(f"a batch mixes instructions routed to different adapters: {sorted(map(str, names))}")
+        return names.pop() if names else None
 
     def save_adapter(self, path: str) -> None:
         """The trainable LoRA adapter in PEFT's format (``PeftModel.from_pretrained``)."""
