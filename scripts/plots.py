@@ -85,11 +85,13 @@ def plot(runs: dict[str, list[dict]], out: str) -> list[str]:
         ends = [c["iteration"] for c in rs[0].get("curves", []) if c.get("task_end")]
         for e in ends:
             ax.axvline(e, color="grey", ls=":", lw=1)
-        # greedy evaluation of every task: before training (x = 0), then at each task end
-        R = np.mean([[r["b"]] + r["R"] for r in rs], 0)
-        ends = [0] + ends
-        for i in range(R.shape[1]):
-            ax.plot(ends[: R.shape[0]], R[: len(ends), i], "o-", ms=4, lw=0.8, color=colors[i % len(colors)],
+        # greedy evaluation of every task: before training (x = 0), then at every evaluation
+        # the run made (task ends, and every N iterations with PerTaskEvaluation.every_n_iterations)
+        grid = [0] + [c["iteration"] for c in rs[0].get("curves", [])]
+        same = [r for r in rs if [0] + [c["iteration"] for c in r.get("curves", [])] == grid]
+        evals = np.mean([[r["b"]] + [c["success"] for c in r["curves"]] for r in same], 0)
+        for i in range(evals.shape[1]):
+            ax.plot(grid, evals[:, i], "o-", ms=3, lw=0.8, color=colors[i % len(colors)],
                     label=f"greedy eval, task {i}")
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel(name)
