@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from modules.critics import frozen_copy
+from modules.policy.action_codec import make_action_codec
 from modules.policy.backbone import EncodedPrompts, VLMBackbone, positions_from_mask
 from modules.policy.lora import TRAIN_ADAPTER, AdapterPolicy, apply_lora, snapshot_adapter
 
@@ -40,9 +41,12 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class TokenVLAPolicy(nn.Module):
     def __init__(self, backbone: VLMBackbone, action_tokens: int = 1, action_bins: int = 3,
-                 temperature: float = 1.0, lora: dict | None = None):
+                 temperature: float = 1.0, lora: dict | None = None,
+                 norm_stats: str | None = None, unnorm_key: str | None = None):
         """``lora``: PEFT LoRA on the backbone ({r, alpha, dropout, target_modules}); None:
-        full fine-tuning. With LoRA the frozen old policy is a second adapter."""
+        full fine-tuning. With LoRA the frozen old policy is a second adapter.
+        ``norm_stats`` (a checkpoint directory or JSON file) and ``unnorm_key``: how several
+        action tokens decode to a continuous action (modules/policy/action_codec.py)."""
         super().__init__()
         if action_tokens < 1 or action_bins < 2:
             raise ValueError(f"action_tokens={action_tokens}, action_bins={action_bins}: "
@@ -56,6 +60,8 @@ class TokenVLAPolicy(nn.Module):
         # instruction -> LoRA adapter used when acting on it (per-task adapters); others: default
         self.adapter_routes: dict[str, str] = {}
         self.action_tokens, self.action_bins, self.temperature = action_tokens, action_bins, temperature
+        # continuous actions (several tokens): OpenVLA's bins and de-normalisation
+        self.codec = make_action_codec(action_bins, norm_stats, unnorm_key) if action_tokens > 1 else None
         self.register_buffer("action_ids", backbone.action_token_ids(action_bins), persistent=False)
 
     @property
@@ -141,5 +147,8 @@ class TokenVLAPolicy(nn.Module):
         self.backbone.model.save_pretrained(path, selected_adapters=[TRAIN_ADAPTER])
 
     def env_action(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Action-bin indices -> the env's action. Discrete envs (one token) take the index."""
-        return tokens[:, 0] if self.action_tokens == 1 else tokens
+        """Action-bin indices -> the env's action: a discrete env (one token) takes the index;
+        several tokens decode to a continuous action [B, action_tokens] (float32)."""
+        if self.action_tokens == 1:
+            return tokens[:, 0]
+        return self.codec.decode(tokens).float()
