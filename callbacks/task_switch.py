@@ -48,6 +48,10 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
             return
         dm = trainer.datamodule
         k = dm.task_index
+        log_dir = trainer.log_dir  # every rank asks (a broadcast under DDP)
+        if self.save_checkpoints and log_dir and pl_module.policy.uses_lora and trainer.is_global_zero:
+            # the task's adapter in PEFT format, before any boundary callback resets it
+            pl_module.policy.save_adapter(os.path.join(log_dir, "adapters", f"task{k}"))
         announce(trainer, pl_module, "on_task_end", k)
         self.iteration_in_task = 0
         if k + 1 < dm.num_tasks:
@@ -55,11 +59,8 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         else:
             self.finished = True
             trainer.should_stop = True
-        log_dir = trainer.log_dir  # every rank asks (a broadcast under DDP)
         if self.save_checkpoints and log_dir:
             trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"))
-            if pl_module.policy.uses_lora and trainer.is_global_zero:  # PEFT format, per task
-                pl_module.policy.save_adapter(os.path.join(log_dir, "adapters", f"task{k}"))
         if not self.finished:
             announce(trainer, pl_module, "on_task_start", k + 1)
 

@@ -23,7 +23,8 @@ def rollout_success(run_dir: str) -> np.ndarray:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     by_step = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "events.*")), key=os.path.getmtime):
+    # events.out.tfevents.<unix time>...: a resumed run's later segment has the later stamp
+    for path in sorted(glob.glob(os.path.join(run_dir, "events.*")), key=lambda p: int(os.path.basename(p).split(".")[3])):
         acc = EventAccumulator(path)
         acc.Reload()
         if "rollout/success" in acc.Tags()["scalars"]:

@@ -126,6 +126,13 @@ def test_per_task_adapters_isolate_tasks_and_survive_resume(tmp_path):
     assert a0 and a0.keys() == a1.keys()
     # task 1 was trained from a fresh adapter: its LoRA weights differ from task 0's
     assert any((a0[k] - a1[k]).abs().max() > 0 for k in a0)
+    # the PEFT-format file of task 0 holds task 0's adapter (saved before the reset)
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(log_dir, "adapters", "task0", "adapter_model.safetensors"))
+    assert len(saved) == len(a0)
+    for name, value in saved.items():  # PEFT drops the adapter name from the saved keys
+        match = [v for k, v in a0.items() if k.endswith(name.replace(".weight", ".task0.weight"))]
+        assert len(match) == 1 and torch.equal(match[0], value), name
     res = run_train("--config", cfg, "--ckpt_path", os.path.join(log_dir, "checkpoints", "task0_end.ckpt"))
     assert res.returncode == 0, res.stderr[-3000:]
 
