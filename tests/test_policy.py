@@ -83,3 +83,16 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_policy):
     assert missing == []
     frozen = [n for n, p in policy.named_parameters() if not p.requires_grad]
     assert frozen and all("post_layernorm" in n for n in frozen)
+
+
+def test_action_tokens_are_the_tail_of_the_base_vocabulary_not_of_padded_embeddings(tiny_policy):
+    """OpenVLA: action ids 31744..31999 although the tokenizer adds a pad id (32000) and the
+    embedding is padded to 32064 rows; the tail is taken from tokenizer.vocab_size."""
+    policy = tiny_policy()
+    bb = policy.backbone
+    base = bb.tokenizer.vocab_size
+    assert policy.action_ids.tolist() == list(range(base - 3, base))
+    bb.tokenizer.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    bb.model.resize_token_embeddings(base + 1 + 64)  # an added token and padding rows
+    assert bb.vocab_size == base + 65 and bb.tokenizer.vocab_size == base
+    assert bb.action_token_ids(3).tolist() == list(range(base - 3, base))

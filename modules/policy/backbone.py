@@ -88,8 +88,11 @@ class VLMBackbone(nn.Module):
         return self.model.get_output_embeddings().weight.shape[0]
 
     def action_token_ids(self, bins: int) -> torch.Tensor:
-        """OpenVLA's layout: the action tokens are the last ``bins`` ids of the vocabulary."""
-        return torch.arange(self.vocab_size - bins, self.vocab_size)
+        """OpenVLA's layout: the action tokens are the last ``bins`` ids of the tokenizer's
+        base vocabulary (``tokenizer.vocab_size``: added tokens such as OpenVLA's pad id
+        32000 and the embedding's padding rows up to 32064 are not part of it)."""
+        end = self.tokenizer.vocab_size
+        return torch.arange(end - bins, end)
 
     def _tokenize_one(self, instruction: str) -> tuple[list[int], list[bool]]:
         if instruction not in self._prompt_cache:
