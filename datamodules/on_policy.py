@@ -21,7 +21,7 @@ from tensordict import TensorDict
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
-from datamodules.tasks import Task, make_env, make_joint_env, parse_stream
+from datamodules.tasks import Task, check_joint, make_env, make_joint_env, parse_stream
 
 ANCHOR_SOURCES = ("relabel", "memory")
 
@@ -80,7 +80,7 @@ class OnPolicyDataModule(LightningDataModule):
         # once; TaskSwitch still cuts training into blocks, so R has one row per block
         self.joint = joint
         if joint:
-            make_joint_env(self.tasks, num_envs, seed)  # fail now on a stream it cannot join
+            check_joint(self.tasks, num_envs)  # fail now on a stream it cannot join
         self.task_index = 0
         self.anchor_goals: list[str] = []  # instructions of earlier tasks (old goals)
         self.memory: TensorDict | None = None  # anchor_source=memory: old-task states

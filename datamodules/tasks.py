@@ -85,9 +85,8 @@ def make_env(task: Task, num_envs: int, seed: int):
     raise ValueError(f"env={task.env!r}: unknown env kind")
 
 
-def make_joint_env(tasks: list[Task], num_envs: int, seed: int):
-    """One batched env over all ``tasks`` at once (env i: task i mod K), for joint multi-task
-    training (the MTL oracle). The tasks must differ only in their target."""
+def check_joint(tasks: list[Task], num_envs: int) -> None:
+    """Whether ``tasks`` can be joined into one batched env of ``num_envs`` envs."""
     first = tasks[0]
     if any((t.env, t.level, t.max_steps, t.params) != (first.env, first.level, first.max_steps, first.params)
            for t in tasks) or first.env != "babyai":
@@ -95,6 +94,13 @@ def make_joint_env(tasks: list[Task], num_envs: int, seed: int):
                          "and parameters, differing only in target")
     if num_envs < len(tasks):
         raise ValueError(f"data.num_envs={num_envs!r}: data.joint=True needs >= {len(tasks)} (one per task)")
+
+
+def make_joint_env(tasks: list[Task], num_envs: int, seed: int):
+    """One batched env over all ``tasks`` at once (env i: task i mod K), for joint multi-task
+    training (the MTL oracle). The tasks must differ only in their target."""
+    check_joint(tasks, num_envs)
+    first = tasks[0]
     from datamodules.babyai import BabyAIEnv
 
     return BabyAIEnv(level=first.level, target=[t.target for t in tasks], num_envs=num_envs, seed=seed,

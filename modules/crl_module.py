@@ -79,8 +79,6 @@ class CRLModule(LightningModule):
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= locals()[name] <= 1.0:
                 raise ValueError(f"model.{name}={locals()[name]!r}: must be in [0, 1]")
-        if critic_type not in ("v", "q"):
-            raise ValueError(f"model.critic_type={critic_type!r}: expected 'v' or 'q'")
         if value_target not in ("mc", "gae"):
             raise ValueError(f"model.value_target={value_target!r}: expected 'mc' or 'gae'")
         if target_kl is not None:
