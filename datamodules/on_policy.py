@@ -129,8 +129,8 @@ class OnPolicyDataModule(LightningDataModule):
         """The last iteration's current-task samples (for callbacks at a task end)."""
         return self._last_samples
 
-    def make_env(self, task: Task, num_envs: int, seed: int):
-        return make_env(task, num_envs, seed)
+    def make_env(self, task: Task, num_envs: int, seed: int, init_state_ids: list[int] | None = None):
+        return make_env(task, num_envs, seed, init_state_ids)
 
     # -- collection ----------------------------------------------------------------------
     def _collector_for(self, module):

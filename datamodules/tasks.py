@@ -4,6 +4,8 @@ A stream is a list of tasks, each a mapping::
 
     - {env: babyai, level: GoToObjectRoom, target: red ball}
     - {env: babyai, level: BabyAI-GoToObj-v0}
+    - {env: libero, suite: libero_goal, task_id: 3}            # one LIBERO task
+    - {env: libero, suite: libero_goal, task_ids: [0, 1, 2]}   # expands to three tasks in order
 
 Bad entries fail with one line naming the key and the value.
 """
@@ -17,23 +19,27 @@ from typing import Any
 class Task:
     env: str
     level: str
-    target: str | None = None
+    target: str | int | None = None  # BabyAI: the object; LIBERO: the task id in the suite
     max_steps: int | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def name(self) -> str:
-        return f"{self.level}:{self.target}" if self.target else self.level
+        return f"{self.level}:{self.target}" if self.target is not None else self.level
 
     @property
     def instruction(self) -> str | None:
         """The goal text when the task fixes it (used to relabel states for anchors)."""
         if self.env == "babyai" and self.level == "GoToObjectRoom":
             return f"go to the {self.target}"
+        if self.env == "libero":
+            from datamodules.libero_setup import task_language
+
+            return task_language(self.level, self.target)
         return self.params.get("instruction")
 
 
-ENV_KINDS = ("babyai",)
+ENV_KINDS = ("babyai", "libero")
 
 
 def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
@@ -48,6 +54,9 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
         env = entry.pop("env", None)
         if env not in ENV_KINDS:
             raise ValueError(f"{where}.env={env!r}: unknown env kind (known: {', '.join(ENV_KINDS)})")
+        if env == "libero":
+            tasks += _parse_libero(where, entry)
+            continue
         level = entry.pop("level", None)
         target = entry.pop("target", None)
         max_steps = entry.pop("max_steps", None)
@@ -56,6 +65,26 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
         _check_babyai(where, level, target, entry.get("room_size"))
         tasks.append(Task(env, level, target, max_steps, entry))
     return tasks
+
+
+def _parse_libero(where: str, entry: dict) -> list[Task]:
+    from datamodules.libero import libero_options
+    from datamodules.libero_setup import check_libero_task
+
+    suite = entry.pop("suite", None)
+    if "task_ids" in entry:
+        ids = entry.pop("task_ids")
+        if not isinstance(ids, list) or not ids:
+            raise ValueError(f"{where}.task_ids={ids!r}: expected a non-empty list of task ids")
+    else:
+        ids = [entry.pop("task_id", None)]
+    max_steps = entry.pop("max_steps", None)
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps <= 0):
+        raise ValueError(f"{where}.max_steps={max_steps!r}: must be a positive integer")
+    libero_options(entry, where)  # unknown options fail here
+    for task_id in ids:
+        check_libero_task(where, suite, task_id)
+    return [Task("libero", suite, task_id, max_steps, dict(entry)) for task_id in ids]
 
 
 def _check_babyai(where: str, level, target, room_size=None) -> None:
@@ -75,8 +104,15 @@ def _check_babyai(where: str, level, target, room_size=None) -> None:
                          "registered BabyAI/minigrid id such as BabyAI-GoToObj-v0)")
 
 
-def make_env(task: Task, num_envs: int, seed: int):
-    """A batched TorchRL env for ``task`` (the VLA TensorDict schema)."""
+def make_env(task: Task, num_envs: int, seed: int, init_state_ids: list[int] | None = None):
+    """A batched TorchRL env for ``task`` (the VLA TensorDict schema). ``init_state_ids``
+    (evaluation): env i starts from that fixed initial state where the env kind has them
+    (LIBERO); BabyAI's layouts come from the seed."""
+    if task.env == "libero":
+        from datamodules.libero import make_libero_env
+
+        return make_libero_env(task.level, task.target, num_envs, seed, task.max_steps, init_state_ids,
+                               task.params)
     if task.env == "babyai":
         from datamodules.babyai import BabyAIEnv
 

@@ -1,0 +1,167 @@
+"""LIBERO task envs for the on-policy datamodule, on torchrl's ``LiberoEnv``.
+
+One process per env (``ParallelEnv``; one MuJoCo sim and GL context each). Per worker:
+``LiberoEnv`` (VLA TensorDict schema, settle steps, init-state control) wrapped with
+
+* ``OpenVLAObservation``: the image as OpenVLA sees it (rendered at ``render_size``, flipped
+  180 degrees by ``LiberoEnv``, optional JPEG round-trip, Lanczos resize to ``image_size``,
+  optional 0.9-area centre crop: torchrl's ``OpenVLAImagePreprocessor``);
+* ``OpenVLAGripperAction``: the policy speaks OpenVLA's action convention, the sim LIBERO's.
+
+Training resets draw init states at random; evaluation env ``i`` is pinned to init state
+``init_state_ids[i]`` (the fixed-50-states protocol). On GPU machines each worker renders on
+GPU ``worker % n_gpus`` (VLA-RL's "GPU-balanced" envs).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torchrl.data import Bounded
+from torchrl.envs import Compose, ParallelEnv, Transform, TransformedEnv
+
+from datamodules.libero_setup import SUITES, setup_libero
+
+# env options a stream entry may set (defaults: OpenVLA's LIBERO evaluation setup)
+LIBERO_OPTIONS = {
+    "render_size": 256,       # LIBERO render resolution (OpenVLA: 256x256)
+    "image_size": 224,        # what the policy gets
+    "jpeg_quality": 95,       # None: no JPEG round-trip (OpenVLA's training data went through JPEG)
+    "center_crop": True,      # OpenVLA's 0.9-area centre crop (models trained with image augmentation)
+    "preprocess_backend": "pil",  # OpenVLAImagePreprocessor backend (torch_reference needs torchvision)
+    "wrist_camera": False,    # also render robot0_eye_in_hand as ("observation", "wrist_image")
+    "settle_steps": 10,       # no-op steps after reset (OpenVLA protocol)
+    "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
+}
+
+
+class OpenVLAObservation(Transform):
+    """uint8 [3, R, R] render -> uint8 [3, S, S] as OpenVLA's LIBERO pipeline produces it."""
+
+    def __init__(self, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
+                 backend: str = "pil", in_keys=(("observation", "image"),)):
+        super().__init__(in_keys=list(in_keys), out_keys=list(in_keys))
+        self.image_size, self.jpeg_quality, self.center_crop = image_size, jpeg_quality, center_crop
+        if jpeg_quality is not None:
+            from torchrl.data.vla import OpenVLAImagePreprocessor
+
+            self.proc = OpenVLAImagePreprocessor(size=image_size, jpeg_quality=jpeg_quality,
+                                                 center_crop=center_crop, backend=backend)
+
+    def _apply_transform(self, image: torch.Tensor) -> torch.Tensor:
+        if self.jpeg_quality is not None:
+            return self.proc(image)
+        return lanczos_crop(image, self.image_size, self.center_crop)
+
+    def _reset(self, tensordict, tensordict_reset):
+        return self._call(tensordict_reset)
+
+    def transform_observation_spec(self, observation_spec):
+        for key in self.in_keys:
+            spec = observation_spec[key]
+            observation_spec[key] = spec.__class__(
+                shape=(*spec.shape[:-2], self.image_size, self.image_size), dtype=spec.dtype, device=spec.device)
+        return observation_spec
+
+
+def lanczos_crop(image: torch.Tensor, size: int, center_crop: bool) -> torch.Tensor:
+    """No-JPEG variant of the pipeline (PIL Lanczos resize, then the 0.9-area centre crop
+    resized back, as ``OpenVLAImagePreprocessor``'s pil backend orders them)."""
+    from PIL import Image
+
+    flat = image.reshape(-1, *image.shape[-3:])
+    out = []
+    for img in flat:
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        if pil.size != (size, size):
+            pil = pil.resize((size, size), Image.LANCZOS)
+        if center_crop:
+            c = int(round(size * 0.9 ** 0.5))
+            o = (size - c) // 2
+            pil = pil.crop((o, o, o + c, o + c)).resize((size, size), Image.LANCZOS)
+        out.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
+    return torch.stack(out).reshape(*image.shape[:-2], size, size)
+
+
+class OpenVLAGripperAction(Transform):
+    """OpenVLA's LIBERO action convention -> LIBERO's.
+
+    The policy's last action dimension is OpenVLA's gripper value (1 = open, 0 = close; the
+    decoded bin centre, not de-normalised). LIBERO wants -1 = open, +1 = close. As OpenVLA's
+    evaluation code: g -> 2g - 1 (to [-1, 1]), binarised with sign, then inverted. All
+    dimensions are finally clipped to the env's action bounds."""
+
+    def __init__(self, binarize: bool = True):
+        super().__init__(in_keys_inv=["action"], out_keys_inv=["action"])
+        self.binarize = binarize
+
+    def _inv_apply_transform(self, action: torch.Tensor) -> torch.Tensor:
+        action = action.clone()
+        g = 2.0 * action[..., -1] - 1.0
+        if self.binarize:
+            g = torch.where(g >= 0, 1.0, -1.0)  # sign, with 0 -> +1 (open) as np.sign never returns 0 here
+        action[..., -1] = -g
+        spec = self.parent.full_action_spec_unbatched["action"] if self.parent is not None else None
+        if spec is not None:
+            action = action.clamp(spec.space.low.to(action.device), spec.space.high.to(action.device))
+        return action
+
+    def transform_input_spec(self, input_spec):
+        # the policy-facing action space: OpenVLA's (gripper in [0, 1])
+        spec = input_spec["full_action_spec", "action"]
+        low, high = spec.space.low.clone(), spec.space.high.clone()
+        low[..., -1], high[..., -1] = 0.0, 1.0
+        input_spec["full_action_spec", "action"] = Bounded(low=low, high=high, shape=spec.shape,
+                                                          dtype=spec.dtype, device=spec.device)
+        return input_spec
+
+
+def worker_env(suite: str, task_id: int, *, seed: int, max_steps: int, init_state_id: int | None,
+               render_gpu: int | None, options: dict):
+    """One LIBERO env process: torchrl's LiberoEnv plus the OpenVLA transforms."""
+    setup_libero()
+    from torchrl.envs import LiberoEnv
+
+    cameras = ["agentview"] + (["robot0_eye_in_hand"] if options["wrist_camera"] else [])
+    env = LiberoEnv(
+        suite, task_id, num_workers=1, camera_height=options["render_size"],
+        camera_width=options["render_size"], render_gpu_device_id=render_gpu,
+        env_kwargs={"camera_names": cameras},  # render only what is read (software GL: ~90 ms a camera)
+        wrist_camera="robot0_eye_in_hand" if options["wrist_camera"] else None,
+        init_state_mode="random" if init_state_id is None else "fixed",
+        max_episode_steps=max_steps, settle_steps=options["settle_steps"])
+    if init_state_id is not None:  # episode ids beyond the suite's 50 states wrap around
+        env.init_state_id = int(init_state_id) % len(env.init_states)
+    env.set_seed(seed)
+    keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])
+    return TransformedEnv(env, Compose(
+        OpenVLAObservation(options["image_size"], options["jpeg_quality"], options["center_crop"],
+                           options["preprocess_backend"], in_keys=keys),
+        OpenVLAGripperAction(options["binarize_gripper"])))
+
+
+def libero_options(params: dict, where: str = "data.stream[i]") -> dict:
+    unknown = set(params) - set(LIBERO_OPTIONS)
+    if unknown:
+        raise ValueError(f"{where}.{sorted(unknown)[0]}={params[sorted(unknown)[0]]!r}: unknown LIBERO option "
+                         f"(known: {', '.join(LIBERO_OPTIONS)})")
+    return {**LIBERO_OPTIONS, **params}
+
+
+def make_libero_env(suite: str, task_id: int, num_envs: int, seed: int, max_steps: int | None = None,
+                    init_state_ids: list[int] | None = None, options: dict | None = None) -> ParallelEnv:
+    """``num_envs`` LIBERO workers on one task; ``init_state_ids`` (evaluation) pins worker i
+    to that init state, else training resets draw one at random."""
+    renderer = setup_libero()
+    options = libero_options(options or {})
+    max_steps = max_steps or SUITES[suite][1]
+    n_gpus = torch.cuda.device_count() if renderer == "egl" else 0
+    makers = [functools.partial(
+        worker_env, suite, task_id, seed=seed + 1_000 * i, max_steps=max_steps,
+        init_state_id=None if init_state_ids is None else int(init_state_ids[i]),
+        render_gpu=(i % n_gpus) if n_gpus else None, options=options) for i in range(num_envs)]
+    # use_buffers=False: the workers send their tensordicts instead of the main process
+    # polling shared buffers (~30% faster for few slow envs, ENVIRONMENT.md)
+    return ParallelEnv(num_envs, makers, use_buffers=False, mp_start_method="spawn")
+

@@ -1,0 +1,141 @@
+"""Real LIBERO on CPU (software EGL): one task of each suite, the OpenVLA observation
+pipeline on a real frame, the action convention, stream parsing and bad input."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+pytest.importorskip("libero")
+pytestmark = pytest.mark.libero
+
+from datamodules.libero import LIBERO_OPTIONS, worker_env  # noqa: E402
+from datamodules.libero_setup import task_language  # noqa: E402
+from datamodules.tasks import parse_stream  # noqa: E402
+
+# one task per suite whose goal is a conjunction of On/In predicates (objects can be moved
+# there by setting the simulator state); libero_10 task 0 needs two objects in the basket
+SUITE_TASKS = [("libero_spatial", 0), ("libero_object", 0), ("libero_goal", 8), ("libero_10", 0),
+               ("libero_90", 9)]
+OPEN_GRIPPER_NOOP = [0.0] * 6 + [1.0]  # OpenVLA convention: gripper 1 = open
+
+
+def _small(**kw):
+    return {**LIBERO_OPTIONS, "render_size": 128, "image_size": 64, **kw}
+
+
+def satisfy_goal(ose) -> None:
+    """Move every object of the task's BDDL goal (On/In predicates) just above its goal
+    object or region by setting the free joints' qpos; gravity does the rest."""
+    env = ose.env
+    sim = env.sim
+    goals = env.parsed_problem["goal_state"]
+    for k, (pred, obj_name, target) in enumerate(goals):
+        assert pred in ("on", "in"), f"test task needs an On/In goal, got {pred}"
+        if target in env.object_sites_dict:
+            where = np.array(sim.data.get_site_xpos(target))
+        else:
+            where = np.array(sim.data.body_xpos[env.obj_body_id[target]])
+        joint = env.get_object(obj_name).joints[-1]  # the object's free joint
+        qpos = np.array(sim.data.get_joint_qpos(joint))
+        qpos[:3] = where + np.array([0.0, 0.025 * (k - (len(goals) - 1) / 2), 0.06])
+        sim.data.set_joint_qpos(joint, qpos)
+        sim.data.set_joint_qvel(joint, np.zeros(6))
+    sim.forward()
+
+
+@pytest.mark.parametrize("suite,task_id", SUITE_TASKS)
+def test_goal_state_gives_success_and_done(suite, task_id):
+    env = worker_env(suite, task_id, seed=0, max_steps=60, init_state_id=0, render_gpu=None, options=_small())
+    try:
+        td = env.reset()
+        assert td["language_instruction"] == task_language(suite, task_id)
+        assert td["observation", "image"].shape == (3, 64, 64) and td["observation", "image"].dtype == torch.uint8
+        assert not td["success"].item()
+        # init state 0 is the suite's stored state 0 (after the 10 settle steps the scene moved little)
+        base = env.base_env
+        assert base._current_init_state_index == 0
+        td["action"] = torch.tensor(OPEN_GRIPPER_NOOP)
+        td = env.step(td)
+        assert not td["next", "success"].item() and not td["next", "done"].item()
+        satisfy_goal(base._env)
+        for step in range(40):
+            td = env.step(td.get("next").clone().set("action", torch.tensor(OPEN_GRIPPER_NOOP)))
+            if td["next", "done"].item():
+                break
+        assert td["next", "success"].item(), f"{suite} task {task_id}: no success after placing the objects"
+        assert td["next", "done"].item() and td["next", "terminated"].item()
+        assert not td["next", "truncated"].item()
+        assert td["next", "reward"].item() == 1.0
+    finally:
+        env.close()
+
+
+def test_openvla_observation_on_a_real_frame():
+    """The kit's image = flip 180 -> Lanczos to 224 -> JPEG q95 -> 0.9-area centre crop resized
+    back, recomputed here independently from the simulator's raw render with numpy + PIL."""
+    from PIL import Image
+
+    opts = {**LIBERO_OPTIONS, "render_size": 256}
+    env = worker_env("libero_goal", 8, seed=0, max_steps=20, init_state_id=0, render_gpu=None, options=opts)
+    try:
+        td = env.reset()
+        raw = env.base_env._env.env._get_observations(force_update=True)["agentview_image"]  # HWC, upside down
+        assert raw.shape == (256, 256, 3)
+        pil = Image.fromarray(np.ascontiguousarray(raw[::-1, ::-1])).resize((224, 224), Image.LANCZOS)
+        buf = io.BytesIO()
+        pil.save(buf, format="JPEG", quality=95)
+        buf.seek(0)
+        pil = Image.open(buf).convert("RGB")
+        c = int(round(224 * 0.9 ** 0.5))  # 212: 0.9 of the area
+        o = (224 - c) // 2
+        expected = np.asarray(pil.crop((o, o, o + c, o + c)).resize((224, 224), Image.LANCZOS))
+        # the kit's path on the same frame: LiberoEnv's read (flip) + the OpenVLAObservation transform
+        frame = TensorDict({("observation", "image"): env.base_env._read_image(raw)}, batch_size=[])
+        got = env.transform[0](frame)["observation", "image"].permute(1, 2, 0).numpy()
+        assert got.shape == (224, 224, 3)
+        np.testing.assert_array_equal(got, expected)
+        # the reset observation is that pipeline on the reset render (a re-render after
+        # sim.forward() differs in a few pixels, which JPEG spreads a little)
+        diff = np.abs(td["observation", "image"].permute(1, 2, 0).numpy().astype(float) - expected)
+        assert diff.mean() < 0.5
+        # and it is really the flipped scene: the raw frame's top-left is the kit's bottom-right
+        assert np.abs(raw[::-1, ::-1].astype(float) - raw.astype(float)).mean() > 5.0
+    finally:
+        env.close()
+
+
+def test_gripper_convention_and_clipping():
+    """OpenVLA gripper g (1 open, 0 close) -> LIBERO -sign(2g - 1) (-1 open, +1 close);
+    every dimension clipped to the env's bounds [-1, 1]."""
+    env = worker_env("libero_goal", 8, seed=0, max_steps=20, init_state_id=0, render_gpu=None, options=_small())
+    try:
+        to_env = env.transform[-1]
+        a = torch.tensor([[0.5, -2.0, 0.1, 0.0, 0.0, 3.0, 0.9],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
+        out = to_env.inv(TensorDict({"action": a}, batch_size=[3]))["action"]
+        assert out[:, -1].tolist() == [-1.0, 1.0, -1.0]  # open, close, 0.5 -> 2g-1 = 0 -> open
+        assert out[0, :6].tolist() == pytest.approx([0.5, -1.0, 0.1, 0.0, 0.0, 1.0])
+        spec = env.action_spec  # what the policy sees: OpenVLA's gripper range [0, 1]
+        assert spec.space.low[-1].item() == 0.0 and spec.space.high[-1].item() == 1.0
+    finally:
+        env.close()
+
+
+def test_stream_parsing_and_bad_input():
+    tasks = parse_stream([{"env": "libero", "suite": "libero_goal", "task_ids": [0, 8]},
+                          {"env": "libero", "suite": "libero_10", "task_id": 3, "max_steps": 50,
+                           "render_size": 128}])
+    assert [t.name for t in tasks] == ["libero_goal:0", "libero_goal:8", "libero_10:3"]
+    assert tasks[1].instruction == "put the bowl on the plate"
+    assert tasks[2].max_steps == 50 and tasks[2].params == {"render_size": 128}
+    for entry, key in [({"suite": "libero_11", "task_id": 0}, "data.stream[0].suite='libero_11'"),
+                       ({"suite": "libero_goal", "task_id": 10}, "data.stream[0].task_id=10"),
+                       ({"suite": "libero_goal", "task_id": 0, "render": 1}, "data.stream[0].render=1"),
+                       ({"suite": "libero_goal", "task_ids": []}, "data.stream[0].task_ids=[]")]:
+        with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
+            parse_stream([{"env": "libero", **entry}])
