@@ -1,0 +1,73 @@
+"""Training the RPRM on the pseudo-labels: BCE, AdamW, accuracy and AUROC on held-out episodes."""
+from __future__ import annotations
+
+import torch
+from lightning import LightningModule
+
+from modules.vla_rl.metrics import binary_accuracy, binary_auroc
+from modules.vla_rl.rprm import RPRM
+
+
+class RPRMModule(LightningModule):
+    def __init__(self, rprm: RPRM, lr: float = 1e-4, weight_decay: float = 0.0, adam_eps: float = 1e-8,
+                 pos_weight: float | None = None, threshold: float = 0.5):
+        """``pos_weight``: BCE weight of the positive class (positives are rare); None = 1."""
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr={lr!r}: must be > 0")
+        if pos_weight is not None and pos_weight <= 0:
+            raise ValueError(f"model.pos_weight={pos_weight!r}: must be > 0")
+        self.save_hyperparameters(ignore=["rprm"])
+        self.rprm = rprm
+        self._val_probs: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pw = self.hparams.pos_weight
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels, pos_weight=None if pw is None else logits.new_tensor(pw))
+
+    def training_step(self, batch, batch_idx):
+        logits = self.rprm(batch["image"], batch["instruction"])
+        labels = batch["label"].float()
+        loss = self._loss(logits, labels)
+        n = len(labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n, prog_bar=True)
+        accuracy = binary_accuracy(torch.sigmoid(logits.detach()), labels, self.hparams.threshold)
+        self.log("train/accuracy", accuracy, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self.rprm(batch["image"], batch["instruction"])
+        labels = batch["label"].float()
+        self.log("val/loss", self._loss(logits, labels), on_epoch=True, batch_size=len(labels),
+                 sync_dist=True)
+        self._val_probs.append(torch.sigmoid(logits).detach())
+        self._val_labels.append(labels)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_probs:
+            return
+        probs, labels = torch.cat(self._val_probs), torch.cat(self._val_labels)
+        self._val_probs, self._val_labels = [], []
+        if self.trainer.world_size > 1:  # every rank scores its shard; metrics over all of them
+            probs, labels = self.all_gather(probs).reshape(-1), self.all_gather(labels).reshape(-1)
+        self.log("val/accuracy", binary_accuracy(probs, labels, self.hparams.threshold), prog_bar=True)
+        self.log("val/auroc", binary_auroc(probs, labels).float(), prog_bar=True)
+        self.log("val/positive_fraction", labels.mean())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.rprm.parameters() if p.requires_grad]  # LoRA + head (or all)
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
+
+
+def load_rprm_weights(rprm: RPRM, checkpoint_path: str) -> RPRM:
+    """Load an RPRMModule checkpoint's ``rprm.*`` weights into an RPRM built from the same config
+    (what the reward shaping does before freezing it)."""
+    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    state = {k[len("rprm."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("rprm.")}
+    if not state:
+        raise ValueError(f"{checkpoint_path}: no 'rprm.*' weights (not an RPRMModule checkpoint)")
+    rprm.load_state_dict(state)
+    return rprm
