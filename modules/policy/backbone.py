@@ -54,6 +54,7 @@ class VLMBackbone(nn.Module):
 
     model: nn.Module
     image_token_id: int
+    prompt_suffix_ids: tuple[int, ...] = ()  # appended after the prompt's tokens (OpenVLA: 29871)
 
     def __init__(self):
         super().__init__()
@@ -100,8 +101,8 @@ class VLMBackbone(nn.Module):
             start = text.find(instruction.lower()) if instruction.lower() in text else text.find(instruction)
             end = start + len(instruction)
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = enc["input_ids"]
-            goal = [s < end and e > start for s, e in enc["offset_mapping"]]
+            ids = enc["input_ids"] + list(self.prompt_suffix_ids)
+            goal = [s < end and e > start for s, e in enc["offset_mapping"]] + [False] * len(self.prompt_suffix_ids)
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
             n_img = self.image_token_count
             self._prompt_cache[instruction] = (
