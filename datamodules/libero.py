@@ -1,6 +1,7 @@
 """LIBERO task envs for the on-policy datamodule, on torchrl's ``LiberoEnv``.
 
-One process per env (``ParallelEnv``; one MuJoCo sim and GL context each). Per worker:
+One process per env (``RobustEnvPool``: one MuJoCo sim and GL context each; crashed or hung
+workers are restarted and their episode counted as failed). Per worker:
 ``LiberoEnv`` (VLA TensorDict schema, settle steps, init-state control) wrapped with
 
 * ``OpenVLAObservation``: the image as OpenVLA sees it (rendered at ``render_size``, flipped
@@ -19,9 +20,10 @@ import functools
 import numpy as np
 import torch
 from torchrl.data import Bounded
-from torchrl.envs import Compose, ParallelEnv, Transform, TransformedEnv
+from torchrl.envs import Compose, Transform, TransformedEnv
 
 from datamodules.libero_setup import SUITES, setup_libero
+from datamodules.robust_env import RobustEnvPool
 
 # env options a stream entry may set (defaults: OpenVLA's LIBERO evaluation setup)
 LIBERO_OPTIONS = {
@@ -33,6 +35,8 @@ LIBERO_OPTIONS = {
     "wrist_camera": False,    # also render robot0_eye_in_hand as ("observation", "wrist_image")
     "settle_steps": 10,       # no-op steps after reset (OpenVLA protocol)
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
+    "step_timeout": 60.0,     # s; a worker that misses it is restarted (episode = failure)
+    "reset_timeout": 600.0,   # s; includes building a fresh worker's env
 }
 
 
@@ -118,21 +122,21 @@ class OpenVLAGripperAction(Transform):
 
 
 def worker_env(suite: str, task_id: int, *, seed: int, max_steps: int, init_state_id: int | None,
-               render_gpu: int | None, options: dict):
-    """One LIBERO env process: torchrl's LiberoEnv plus the OpenVLA transforms."""
+               render_gpu: int | None, options: dict, init_state_queues=None, worker_index: int = 0):
+    """One LIBERO env process: torchrl's LiberoEnv (with the kit's init-state choice and the
+    ``init_state_id`` observation: datamodules/libero_init_states.py) plus the OpenVLA transforms."""
     setup_libero()
-    from torchrl.envs import LiberoEnv
+    from datamodules.libero_init_states import InitStateLiberoEnv
 
     cameras = ["agentview"] + (["robot0_eye_in_hand"] if options["wrist_camera"] else [])
-    env = LiberoEnv(
+    env = InitStateLiberoEnv(
         suite, task_id, num_workers=1, camera_height=options["render_size"],
         camera_width=options["render_size"], render_gpu_device_id=render_gpu,
         env_kwargs={"camera_names": cameras},  # render only what is read (software GL: ~90 ms a camera)
         wrist_camera="robot0_eye_in_hand" if options["wrist_camera"] else None,
-        init_state_mode="random" if init_state_id is None else "fixed",
+        # episode ids beyond the suite's 50 states wrap around; training: the curriculum's queue or uniform
+        pinned_init_state=init_state_id, init_state_queues=init_state_queues, worker_index=worker_index,
         max_episode_steps=max_steps, settle_steps=options["settle_steps"])
-    if init_state_id is not None:  # episode ids beyond the suite's 50 states wrap around
-        env.init_state_id = int(init_state_id) % len(env.init_states)
     env.set_seed(seed)
     keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])
     return TransformedEnv(env, Compose(
@@ -149,19 +153,21 @@ def libero_options(params: dict, where: str = "data.stream[i]") -> dict:
     return {**LIBERO_OPTIONS, **params}
 
 
-def make_libero_env(suite: str, task_id: int, num_envs: int, seed: int, max_steps: int | None = None,
-                    init_state_ids: list[int] | None = None, options: dict | None = None) -> ParallelEnv:
-    """``num_envs`` LIBERO workers on one task; ``init_state_ids`` (evaluation) pins worker i
-    to that init state, else training resets draw one at random."""
+def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: int, max_steps: int | None = None,
+                    init_state_ids: list[int] | None = None, options: dict | None = None,
+                    init_state_queues=None) -> RobustEnvPool:
+    """``num_envs`` LIBERO workers on one task (a list: worker i runs ``task_id[i % K]``, joint
+    training); ``init_state_ids`` (evaluation) pins worker i to that init state, else training
+    resets take the curriculum's ``init_state_queues`` (datamodules/init_states.py) or draw one at random."""
     renderer = setup_libero()
     options = libero_options(options or {})
     max_steps = max_steps or SUITES[suite][1]
     n_gpus = torch.cuda.device_count() if renderer == "egl" else 0
     makers = [functools.partial(
-        worker_env, suite, task_id, seed=seed + 1_000 * i, max_steps=max_steps,
+        worker_env, suite, task_id[i % len(task_id)] if isinstance(task_id, list) else task_id,
+        seed=seed + 1_000 * i, max_steps=max_steps,
         init_state_id=None if init_state_ids is None else int(init_state_ids[i]),
-        render_gpu=(i % n_gpus) if n_gpus else None, options=options) for i in range(num_envs)]
-    # use_buffers=False: the workers send their tensordicts instead of the main process
-    # polling shared buffers (~30% faster for few slow envs, ENVIRONMENT.md)
-    return ParallelEnv(num_envs, makers, use_buffers=False, mp_start_method="spawn")
+        render_gpu=(i % n_gpus) if n_gpus else None, options=options,
+        init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs)]
+    return RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"])
 

@@ -139,3 +139,49 @@ def test_stream_parsing_and_bad_input():
                        ({"suite": "libero_goal", "task_ids": []}, "data.stream[0].task_ids=[]")]:
         with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
             parse_stream([{"env": "libero", **entry}])
+
+
+def test_killed_and_hung_workers_are_restarted_mid_rollout():
+    """A worker killed (SIGKILL) and one hung (SIGSTOP, caught by the step timeout) during a
+    real Collector rollout: both episodes end as failures with a real observation, the
+    workers come back, the rollout completes with finite values."""
+    import os
+    import signal
+
+    from torchrl.collectors import Collector
+
+    from datamodules.tasks import make_env
+
+    task = parse_stream([{"env": "libero", "suite": "libero_goal", "task_id": 8, "max_steps": 40,
+                          "render_size": 64, "image_size": 32, "jpeg_quality": None, "center_crop": False,
+                          "step_timeout": 8.0}])[0]
+    env = make_env(task, 2, seed=0)
+    noop = torch.tensor(OPEN_GRIPPER_NOOP)
+    calls = []
+
+    def policy(td):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(env.worker_pid(0), signal.SIGKILL)
+        if len(calls) == 7:
+            os.kill(env.worker_pid(1), signal.SIGSTOP)
+        return td.set("action", noop.expand(2, 7).clone())
+
+    collector = Collector(env, policy, frames_per_batch=2 * 12, total_frames=-1)
+    try:
+        rollout = next(iter(collector))
+    finally:
+        collector.shutdown()
+        env.close()
+    failed = rollout["next", "env_failed"].squeeze(-1)  # [2 envs, 12 steps]
+    assert failed.sum(1).tolist() == [1, 1] and env.failures == 2
+    for i in range(2):
+        t = int(failed[i].nonzero())
+        assert rollout["next", "done"][i, t].item() and rollout["next", "truncated"][i, t].item()
+        assert not rollout["next", "terminated"][i, t].item() and not rollout["next", "success"][i, t].item()
+        assert rollout["next", "reward"][i, t].item() == 0.0
+        assert t < 11, "the env must continue after its worker was restarted"
+        assert not rollout["next", "done"][i, t + 1:].any()  # the fresh worker runs normally
+    assert torch.isfinite(rollout["next", "reward"]).all() and torch.isfinite(rollout["observation", "state"]).all()
+    img = rollout["next", "observation", "image"]
+    assert img.dtype == torch.uint8 and img.shape == (2, 12, 3, 32, 32)

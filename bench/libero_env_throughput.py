@@ -1,0 +1,133 @@
+"""The kit's LIBERO env path vs raw ``OffScreenRenderEnv`` stepping, same actions, same script.
+
+Baseline: N processes, each stepping its own LIBERO ``OffScreenRenderEnv`` (agentview camera
+only, same resolution) with a fixed action sequence, driven over pipes. Kit: the datamodule's
+``make_env`` for the same task (``ParallelEnv`` of torchrl ``LiberoEnv`` workers + the OpenVLA
+observation pipeline + gripper convention), stepped from the main process with the same
+actions in OpenVLA's convention. Reports aggregate env steps/s (median over reps, the two
+paths alternating) and resident memory per env worker.
+
+Usage: python bench/libero_env_throughput.py [--num_envs 2 --steps 50 --reps 3 --render 256]
+"""
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from torchrl.envs.utils import step_mdp  # noqa: E402
+
+from datamodules.libero_setup import setup_libero  # noqa: E402
+from datamodules.tasks import make_env, parse_stream  # noqa: E402
+
+SUITE, TASK = "libero_goal", 8
+
+
+def openvla_actions(steps: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-0.3, 0.3, size=(steps, 7))
+    a[:, -1] = rng.uniform(0, 1, size=steps)  # OpenVLA gripper (1 open, 0 close)
+    return a
+
+
+def to_libero(a: np.ndarray) -> np.ndarray:
+    """The same mapping the kit's OpenVLAGripperAction applies (tested in tests/test_libero.py)."""
+    out = np.clip(a.copy(), -1, 1)
+    out[:, -1] = -np.where(2 * a[:, -1] - 1 >= 0, 1.0, -1.0)
+    return out
+
+
+def raw_worker(conn, render: int, steps: int):
+    setup_libero()
+    from libero.libero import benchmark, get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    task = benchmark.get_benchmark_dict()[SUITE]().get_task(TASK)
+    env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
+                                                          task.bddl_file),
+                             camera_heights=render, camera_widths=render, camera_names=["agentview"])
+    env.seed(0)
+    env.reset()
+    actions = to_libero(openvla_actions(steps))
+    for _ in range(10):  # settle + numba JIT warm-up, as the kit's reset does
+        env.step(actions[0] * 0)
+    conn.send(("ready", os.getpid()))
+    while conn.recv() == "run":
+        t = time.perf_counter()
+        for a in actions:
+            env.step(a)
+        conn.send(time.perf_counter() - t)
+    env.close()
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--num_envs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--render", type=int, default=256)
+    args = p.parse_args()
+    setup_libero()
+    n, steps = args.num_envs, args.steps
+
+    ctx = mp.get_context("spawn")
+    pipes, procs, raw_pids = [], [], []
+    for _ in range(n):
+        a, b = ctx.Pipe()
+        proc = ctx.Process(target=raw_worker, args=(b, args.render, steps), daemon=True)
+        proc.start()
+        pipes.append(a)
+        procs.append(proc)
+    raw_pids = [c.recv()[1] for c in pipes]
+
+    task = parse_stream([{"env": "libero", "suite": SUITE, "task_id": TASK, "max_steps": 10_000,
+                          "render_size": args.render}])[0]
+    env = make_env(task, n, seed=0)
+    td = env.reset()
+    actions = torch.as_tensor(openvla_actions(steps), dtype=torch.float32)
+    env.step(td.set("action", actions[0].expand(n, 7).clone()))  # warm-up
+
+    def raw_rate():
+        for c in pipes:
+            c.send("run")
+        return n * steps / max(c.recv() for c in pipes)
+
+    def kit_rate():
+        nonlocal td
+        t = time.perf_counter()
+        for a in actions:
+            td = step_mdp(env.step(td.set("action", a.expand(n, 7).clone())))
+        return n * steps / (time.perf_counter() - t)
+
+    raw, kit = [], []
+    for _ in range(args.reps):
+        raw.append(raw_rate())
+        kit.append(kit_rate())
+    kit_pids = [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in raw_pids]
+    kit_rss = [rss_mb(pid) for pid in kit_pids]
+    raw_rss = [rss_mb(pid) for pid in raw_pids]
+    print(f"task {SUITE}:{TASK}, {n} envs, {steps} steps per rep, render {args.render}px, reps {args.reps}")
+    print(f"raw OffScreenRenderEnv  steps/s median {statistics.median(raw):.2f}  (all: "
+          + ", ".join(f"{x:.2f}" for x in raw) + ")")
+    print(f"kit env path            steps/s median {statistics.median(kit):.2f}  (all: "
+          + ", ".join(f"{x:.2f}" for x in kit) + ")")
+    print(f"ratio kit/raw (medians) {statistics.median(kit) / statistics.median(raw):.2f}")
+    print(f"resident memory per worker: raw {statistics.median(raw_rss):.0f} MiB, "
+          f"kit {statistics.median(kit_rss):.0f} MiB (median of {len(kit_rss)} kit processes)")
+    for c in pipes:
+        c.send("stop")
+    env.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""A batched env of one-process-per-env workers that survives crashed and hung workers.
+
+torchrl's ``ParallelEnv`` stops (or waits up to ``BATCHED_PIPE_TIMEOUT``, 10,000 s) when a
+worker dies; a MuJoCo instability or an EGL error in one of 16 LIBERO workers would end the
+run. Here every call to a worker has a deadline. A worker that dies or misses it is killed
+and restarted in the background; its current episode ends as a failure: the step returns
+its last good observation with reward 0, ``done`` and ``truncated`` true (so GAE bootstraps
+from a real observation: no NaN reaches the loss), ``success`` false and ``env_failed``
+true; the next reset waits for the fresh worker. ``failures`` counts them for logging.
+
+Workers hold one unbatched torchrl env each (built by a picklable ``make_env()``) and answer
+``reset`` and ``step`` over a pipe.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from multiprocessing.connection import wait
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Categorical, Composite
+from torchrl.envs import EnvBase
+
+FAILED_KEY = "env_failed"
+
+
+def _worker(make_env, conn) -> None:
+    torch.set_num_threads(1)
+    env = make_env()
+    conn.send(("ready", {"observation": env.observation_spec.cpu(), "action": env.full_action_spec.cpu(),
+                         "reward": env.full_reward_spec.cpu(), "done": env.full_done_spec.cpu()}))
+    while True:
+        try:
+            cmd, arg = conn.recv()
+        except EOFError:  # the parent closed the pipe or is gone: nothing left to serve
+            env.close()
+            return
+        if cmd == "reset":
+            conn.send(env.reset())
+        elif cmd == "step":
+            conn.send(env.step(TensorDict({"action": arg}, batch_size=[])).get("next"))
+        elif cmd == "pid":
+            conn.send(os.getpid())
+        else:  # close
+            env.close()
+            conn.send(None)
+            return
+
+
+class RobustEnvPool(EnvBase):
+    def __init__(self, makers: list, step_timeout: float = 60.0, reset_timeout: float = 600.0):
+        n = len(makers)
+        super().__init__(batch_size=torch.Size([n]), device="cpu")
+        self.makers, self.step_timeout, self.reset_timeout = list(makers), step_timeout, reset_timeout
+        self._ctx = mp.get_context("spawn")
+        self._procs: list = [None] * n
+        self._conns: list = [None] * n
+        self._ready = [False] * n
+        self._last: list[TensorDictBase | None] = [None] * n
+        self.failures = 0
+        for i in range(n):
+            self._start(i)
+        specs = None
+        for i in range(n):
+            specs = self._await_ready(i, reset_timeout)
+        batched = [n]
+        obs = specs["observation"].expand(*batched)
+        obs[FAILED_KEY] = Categorical(2, (*batched, 1), dtype=torch.bool)
+        self.observation_spec = obs
+        self.full_action_spec = specs["action"].expand(*batched)
+        self.full_reward_spec = specs["reward"].expand(*batched)
+        self.full_done_spec = specs["done"].expand(*batched)
+
+    # -- worker lifecycle ---------------------------------------------------------------------
+    def _start(self, i: int) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker, args=(self.makers[i], child), daemon=True)
+        proc.start()
+        child.close()
+        self._procs[i], self._conns[i], self._ready[i] = proc, parent, False
+
+    def _await_ready(self, i: int, timeout: float) -> dict:
+        if not self._conns[i].poll(timeout):
+            raise TimeoutError(f"env worker {i} did not start within {timeout:.0f} s")
+        tag, specs = self._conns[i].recv()
+        self._ready[i] = True
+        return specs
+
+    def _restart(self, i: int, why: str) -> None:
+        self.failures += 1
+        print(f"[env] worker {i} {why}: restarted, its episode counted as failed", flush=True)
+        proc = self._procs[i]
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=5)
+        self._conns[i].close()
+        self._start(i)
+
+    def worker_pid(self, i: int) -> int:
+        return self._procs[i].pid
+
+    def _call(self, ids: list[int], msgs: list, timeout: float) -> dict[int, object]:
+        """Send ``msgs[k]`` to worker ``ids[k]``; collect answers until the deadline. Workers that
+        die or miss it are absent from the result."""
+        for i, msg in zip(ids, msgs):
+            try:
+                self._conns[i].send(msg)
+            except (BrokenPipeError, OSError):
+                pass  # dead: detected below (no answer)
+        out, pending = {}, {self._conns[i]: i for i in ids}
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for conn in ready:
+                i = pending.pop(conn)
+                try:
+                    out[i] = conn.recv()
+                except (EOFError, OSError):
+                    pass
+        return out
+
+    # -- EnvBase -------------------------------------------------------------------------------
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        mask = None
+        if tensordict is not None and "_reset" in tensordict.keys():
+            mask = tensordict.get("_reset").reshape(-1)
+        ids = [i for i in range(self.batch_size[0]) if mask is None or bool(mask[i])]
+        for i in ids:
+            if not self._ready[i]:
+                self._await_ready(i, self.reset_timeout)
+        got = self._call(ids, [("reset", None)] * len(ids), self.reset_timeout)
+        for i in ids:
+            if i not in got:  # one retry on a fresh worker; a second failure is not transient
+                self._restart(i, "failed to reset")
+                self._await_ready(i, self.reset_timeout)
+                again = self._call([i], [("reset", None)], self.reset_timeout)
+                if i not in again:
+                    raise RuntimeError(f"env worker {i} failed to reset twice in a row")
+                got[i] = again[i]
+            self._last[i] = self._observation(got[i], failed=False)
+        return self._stack(reset=True)
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        actions = tensordict.get("action")
+        n = self.batch_size[0]
+        got = self._call(list(range(n)), [("step", actions[i].cpu()) for i in range(n)], self.step_timeout)
+        results = []
+        for i in range(n):
+            if i in got:
+                step = got[i]
+                self._last[i] = self._observation(step, failed=False)
+                results.append(step.set(FAILED_KEY, torch.zeros(1, dtype=torch.bool)))
+            else:
+                alive = self._procs[i].is_alive()
+                self._restart(i, "timed out" if alive else "died")
+                results.append(self._failed_transition(i))
+        return torch.stack(results).to(self.device)
+
+    def _observation(self, td: TensorDictBase, failed: bool) -> TensorDictBase:
+        obs = td.select(*self.observation_spec.keys(True, True), strict=False)
+        return obs.set(FAILED_KEY, torch.tensor([failed]))
+
+    def _failed_transition(self, i: int) -> TensorDictBase:
+        td = self._last[i].clone().set(FAILED_KEY, torch.ones(1, dtype=torch.bool))
+        false, true = torch.zeros(1, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
+        td.update({"reward": torch.zeros(self.full_reward_spec["reward"].shape[-1:]),
+                   "done": true, "truncated": true.clone(), "terminated": false})
+        if "success" in td.keys() or "success" in self.full_done_spec.keys():
+            td.set("success", false.clone())
+        return td
+
+    def _stack(self, reset: bool) -> TensorDictBase:
+        out = torch.stack([t.clone() for t in self._last])
+        if reset:
+            for key in self.full_done_spec.keys():
+                out.set(key, torch.zeros(*self.batch_size, 1, dtype=torch.bool))
+        return out.to(self.device)
+
+    def _set_seed(self, seed: int | None) -> None:
+        pass  # each worker's maker carries its own seed
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        for i, conn in enumerate(self._conns):
+            if conn is None:
+                continue
+            try:
+                conn.send(("close", None))
+                conn.poll(10) and conn.recv()
+            except (BrokenPipeError, EOFError, OSError):
+                pass
+            self._procs[i].join(timeout=5)
+            if self._procs[i].is_alive():
+                self._procs[i].kill()
+            conn.close()
+            self._conns[i] = None
+        self.is_closed = True
