@@ -10,10 +10,24 @@ of action tokens (the last ``action_bins`` ids of the vocabulary, as in OpenVLA)
   and emb(g) (mean over the instruction's token positions), so the critics never cost a
   second backbone pass. The image comes first in the sequence, so in a causal model phi(s)
   does not depend on the instruction and emb(g) reads the image.
+
+Speed and memory knobs (``model.policy.init_args.*``; none changes a log-prob):
+* ``decoding``: ``dynamic`` (default; transformers' dynamic KV cache, any backbone),
+  ``static`` (preallocated KV cache, the decode step as one function) or ``cuda_graph``
+  (static, and the decode step replayed as a CUDA graph; on a CPU it runs as ``static``).
+  The last two need an OpenVLA backbone (modules/policy/openvla/decoding.py).
+* ``compile_decode``: ``torch.compile`` the decode step (``static`` / ``cuda_graph`` only).
+* ``gradient_checkpointing``: recompute every transformer layer's activations in the backward
+  pass (vision towers and LLM; non-reentrant, so it works with frozen bases and LoRA). It is
+  paused inside ``act`` (no gradients there, and it would disable the KV cache).
+* precision: the backbone's ``dtype`` (``bfloat16`` on a GPU); LoRA weights stay float32 (PEFT),
+  action log-probs and features are computed in float32.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -34,6 +48,21 @@ class PolicyOutput:
     emb: torch.Tensor  # [B, H] goal (instruction) features
 
 
+def set_gradient_checkpointing(model: nn.Module, enable: bool) -> int:
+    """Switch transformers' per-layer activation checkpointing on every layer of ``model``
+    (through PEFT wrappers), non-reentrant. Returns the number of checkpointed layers."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = 0
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            module.gradient_checkpointing = enable
+            layers += isinstance(module, GradientCheckpointingLayer)
+    return layers
+
+
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -42,17 +71,25 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class TokenVLAPolicy(nn.Module):
     def __init__(self, backbone: VLMBackbone, action_tokens: int = 1, action_bins: int = 3,
                  temperature: float = 1.0, lora: dict | None = None,
-                 norm_stats: str | None = None, unnorm_key: str | None = None):
+                 norm_stats: str | None = None, unnorm_key: str | None = None,
+                 decoding: str = "dynamic", compile_decode: bool = False, gradient_checkpointing: bool = False):
         """``lora``: PEFT LoRA on the backbone ({r, alpha, dropout, target_modules}); None:
         full fine-tuning. With LoRA the frozen old policy is a second adapter.
         ``norm_stats`` (a checkpoint directory or JSON file) and ``unnorm_key``: how several
-        action tokens decode to a continuous action (modules/policy/action_codec.py)."""
+        action tokens decode to a continuous action (modules/policy/action_codec.py).
+        ``decoding``, ``compile_decode``, ``gradient_checkpointing``: see the module docstring."""
         super().__init__()
         if action_tokens < 1 or action_bins < 2:
             raise ValueError(f"action_tokens={action_tokens}, action_bins={action_bins}: "
                              "need >= 1 token and >= 2 bins")
         if temperature <= 0:
             raise ValueError(f"model.policy.temperature={temperature}: must be > 0")
+        from modules.policy.openvla.decoding import MODES, StaticDecoder
+
+        if decoding not in MODES:
+            raise ValueError(f"model.policy.init_args.decoding={decoding!r}: one of {list(MODES)}")
+        if compile_decode and decoding == "dynamic":
+            raise ValueError("model.policy.init_args.compile_decode=true needs decoding: static or cuda_graph")
         self.backbone = backbone
         self.uses_lora = lora is not None
         if self.uses_lora:
@@ -63,6 +100,14 @@ class TokenVLAPolicy(nn.Module):
         # continuous actions (several tokens): OpenVLA's bins and de-normalisation
         self.codec = make_action_codec(action_bins, norm_stats, unnorm_key) if action_tokens > 1 else None
         self.register_buffer("action_ids", backbone.action_token_ids(action_bins), persistent=False)
+        self.decoding = decoding
+        self._decoder = None if decoding == "dynamic" else StaticDecoder(self, decoding, compile_decode)
+        if decoding != "dynamic":
+            self._decoder._vlm  # noqa: B018 -- a backbone it cannot drive fails here, not at the first act()
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing and not set_gradient_checkpointing(backbone.model, True):
+            raise ValueError(f"model.policy.init_args.gradient_checkpointing=true: {type(backbone).__name__}'s model "
+                             "has no transformers layers to checkpoint")
 
     @property
     def feature_dim(self) -> int:
@@ -80,9 +125,35 @@ class TokenVLAPolicy(nn.Module):
         return (_masked_mean(hidden, prompts.image_mask).float(),
                 _masked_mean(hidden, prompts.goal_mask).float())
 
+    @contextmanager
+    def _checkpointing_paused(self):
+        paused = [m for m in self.backbone.model.modules() if getattr(m, "gradient_checkpointing", False) is True] \
+            if self.gradient_checkpointing else []
+        for m in paused:
+            m.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for m in paused:
+                m.gradient_checkpointing = True
+
+    def release_decode_cache(self) -> None:
+        """Free the static KV cache and CUDA graphs kept between ``act`` calls (``decoding``
+        static / cuda_graph), e.g. before a memory-hungry update."""
+        if self._decoder is not None:
+            self._decoder.release()
+
     @torch.no_grad()
     def act(self, images: torch.Tensor, prompts: EncodedPrompts, greedy: bool = False) -> PolicyOutput:
         """One prefill, then exactly ``action_tokens - 1`` KV-cached decode steps."""
+        with self._checkpointing_paused():
+            if self._decoder is not None:
+                tokens, logps, hidden = self._decoder.act(self.backbone.preprocess(images), prompts, greedy)
+                phi, emb = self._features(hidden, prompts)
+                return self._output(tokens, logps, phi, emb)
+            return self._act_dynamic(images, prompts, greedy)
+
+    def _act_dynamic(self, images: torch.Tensor, prompts: EncodedPrompts, greedy: bool) -> PolicyOutput:
         pixel_values = self.backbone.preprocess(images)
         mask = prompts.attention_mask
         pos = positions_from_mask(mask)

@@ -36,6 +36,19 @@ class PrismaticProjector(nn.Module):
         return self.fc3(self.act_fn2(self.fc2(self.act_fn1(self.fc1(patches)))))
 
 
+def padding_safe_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """A left-padding mask [B, K] -> boolean [B, 1, q, K] for the last q = ``query_length`` positions:
+    causal and not padding, and a padding query attends to itself only. transformers' own mask
+    leaves a padding query row fully masked; the fused SDPA kernels on CUDA can return NaN there,
+    and in the backward pass NaN times a zero gradient makes weight gradients non-finite (seen on
+    an H100 in bf16: tests/test_openvla_decode.py). Real rows see exactly what they saw before."""
+    k = attention_mask.shape[1]
+    kv = torch.arange(k, device=attention_mask.device)
+    q = kv[k - query_length:, None]
+    mask = (kv[None, :] <= q)[None] & attention_mask.bool()[:, None, :]
+    return (mask | (kv[None, :] == q)[None])[:, None]
+
+
 class PrismaticModel(nn.Module):
     """Everything but the LM head; called with ``pixel_values=None`` for KV-cached decode steps."""
 
@@ -46,9 +59,9 @@ class PrismaticModel(nn.Module):
         self.language_model = LlamaModel(config.text_config)
         self.image_token_index = config.image_token_index
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                past_key_values=None, use_cache: bool = False, **kwargs):
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """The language model's input embeddings [B, L, H]: token embeddings with the projected patches
+        scattered over the image placeholders (what ``forward`` feeds the Llama)."""
         image_mask = input_ids == self.image_token_index
         # the placeholder's own embedding row is never read: it is replaced by a patch
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
@@ -61,6 +74,14 @@ class PrismaticModel(nn.Module):
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), patches.to(embeds.dtype))
         elif image_mask.any():
             raise ValueError("image placeholders in input_ids but no pixel_values")
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False, **kwargs):
+        embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is not None and attention_mask.dim() == 2 and not attention_mask.bool().all():
+            attention_mask = padding_safe_mask(attention_mask, embeds.shape[1])
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
@@ -70,6 +91,7 @@ class PrismaticForActionPrediction(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # the towers' and the Llama's layers (GradientCheckpointingLayer)
     _no_split_modules: ClassVar[list[str]] = ["LlamaDecoderLayer", "Dinov2WithRegistersLayer", "SiglipEncoderLayer"]
 
     def __init__(self, config: PrismaticConfig):
