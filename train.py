@@ -21,7 +21,23 @@ def _threads_per_process() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
 
 
+def _check_mujoco_gl() -> None:
+    """A MUJOCO_GL that cannot render makes even ``import torchrl`` fail with a GL traceback
+    (torchrl imports mujoco-based libs): check it first, in a subprocess, for one clear line."""
+    renderer = os.environ.get("MUJOCO_GL")
+    if renderer in ("egl", "osmesa") and os.environ.get("CRL_KIT_RENDERER_OK") != renderer:
+        from datamodules.libero_setup import check_renderer
+
+        check_renderer(renderer)
+        os.environ["CRL_KIT_RENDERER_OK"] = renderer
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        _check_mujoco_gl()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     from lightning.pytorch.cli import LightningCLI

@@ -41,7 +41,7 @@ def libero_paths() -> tuple[str, str]:
 def setup_libero(renderer: str | None = None) -> str:
     """Environment variables and config for a headless, offline LIBERO; returns the renderer.
     Call before anything imports ``libero.libero`` (env workers inherit the variables)."""
-    renderer = renderer or os.environ.get("MUJOCO_GL", "egl")
+    renderer = renderer or os.environ.get("MUJOCO_GL") or _first_working_renderer()
     if renderer not in RENDERERS:
         raise ValueError(f"MUJOCO_GL={renderer!r}: LIBERO renders offscreen with one of {RENDERERS}")
     os.environ["MUJOCO_GL"] = renderer
@@ -51,6 +51,9 @@ def setup_libero(renderer: str | None = None) -> str:
 
         if not torch.cuda.is_available():
             os.environ.setdefault("EGL_PLATFORM", "surfaceless")  # Mesa, no display, no GPU
+    if os.environ.get("CRL_KIT_RENDERER_OK") != renderer:  # once per run: env workers inherit it
+        check_renderer(renderer)
+        os.environ["CRL_KIT_RENDERER_OK"] = renderer
     root, assets = libero_paths()
     if not os.path.isdir(os.path.join(assets, "scenes")):
         raise FileNotFoundError(f"LIBERO assets missing at {assets} (scenes/ not found); {INSTALL_HINT}")
@@ -70,6 +73,20 @@ def setup_libero(renderer: str | None = None) -> str:
     return renderer
 
 
+def _first_working_renderer() -> str:
+    """MUJOCO_GL unset: egl if it renders here, else osmesa; neither -> one clear error."""
+    errors = []
+    for renderer in RENDERERS:
+        try:
+            check_renderer(renderer)
+            os.environ["CRL_KIT_RENDERER_OK"] = renderer
+            return renderer
+        except ValueError as err:
+            errors.append(str(err).split(": ", 1)[1].split(";")[0])
+    raise ValueError(f"MUJOCO_GL unset and neither egl nor osmesa renders here ({'; '.join(errors)}); "
+                     "install EGL (libegl1) or OSMesa (libosmesa6)")
+
+
 def check_renderer(renderer: str) -> None:
     """Fail with one line when MuJoCo cannot open an offscreen context with ``renderer``
     (run in a subprocess: a failed GL init can leave the process unusable)."""
@@ -82,7 +99,7 @@ def check_renderer(renderer: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if out.returncode != 0 or "ok" not in out.stdout:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"MUJOCO_GL={renderer!r}: MuJoCo cannot render offscreen ({last}); "
+        raise ValueError(f"MUJOCO_GL={renderer!r}: MuJoCo cannot render offscreen ({last}); "
                            "install EGL (libegl1) or OSMesa (libosmesa6) and set MUJOCO_GL accordingly")
 
 

@@ -185,3 +185,29 @@ def test_killed_and_hung_workers_are_restarted_mid_rollout():
     assert torch.isfinite(rollout["next", "reward"]).all() and torch.isfinite(rollout["observation", "state"]).all()
     img = rollout["next", "observation", "image"]
     assert img.dtype == torch.uint8 and img.shape == (2, 12, 3, 32, 32)
+
+
+def test_a_renderer_that_cannot_render_is_one_clear_line(tmp_path):
+    """MUJOCO_GL=osmesa where OSMesa is missing (as on the CI image): a traceback from deep in
+    an import otherwise; here one line naming MUJOCO_GL, exit 2, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from datamodules.libero_setup import check_renderer
+
+    try:
+        check_renderer("osmesa")
+        pytest.skip("OSMesa renders on this machine")
+    except ValueError:
+        pass
+    env = dict(os.environ, PYTHONPATH=ROOT, MUJOCO_GL="osmesa")
+    env.pop("CRL_KIT_RENDERER_OK", None)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                          os.path.join(ROOT, "configs/libero_smoke.yaml"), "--trainer.logger.init_args.save_dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: MUJOCO_GL='osmesa'"), res.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
