@@ -24,12 +24,18 @@ from callbacks.task_boundary import TaskBoundaryHooks
 
 class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def __init__(self, episodes_per_task: int = 32, num_envs: int = 32, greedy: bool = False,
-                 every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000):
+                 every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
+                 temperature: float | None = None):
+        """``greedy``: argmax actions; else sampled at ``temperature`` (None: the policy's
+        training temperature; VLA-RL trains at 1.5-1.7 and evaluates greedily)."""
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
         if num_envs <= 0:
             raise ValueError(f"PerTaskEvaluation.num_envs={num_envs!r}: must be > 0")
+        if temperature is not None and (greedy or temperature <= 0):
+            raise ValueError(f"PerTaskEvaluation.temperature={temperature!r}: must be > 0, with greedy: false")
         self.episodes, self.num_envs, self.greedy = episodes_per_task, num_envs, greedy
+        self.temperature = temperature
         self.every_n, self.seed, self.max_steps = every_n_iterations, seed, max_steps
         self.b: list[float] | None = None
         self.R: list[list[float] | None] | None = None
@@ -41,7 +47,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         dm = trainer.datamodule
         rank, world = trainer.global_rank, trainer.world_size
         mine = list(range(rank, self.episodes, world))  # this rank's episode ids
-        policy = pl_module.acting_policy(greedy=self.greedy)
+        policy = pl_module.acting_policy(greedy=self.greedy, temperature=self.temperature)
         was_training = pl_module.training
         pl_module.eval()
         successes = 0

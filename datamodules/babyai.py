@@ -15,6 +15,12 @@ positive reward at termination, the action space is minigrid's 7 actions.
 Observations are the agent's 7x7 egocentric view rendered as RGB (``tile_size`` pixels per
 cell, default 8 -> 56x56), rendered from the symbolic view through minigrid's own tile
 renderer (cached per cell kind, so a frame is one array gather).
+
+Fixed initial states (``num_init_states: N``, LIBERO-like): layout i is the scene minigrid
+generates from seed i (objects, agent pose); every reset then picks one of the N layouts
+(datamodules/init_states.py: the curriculum's queue, the pinned id of an evaluation env, or
+a uniform draw) and the episode's id is the observation ``init_state_id``. Without it
+(default) layouts come from the env's seed stream, as before.
 """
 from __future__ import annotations
 
@@ -28,6 +34,9 @@ from minigrid.minigrid_env import MiniGridEnv
 from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
 from torchrl.envs import EnvBase
+
+from datamodules.init_states import KEY as INIT_STATE_KEY
+from datamodules.init_states import InitStateChooser, InitStateQueues
 
 GOTO_OBJECTS = ("red ball", "green key", "blue box")
 _OBJ_CLASSES = {"ball": Ball, "key": Key, "box": Box}
@@ -123,12 +132,25 @@ class BabyAIEnv(EnvBase):
     (strings), ``reward``, ``done``/``terminated``/``truncated`` and ``success``.
     Takes ``action`` as a long index into the level's action set. ``target`` may be a list:
     env i then pursues ``target[i % len(target)]`` (several tasks in one batch).
+    ``num_init_states``: N fixed layouts (see the module docstring), then also emits
+    ``init_state_id`` [N, 1]; ``init_state_ids``: env i pinned to that layout (evaluation);
+    ``init_state_queues``: the curriculum's ids for the next resets (datamodules/init_states.py).
     """
 
     def __init__(self, level: str = "GoToObjectRoom", target: str | list[str] | None = None,
                  num_envs: int = 8, seed: int = 0, tile_size: int = 8,
-                 max_steps: int | None = None, room_size: int = 6, device: str = "cpu"):
+                 max_steps: int | None = None, room_size: int = 6, device: str = "cpu",
+                 num_init_states: int | None = None, init_state_ids: list[int] | None = None,
+                 init_state_queues: InitStateQueues | None = None):
         super().__init__(batch_size=torch.Size([num_envs]), device=device)
+        self.num_init_states = num_init_states
+        self._layout_rng = torch.Generator().manual_seed(seed)
+        self.choosers = None if num_init_states is None else [
+            InitStateChooser(num_init_states, None if init_state_ids is None else init_state_ids[i],
+                             self._layout_rng, init_state_queues, i) for i in range(num_envs)]
+        if init_state_queues is not None and self.choosers is None:
+            raise ValueError("BabyAIEnv: init-state queues need num_init_states (fixed layouts)")
+        self._init_ids = np.full(num_envs, -1, np.int64)
         # a list of targets: env i pursues target i mod len (joint multi-task training)
         targets = target if isinstance(target, (list, tuple)) else [target]
         self.envs = [make_minigrid(level, targets[i % len(targets)], max_steps, room_size)
@@ -156,12 +178,15 @@ class BabyAIEnv(EnvBase):
             success=Categorical(2, (num_envs, 1), dtype=torch.bool),
             shape=n,
         )
+        if self.choosers is not None:
+            self.observation_spec[INIT_STATE_KEY] = Unbounded((num_envs, 1), dtype=torch.int64)
         self._views = np.zeros((num_envs, 7, 7, 3), np.int64)
         self._missions = [""] * num_envs
 
     def _set_seed(self, seed: int | None):
         self._base_seed = 0 if seed is None else int(seed)
         self._seeded = False
+        self._layout_rng.manual_seed(self._base_seed)
 
     def _obs(self) -> TensorDict:
         frames = torch.from_numpy(self.render_frames(self._views))
@@ -171,11 +196,14 @@ class BabyAIEnv(EnvBase):
         else:
             instruction = NonTensorStack(
                 *(NonTensorData(m, device=self.device) for m in self._missions))
-        return TensorDict(
+        out = TensorDict(
             {"observation": TensorDict({"image": frames}, batch_size=self.batch_size),
              "language_instruction": instruction},
             batch_size=self.batch_size, device=self.device,
         )
+        if self.choosers is not None:
+            out.set(INIT_STATE_KEY, torch.from_numpy(self._init_ids.copy()).unsqueeze(-1))
+        return out
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         mask = None
@@ -184,7 +212,10 @@ class BabyAIEnv(EnvBase):
         for i, env in enumerate(self.envs):
             if mask is not None and not bool(mask[i]):
                 continue
-            seed = None if self._seeded else self._base_seed + i
+            if self.choosers is not None:  # fixed layout k = the scene minigrid makes from seed k
+                self._init_ids[i] = seed = self.choosers[i].next()
+            else:
+                seed = None if self._seeded else self._base_seed + i
             obs, _ = env.reset(seed=seed)
             self._views[i], self._missions[i] = obs["image"], obs["mission"]
         self._seeded = True

@@ -21,8 +21,13 @@ import torch
 class SuccessCurriculum:
     def __init__(self, keys: Iterable[Hashable] = (), window: int = 20, target: float = 0.5,
                  temperature: float = 0.2, floor: float = 0.05):
-        if window < 1:
-            raise ValueError(f"curriculum.window={window!r}: must be >= 1")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"curriculum.window={window!r}: must be an integer >= 1")
+        bad = [(name, value) for name, value in (("target", target), ("temperature", temperature),
+                                                  ("floor", floor))
+               if isinstance(value, bool) or not isinstance(value, (int, float))]
+        if bad:
+            raise ValueError(f"curriculum.{bad[0][0]}={bad[0][1]!r}: must be a number")
         if not 0.0 <= target <= 1.0:
             raise ValueError(f"curriculum.target={target!r}: must be in [0, 1]")
         if temperature <= 0:
@@ -41,22 +46,25 @@ class SuccessCurriculum:
         for k in keys:
             self.history.setdefault(k, deque(maxlen=self.window))
 
-    def success_rates(self) -> torch.Tensor:
+    def success_rates(self, among: Iterable[Hashable] | None = None) -> torch.Tensor:
         """p_k over the last ``window`` outcomes; ``target`` for keys with no outcome yet."""
-        return torch.tensor([sum(h) / len(h) if h else self.target for h in self.history.values()],
-                            dtype=torch.float64)
+        hist = self.history.values() if among is None else [self.history[k] for k in among]
+        return torch.tensor([sum(h) / len(h) if h else self.target for h in hist], dtype=torch.float64)
 
-    def weights(self) -> torch.Tensor:
-        """P(k) = w_k / sum w, w_k = max(floor, exp(-|p_k - target| / temperature))."""
-        if not self.history:
+    def weights(self, among: Iterable[Hashable] | None = None) -> torch.Tensor:
+        """P(k) = w_k / sum w, w_k = max(floor, exp(-|p_k - target| / temperature)); over the
+        keys ``among`` (e.g. one task's initial states) when given, else over all keys."""
+        rates = self.success_rates(among)
+        if not len(rates):
             raise ValueError("the curriculum has no keys to weigh")
-        w = torch.exp(-(self.success_rates() - self.target).abs() / self.temperature).clamp_min(self.floor)
+        w = torch.exp(-(rates - self.target).abs() / self.temperature).clamp_min(self.floor)
         return w / w.sum()
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> list:
-        """``n`` keys drawn with replacement from P(k)."""
-        idx = torch.multinomial(self.weights(), n, replacement=True, generator=generator)
-        keys = self.keys
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               among: Iterable[Hashable] | None = None) -> list:
+        """``n`` keys drawn with replacement from P(k) (restricted to ``among`` when given)."""
+        keys = self.keys if among is None else list(among)
+        idx = torch.multinomial(self.weights(keys), n, replacement=True, generator=generator)
         return [keys[i] for i in idx.tolist()]
 
     def update(self, keys: Iterable[Hashable], successes: Iterable) -> None:

@@ -10,6 +10,12 @@ of old-task states for the anchor terms (``anchor_source: memory``).
 The datamodule knows the stream and the current task; *when* the task changes is decided
 by the TaskSwitch callback (``set_task``), and old goals are registered by the anchor
 callback (``remember_task``).
+
+VLA-RL's parts, both off by default: ``curriculum`` (datamodules/curriculum_resets.py) picks
+the initial state of every training reset and learns from the finished episodes;
+``reward_shaping`` (datamodules/rprm_shaping.py) adds the RPRM's score to each rollout's reward
+before the advantages. Callbacks that define ``on_rollout(trainer, pl_module, rollout)`` see
+each raw rollout first (callbacks/rprm.py collects its successful episodes).
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from tensordict import TensorDict
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
+from datamodules.curriculum_resets import CurriculumResets
+from datamodules.rprm_shaping import RewardShaping
 from datamodules.tasks import Task, check_joint, make_env, make_joint_env, parse_stream
 
 ANCHOR_SOURCES = ("relabel", "memory")
@@ -52,7 +60,12 @@ class OnPolicyDataModule(LightningDataModule):
         memory_per_task: int = 512,
         joint: bool = False,
         seed: int = 0,
+        curriculum: dict | None = None,
+        reward_shaping: dict | None = None,
     ):
+        """``curriculum``: {window, target, temperature, floor} (datamodules/curriculum.py) or
+        null; ``reward_shaping``: {rprm, checkpoint, scale, offset, only_nonterminal,
+        sparse_from_success, batch_size} (datamodules/rprm_shaping.py) or null."""
         super().__init__()
         self.tasks: list[Task] = parse_stream(stream)
         if num_envs <= 0:
@@ -87,6 +100,10 @@ class OnPolicyDataModule(LightningDataModule):
         self._last_samples: TensorDict | None = None
         self._collector = None
         self._collector_key = None
+        self.env_version = 0  # +1 per training env built (episodes do not continue across envs)
+        # VLA-RL: the curriculum over (task, initial state) and the RPRM's reward shaping
+        self.curriculum = None if curriculum is None else CurriculumResets(dict(curriculum), self.tasks, seed)
+        self.reward_shaping = None if reward_shaping is None else RewardShaping(dict(reward_shaping))
 
     # -- the stream ----------------------------------------------------------------------
     @property
@@ -129,8 +146,15 @@ class OnPolicyDataModule(LightningDataModule):
         """The last iteration's current-task samples (for callbacks at a task end)."""
         return self._last_samples
 
-    def make_env(self, task: Task, num_envs: int, seed: int, init_state_ids: list[int] | None = None):
-        return make_env(task, num_envs, seed, init_state_ids)
+    def make_env(self, task: Task, num_envs: int, seed: int, init_state_ids: list[int] | None = None,
+                 init_state_queues=None):
+        return make_env(task, num_envs, seed, init_state_ids, init_state_queues)
+
+    def env_tasks(self) -> list[int]:
+        """The stream index of the task each training env pursues."""
+        if self.joint:
+            return [i % self.num_tasks for i in range(self.num_envs)]
+        return [self.task_index] * self.num_envs
 
     # -- collection ----------------------------------------------------------------------
     def _collector_for(self, module):
@@ -139,8 +163,12 @@ class OnPolicyDataModule(LightningDataModule):
             self._close_collector()
             # each rank its own envs and seeds; a new seed block per task
             seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
-            env = (make_joint_env(self.tasks, self.num_envs, seed) if self.joint
-                   else self.make_env(self.task, self.num_envs, seed))
+            queues = None
+            if self.curriculum is not None:  # at most frames_per_env + 1 resets per env and rollout
+                queues = self.curriculum.new_env(self.env_tasks(), self.frames_per_batch // self.num_envs + 1)
+            env = (make_joint_env(self.tasks, self.num_envs, seed, queues) if self.joint
+                   else self.make_env(self.task, self.num_envs, seed, None, queues))
+            self.env_version += 1
             # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
             self._collector = Collector(env, module.acting_policy(), frames_per_batch=self.frames_per_batch,
                                         total_frames=-1, env_device=env.device,
@@ -161,10 +189,19 @@ class OnPolicyDataModule(LightningDataModule):
         module.eval()
         rollout = next(self._collector_for(module)).to(module.device)
         module.train()
+        extra = {}
+        if self.curriculum is not None:
+            extra.update(self.curriculum.update(rollout, self.trainer))
+            self.curriculum.refill()  # the next rollout's initial states, from the updated curriculum
+        for cb in self.trainer.callbacks:  # raw rollouts for callbacks (callbacks/rprm.py)
+            if hasattr(cb, "on_rollout"):
+                cb.on_rollout(self.trainer, module, rollout)
+        if self.reward_shaping is not None:
+            extra.update(self.reward_shaping(rollout, module.device))
         samples, anchors, stats = module.process_rollout(
             rollout, self.anchor_goals, self.anchor_fraction,
             self.memory if self.anchor_source == "memory" else None)
-        module.rollout_stats = stats
+        module.rollout_stats = {**stats, **extra}
         self._last_samples = samples
         del rollout
         n = samples.numel()
@@ -180,6 +217,13 @@ class OnPolicyDataModule(LightningDataModule):
                     batch["anchor"] = anchors[aperm[k * mba:(k + 1) * mba]]
                 yield batch
 
+    def setup(self, stage: str | None = None) -> None:
+        shaping = self.reward_shaping
+        if (shaping is not None and not shaping.active and self._trainer_ok()
+                and not any(getattr(cb, "trains_rprm", False) for cb in self.trainer.callbacks)):
+            raise ValueError("data.reward_shaping.checkpoint=None: nothing would train the RPRM; give an "
+                             "RPRMModule checkpoint (scripts/train_rprm.py) or add callbacks.rprm.OnlineRPRM")
+
     def train_dataloader(self):
         return DataLoader(_RolloutMinibatches(self), batch_size=None, num_workers=0,
                           collate_fn=_identity)
@@ -190,13 +234,19 @@ class OnPolicyDataModule(LightningDataModule):
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"task_index": self.task_index, "anchor_goals": list(self.anchor_goals),
-                "memory": None if self.memory is None else self.memory.to_dict()}
+                "memory": None if self.memory is None else self.memory.to_dict(),
+                "curriculum": None if self.curriculum is None else self.curriculum.state_dict(),
+                "reward_shaping": None if self.reward_shaping is None else self.reward_shaping.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.set_task(state["task_index"])
         self.anchor_goals = list(state["anchor_goals"])
         mem = state.get("memory")
         self.memory = None if mem is None else TensorDict(mem, batch_size=[len(mem["goal"])])
+        if self.curriculum is not None and state.get("curriculum") is not None:
+            self.curriculum.load_state_dict(state["curriculum"])
+        if self.reward_shaping is not None and state.get("reward_shaping") is not None:
+            self.reward_shaping.load_state_dict(state["reward_shaping"])
 
 
 def _identity(batch):

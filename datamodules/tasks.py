@@ -4,14 +4,20 @@ A stream is a list of tasks, each a mapping::
 
     - {env: babyai, level: GoToObjectRoom, target: red ball}
     - {env: babyai, level: BabyAI-GoToObj-v0}
+    - {env: babyai, level: GoToObjectRoom, target: red ball, num_init_states: 50}  # 50 fixed layouts
     - {env: libero, suite: libero_goal, task_id: 3}            # one LIBERO task
     - {env: libero, suite: libero_goal, task_ids: [0, 1, 2]}   # expands to three tasks in order
+    - {env: libero, suite: libero_goal, task_id: 3, chunked: true}  # [K, D] action chunks (OFT)
+    - {env: toy_vla, instruction: move to the green target}    # continuous, CPU (datamodules/toy_vla.py)
+
+``chunked`` (continuous-action kinds; default: true for toy_vla, false for libero): the env
+executes a policy's [K, D] action chunk as one macro step (datamodules/chunking.py).
 
 Bad entries fail with one line naming the key and the value.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -22,6 +28,7 @@ class Task:
     target: str | int | None = None  # BabyAI: the object; LIBERO: the task id in the suite
     max_steps: int | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    chunked: bool = False  # the env executes [K, D] action chunks as macro steps
 
     @property
     def name(self) -> str:
@@ -39,7 +46,7 @@ class Task:
         return self.params.get("instruction")
 
 
-ENV_KINDS = ("babyai", "libero")
+ENV_KINDS = ("babyai", "libero", "toy_vla")
 
 
 def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
@@ -54,8 +61,18 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
         env = entry.pop("env", None)
         if env not in ENV_KINDS:
             raise ValueError(f"{where}.env={env!r}: unknown env kind (known: {', '.join(ENV_KINDS)})")
+        chunked = entry.pop("chunked", env == "toy_vla")
+        if not isinstance(chunked, bool) or (chunked and env == "babyai"):
+            raise ValueError(f"{where}.chunked={chunked!r}: true or false, and only for continuous-action "
+                             "env kinds (libero, toy_vla)")
         if env == "libero":
-            tasks += _parse_libero(where, entry)
+            tasks += [replace(t, chunked=chunked) for t in _parse_libero(where, entry)]
+            continue
+        if env == "toy_vla":
+            from datamodules.toy_vla import parse_toy_vla
+
+            max_steps, params = parse_toy_vla(where, entry)
+            tasks.append(Task(env, "ToyVLA", params["instruction"], max_steps, params, chunked))
             continue
         level = entry.pop("level", None)
         target = entry.pop("target", None)
@@ -63,6 +80,9 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
         if max_steps is not None and int(max_steps) <= 0:
             raise ValueError(f"{where}.max_steps={max_steps!r}: must be > 0")
         _check_babyai(where, level, target, entry.get("room_size"))
+        n_init = entry.get("num_init_states")
+        if n_init is not None and (not isinstance(n_init, int) or isinstance(n_init, bool) or n_init < 1):
+            raise ValueError(f"{where}.num_init_states={n_init!r}: must be a positive integer")
         tasks.append(Task(env, level, target, max_steps, entry))
     return tasks
 
@@ -104,20 +124,46 @@ def _check_babyai(where: str, level, target, room_size=None) -> None:
                          "registered BabyAI/minigrid id such as BabyAI-GoToObj-v0)")
 
 
-def make_env(task: Task, num_envs: int, seed: int, init_state_ids: list[int] | None = None):
+LIBERO_INIT_STATES = 50  # every task of the five standard suites ships 50 initial states
+
+
+def init_state_count(task: Task, where: str = "data.stream[i]") -> int:
+    """How many fixed initial states ``task`` has (the curriculum's keys per task)."""
+    if task.env == "libero":
+        return LIBERO_INIT_STATES
+    n = task.params.get("num_init_states")
+    if n is None:
+        raise ValueError(f"{where}.num_init_states=None: data.curriculum needs a finite set of initial "
+                         "states; set num_init_states (e.g. 50) in the babyai stream entry")
+    return n
+
+
+def make_env(task: Task, num_envs: int, seed: int, init_state_ids: list[int] | None = None,
+             init_state_queues=None):
     """A batched TorchRL env for ``task`` (the VLA TensorDict schema). ``init_state_ids``
     (evaluation): env i starts from that fixed initial state where the env kind has them
-    (LIBERO); BabyAI's layouts come from the seed."""
+    (LIBERO; BabyAI with ``num_init_states``); otherwise BabyAI's layouts come from the seed.
+    ``init_state_queues`` (datamodules/init_states.py): the curriculum's ids for the resets."""
     if task.env == "libero":
         from datamodules.libero import make_libero_env
 
-        return make_libero_env(task.level, task.target, num_envs, seed, task.max_steps, init_state_ids,
-                               task.params)
+        env = make_libero_env(task.level, task.target, num_envs, seed, task.max_steps, init_state_ids,
+                              task.params, init_state_queues)
+        if task.chunked:
+            from datamodules.chunking import ChunkedActionEnv
+
+            env = ChunkedActionEnv(env)
+        return env
+    if task.env == "toy_vla":
+        from datamodules.toy_vla import make_toy_vla_env
+
+        return make_toy_vla_env(num_envs, seed, task.max_steps, task.params, task.chunked)
     if task.env == "babyai":
         from datamodules.babyai import BabyAIEnv
 
         return BabyAIEnv(level=task.level, target=task.target, num_envs=num_envs, seed=seed,
-                         max_steps=task.max_steps, **task.params)
+                         max_steps=task.max_steps, init_state_ids=init_state_ids,
+                         init_state_queues=init_state_queues, **task.params)
     raise ValueError(f"env={task.env!r}: unknown env kind")
 
 
@@ -125,22 +171,28 @@ def check_joint(tasks: list[Task], num_envs: int) -> None:
     """Whether ``tasks`` can be joined into one batched env of ``num_envs`` envs."""
     first = tasks[0]
     if any((t.env, t.level, t.max_steps, t.params) != (first.env, first.level, first.max_steps, first.params)
-           for t in tasks) or first.env != "babyai":
-        raise ValueError("data.joint=True: every task of data.stream must be the same babyai level "
-                         "and parameters, differing only in target")
+           for t in tasks):
+        raise ValueError("data.joint=True: every task of data.stream must be the same babyai level (or LIBERO "
+                         "suite) and parameters, differing only in target (task_id)")
     if num_envs < len(tasks):
         raise ValueError(f"data.num_envs={num_envs!r}: data.joint=True needs >= {len(tasks)} (one per task)")
 
 
-def make_joint_env(tasks: list[Task], num_envs: int, seed: int):
+def make_joint_env(tasks: list[Task], num_envs: int, seed: int, init_state_queues=None):
     """One batched env over all ``tasks`` at once (env i: task i mod K), for joint multi-task
-    training (the MTL oracle). The tasks must differ only in their target."""
+    training (the MTL oracle; VLA-RL's one policy for a whole LIBERO suite). The tasks must
+    differ only in their target."""
     check_joint(tasks, num_envs)
     first = tasks[0]
+    if first.env == "libero":  # worker i runs task i mod K of the suite
+        from datamodules.libero import make_libero_env
+
+        return make_libero_env(first.level, [t.target for t in tasks], num_envs, seed, first.max_steps,
+                               None, first.params, init_state_queues)
     from datamodules.babyai import BabyAIEnv
 
     return BabyAIEnv(level=first.level, target=[t.target for t in tasks], num_envs=num_envs, seed=seed,
-                     max_steps=first.max_steps, **first.params)
+                     max_steps=first.max_steps, init_state_queues=init_state_queues, **first.params)
 
 
 def instructions_of(td, key="language_instruction") -> list[str]:

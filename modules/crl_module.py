@@ -25,7 +25,7 @@ from modules.critics import frozen_copy, make_critic
 from modules.losses import crl_loss
 from modules.policy.backbone import EncodedPrompts, cat_prompts
 from modules.policy.lora import adapter_names
-from modules.policy.token_vla import TokenVLAPolicy
+from modules.policy.base import VLAPolicy
 from modules.returns import gae, mc_returns
 from modules.rollout_policy import RolloutPolicy
 
@@ -50,7 +50,7 @@ def _require(name: str, value: float, low: float = 0.0, strict: bool = False) ->
 class CRLModule(LightningModule):
     def __init__(
         self,
-        policy: TokenVLAPolicy,
+        policy: VLAPolicy,
         critic_hidden_sizes: list[int] = (256, 256),
         policy_lr: float = 3e-4,
         critic_lr: float = 1e-3,
@@ -87,8 +87,11 @@ class CRLModule(LightningModule):
         self.automatic_optimization = False
         self.policy = policy
         # V(s, g), or Q(s, a, g) for CRL-VLA (Q): advantage Q(s, a) - E_{a'~pi} Q(s, a')
+        if critic_type == "q" and not getattr(policy, "token_actions", True):
+            raise ValueError(f"model.critic_type='q': not supported with {type(policy).__name__} (continuous "
+                             "action chunks; the Q head one-hot encodes action tokens): use 'v'")
         self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
-                                  policy.action_tokens, policy.action_bins)
+                                  getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None))
         self.anchor_critic: torch.nn.Module | None = None
         self.old_policy = None  # TokenVLAPolicy (frozen copy) or AdapterPolicy (LoRA)
         self.critic_age = 0  # iterations since the trainable critic was (re)initialised
@@ -98,8 +101,10 @@ class CRLModule(LightningModule):
         self._stop_epoch = False
 
     # -- acting -------------------------------------------------------------------------
-    def acting_policy(self, greedy: bool = False) -> RolloutPolicy:
-        return RolloutPolicy(self.policy, greedy=greedy)
+    def acting_policy(self, greedy: bool = False, temperature: float | None = None) -> RolloutPolicy:
+        """Training: the policy's temperature (model.policy.init_args.temperature); evaluation:
+        greedy, or sampling at ``temperature`` (callbacks/evaluation.py)."""
+        return RolloutPolicy(self.policy, greedy=greedy, temperature=temperature)
 
     # -- anchors (called by callbacks at task boundaries) ------------------------------
     @property
@@ -230,6 +235,7 @@ class CRLModule(LightningModule):
         if anc is not None:
             anchor_terms = dict(
                 anchor_token_log_probs=out.token_log_probs[n:],
+                kl_fn=getattr(self.policy, "kl_to_old_policy", None),  # OFTPolicy: Laplace KL
                 anchor_old_token_log_probs=anc.get("old_token_log_probs"),
                 anchor_value=self.anchor_critic(out.phi[n:], out.emb[n:], anc.get("tokens")),
                 anchor_value_target=anc.get("value_target"))

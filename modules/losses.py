@@ -42,13 +42,15 @@ def value_regression(prediction, target):
 
 def crl_loss(*, log_prob, old_log_prob, advantage, value, value_target, entropy,
              anchor_token_log_probs=None, anchor_old_token_log_probs=None,
-             anchor_value=None, anchor_value_target=None,
+             anchor_value=None, anchor_value_target=None, kl_fn=None,
              clip_eps: float, alpha: float, beta_v: float, eta: float, entropy_coef: float = 0.0):
-    """Eq. 8. Returns the total loss and every term (for logging)."""
+    """Eq. 8. Returns the total loss and every term (for logging). ``kl_fn(old, new)``: the
+    policy's own L_KL over its distribution parameters (continuous policies); default: the
+    per-token categorical KL."""
     l_ppo, approx_kl, clip_fraction = ppo_clipped_surrogate(log_prob, old_log_prob, advantage, clip_eps)
     l_mc = value_regression(value, value_target)
     zero = l_mc.new_zeros(())
-    l_kl = (kl_to_old_policy(anchor_old_token_log_probs, anchor_token_log_probs)
+    l_kl = ((kl_fn or kl_to_old_policy)(anchor_old_token_log_probs, anchor_token_log_probs)
             if anchor_token_log_probs is not None else zero)
     l_gcv = (value_regression(anchor_value, anchor_value_target)
              if anchor_value is not None else zero)

@@ -1,7 +1,7 @@
 """The acting side of the policy as a TensorDict module, for TorchRL collectors."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tensordict import TensorDictBase
@@ -19,17 +19,23 @@ class RolloutPolicy(TensorDictModuleBase):
     in_keys = [("observation", "image"), "language_instruction"]
     out_keys = ["action", "action_tokens", "sample_log_prob", "token_log_probs", "phi", "emb"]
 
-    def __init__(self, policy, greedy: bool = False):
+    def __init__(self, policy, greedy: bool = False, temperature: float | None = None):
+        """``temperature``: sample at this temperature instead of the policy's training one
+        (e.g. a low-temperature evaluation); None: the policy's own."""
         super().__init__()
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature={temperature!r}: must be > 0")
         self.policy = policy
         self.greedy = greedy
+        self.temperature = temperature
 
     @torch.no_grad()
     def forward(self, td: TensorDictBase) -> TensorDictBase:
         instructions = instructions_of(td)
         prompts = self.policy.encode(instructions)
         adapter = self.policy.routed_adapter(instructions)  # per-task adapters (callbacks/adapters.py)
-        with active_adapter(self.policy.backbone.model, adapter) if adapter else nullcontext():
+        with active_adapter(self.policy.backbone.model, adapter) if adapter else nullcontext(), \
+                _temperature(self.policy, self.temperature):
             out = self.policy.act(td.get(("observation", "image")), prompts, greedy=self.greedy)
         td.set("action", self.policy.env_action(out.tokens))
         td.set("action_tokens", out.tokens)
@@ -38,3 +44,17 @@ class RolloutPolicy(TensorDictModuleBase):
         td.set("phi", out.phi)
         td.set("emb", out.emb)
         return td
+
+
+@contextmanager
+def _temperature(policy, temperature: float | None):
+    """The policy's sampling temperature set to ``temperature`` for the block (None: unchanged)."""
+    if temperature is None:
+        yield
+        return
+    saved = policy.temperature
+    policy.temperature = temperature
+    try:
+        yield
+    finally:
+        policy.temperature = saved

@@ -34,6 +34,7 @@ from torch import nn
 
 from modules.critics import frozen_copy
 from modules.policy.action_codec import make_action_codec
+from modules.policy.base import VLAPolicy
 from modules.policy.backbone import EncodedPrompts, VLMBackbone, positions_from_mask
 from modules.policy.lora import TRAIN_ADAPTER, AdapterPolicy, apply_lora, snapshot_adapter
 
@@ -68,7 +69,7 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-class TokenVLAPolicy(nn.Module):
+class TokenVLAPolicy(VLAPolicy):
     def __init__(self, backbone: VLMBackbone, action_tokens: int = 1, action_bins: int = 3,
                  temperature: float = 1.0, lora: dict | None = None,
                  norm_stats: str | None = None, unnorm_key: str | None = None,

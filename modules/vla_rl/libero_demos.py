@@ -53,9 +53,15 @@ def _instruction(data, path: str) -> str:
 def _gripper(demo, source: str) -> np.ndarray:
     if source == "action":  # the commanded gripper: -1 open, +1 close
         return np.asarray(demo["actions"][()], float)[:, -1]
-    # measured finger opening -> [-1, 1] with +1 = most closed in this demo
-    fingers = np.asarray(demo["obs/gripper_states"][()], float)
+    return gripper_from_fingers(demo["obs/gripper_states"][()])
+
+
+def gripper_from_fingers(fingers) -> np.ndarray:
+    """Measured finger joint positions [T, 2] (or a width [T]) -> [-1, 1] with +1 = most
+    closed in this trajectory (the PseudoLabeler's convention)."""
+    fingers = np.asarray(fingers, float)
     width = np.abs(fingers[:, 0] - fingers[:, 1]) if fingers.ndim == 2 and fingers.shape[1] > 1 else fingers
+    width = width.reshape(-1)
     lo, hi = width.min(), width.max()
     return 1.0 - 2.0 * (width - lo) / max(hi - lo, 1e-8)
 

@@ -1,0 +1,40 @@
+"""torchrl's ``LiberoEnv`` with the kit's init-state choice (datamodules/init_states.py) and the
+episode's init-state id as an observation.
+
+Every reset runs in torchrl's ``"fixed"`` mode with ``init_state_id`` set just before it from an
+``InitStateChooser``: the curriculum's queue for this worker, else the pinned id (evaluation),
+else a uniform draw from the env's own generator, the same draw torchrl's ``"random"`` mode
+makes. ``init_state_id`` (int64 [1]) is the index of the stored state the current episode
+started from, read back from ``LiberoEnv`` after the reset (on reset and on every step, so
+``("next", "init_state_id")`` at a ``done`` names the episode that ended).
+"""
+from __future__ import annotations
+
+import torch
+from torchrl.data import Unbounded
+from torchrl.envs import LiberoEnv
+
+from datamodules.init_states import KEY, InitStateChooser, InitStateQueues
+
+
+class InitStateLiberoEnv(LiberoEnv):  # the metaclass builds subclasses directly (one worker)
+    def __init__(self, *args, pinned_init_state: int | None = None,
+                 init_state_queues: InitStateQueues | None = None, worker_index: int = 0, **kwargs):
+        super().__init__(*args, init_state_mode="fixed", **kwargs)
+        self.chooser = InitStateChooser(len(self.init_states), pinned_init_state, self._rng,
+                                        init_state_queues, worker_index)
+        self.init_state_id = self.chooser.pinned or 0
+
+    def _make_specs(self, env) -> None:
+        super()._make_specs(env)
+        self.observation_spec[KEY] = Unbounded(shape=(1,), dtype=torch.int64, device=self.device)
+
+    def _read_obs(self, obs: dict, *, success: bool):
+        out = super()._read_obs(obs, success=success)
+        current = self._current_init_state_index
+        out.set(KEY, torch.tensor([-1 if current is None else current], dtype=torch.int64))
+        return out
+
+    def _reset(self, tensordict=None, **kwargs):
+        self.init_state_id = self.chooser.next()
+        return super()._reset(tensordict, **kwargs)
