@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
     from datamodules.on_policy import OnPolicyDataModule
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                   save_config_kwargs={"overwrite": True}, seed_everything_default=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path,
                         weights_only=False)  # our own checkpoints hold RNG and datamodule state
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
         return 2
     return 0
 

@@ -5,7 +5,9 @@ task (row j of R); optionally every N iterations as well (success curves). Episo
 split over DDP ranks and the counts summed. Rank 0 writes ``metrics.json`` and ``R.csv``
 in the run's log dir after every evaluation (``"complete": false`` until the last task
 ends, so a crash keeps what was computed and nothing partial looks final), logs TensorBoard
-scalars and an R heatmap, and prints the paths.
+scalars and an R heatmap, and prints the paths. With ``videos_per_task: V`` the first V episodes of every task at each
+task end (and before training) are saved as ``videos/<when>/task<i>_ep<e>.mp4`` in the run's
+log dir and shown as animations in TensorBoard (``callbacks/videos.py``).
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from torchrl.envs.utils import step_mdp
 
 from callbacks.metrics import continual_metrics, heatmap_image
 from callbacks.task_boundary import TaskBoundaryHooks
+from callbacks.videos import EpisodeRecorder, add_tensorboard_video, write_mp4
 
 
 class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def __init__(self, episodes_per_task: int = 32, num_envs: int = 32, greedy: bool = False,
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
-                 temperature: float | None = None):
+                 temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10):
         """``greedy``: argmax actions; else sampled at ``temperature`` (None: the policy's
         training temperature; VLA-RL trains at 1.5-1.7 and evaluates greedily)."""
         if episodes_per_task <= 0:
@@ -35,7 +38,11 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         if temperature is not None and (greedy or temperature <= 0):
             raise ValueError(f"PerTaskEvaluation.temperature={temperature!r}: must be > 0, with greedy: false")
         self.episodes, self.num_envs, self.greedy = episodes_per_task, num_envs, greedy
+        if videos_per_task < 0 or video_fps <= 0:
+            raise ValueError(f"PerTaskEvaluation.videos_per_task={videos_per_task!r}, video_fps={video_fps!r}: "
+                             "must be >= 0 and > 0")
         self.temperature = temperature
+        self.videos, self.video_fps = videos_per_task, video_fps
         self.every_n, self.seed, self.max_steps = every_n_iterations, seed, max_steps
         self.b: list[float] | None = None
         self.R: list[list[float] | None] | None = None
@@ -43,7 +50,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
-    def success_rate(self, trainer, pl_module, task_index: int) -> float:
+    def success_rate(self, trainer, pl_module, task_index: int, video_dir: str | None = None) -> float:
+        """Success over the task's episodes; with ``video_dir`` rank 0 also saves its first
+        ``videos_per_task`` episodes there."""
         dm = trainer.datamodule
         rank, world = trainer.global_rank, trainer.world_size
         mine = list(range(rank, self.episodes, world))  # this rank's episode ids
@@ -56,19 +65,25 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             # episode e starts from fixed initial state e (LIBERO's 50-states protocol)
             env = dm.make_env(dm.tasks[task_index], len(ids),
                               seed=self.seed + 7919 * task_index + ids[0], init_state_ids=ids)
-            successes += self._run(env, policy, pl_module.device)
+            record = video_dir is not None and self.videos > 0 and rank == 0 and start == 0
+            recorder = EpisodeRecorder(self.videos) if record else None
+            successes += self._run(env, policy, pl_module.device, recorder)
             env.close()
+            if recorder is not None:
+                self._save_videos(trainer, recorder, task_index, video_dir, ids)
         pl_module.train(was_training)
         counts = torch.tensor([successes, len(mine)], dtype=torch.float64, device=pl_module.device)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return float(counts[0] / counts[1])
 
-    def _run(self, env, policy, device) -> int:
+    def _run(self, env, policy, device, recorder: EpisodeRecorder | None = None) -> int:
         td = env.reset()
         n = env.batch_size.numel()
         finished = torch.zeros(n, dtype=torch.bool)
         success = torch.zeros(n, dtype=torch.bool)
         for _ in range(self.max_steps):
+            if recorder is not None:
+                recorder.add(td, ~finished)
             td = env.step(policy(td.to(device)).to(env.device))
             done = td.get(("next", "done")).reshape(-1)
             first = done & ~finished  # only each env's first episode counts
@@ -79,19 +94,32 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             td = step_mdp(td)
         return int(success.sum())
 
-    def evaluate_all(self, trainer, pl_module) -> list[float]:
-        return [self.success_rate(trainer, pl_module, i) for i in range(trainer.datamodule.num_tasks)]
+    def evaluate_all(self, trainer, pl_module, label: str | None = None) -> list[float]:
+        """One success rate per task; ``label`` (e.g. ``after_task0``) names the video folder."""
+        video_dir = None
+        if label is not None and self.videos > 0:
+            video_dir = os.path.join(trainer.log_dir or ".", "videos", label)  # every rank asks (broadcast)
+        return [self.success_rate(trainer, pl_module, i, video_dir) for i in range(trainer.datamodule.num_tasks)]
+
+    def _save_videos(self, trainer, recorder, task_index, video_dir, episode_ids):
+        exp = getattr(trainer.logger, "experiment", None)
+        for e, frames in zip(episode_ids, recorder.episodes()):
+            path = write_mp4(os.path.join(video_dir, f"task{task_index}_ep{e}.mp4"), frames, self.video_fps)
+            if exp is not None and hasattr(exp, "file_writer"):
+                add_tensorboard_video(exp, f"eval_video/task{task_index}_ep{e}/{os.path.basename(video_dir)}",
+                                      frames, trainer.current_epoch, self.video_fps)
+        rank_zero_info(f"[eval] videos of task {task_index} in {video_dir}")
 
     # -- boundary events ------------------------------------------------------------------
     def on_task_start(self, trainer, pl_module, task_index):
         if self.b is None:  # the starting model, once
             K = trainer.datamodule.num_tasks
-            self.b = self.evaluate_all(trainer, pl_module)
+            self.b = self.evaluate_all(trainer, pl_module, "before")
             self.R = [None] * K
             self._record(trainer, "before", self.b)
 
     def on_task_end(self, trainer, pl_module, task_index):
-        row = self.evaluate_all(trainer, pl_module)
+        row = self.evaluate_all(trainer, pl_module, f"after_task{task_index}")
         self.R[task_index] = row
         self.curves.append({"iteration": trainer.current_epoch + 1, "task_trained": task_index,
                             "success": row, "task_end": True})

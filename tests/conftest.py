@@ -26,7 +26,7 @@ def tiny_policy():
 
 
 def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, tasks=3,
-                 ckpt_every=1, extra_callbacks=None, ablation=None):
+                 ckpt_every=1, extra_callbacks=None, ablation=None, videos=0):
     """The quickstart config (merged with ``configs/ablations/<ablation>.yaml`` if given)
     shrunk to seconds: 8 envs x 16 steps, 4 eval episodes."""
     cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
@@ -46,6 +46,7 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
             cb.init_args.episodes_per_task = 4
             cb.init_args.num_envs = 4
             cb.init_args.max_steps = 64
+            cb.init_args.videos_per_task = videos
         if path.endswith("TaskProgressBar"):
             continue
         if path.endswith("ModelCheckpoint"):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_train, small_config
+from test_videos import read_mp4
 
 BAD = [
     ("--data.stream=[]", "data.stream"),
@@ -35,6 +36,15 @@ def test_bad_input_one_line_nonzero_no_results(tmp_path, arg, key):
     assert not glob.glob(str(tmp_path / "runs" / "**" / "*.ckpt"), recursive=True)
 
 
+def test_lightning_misconfiguration_is_one_line(tmp_path):
+    # the quickstart lists TaskProgressBar: Lightning refuses it with the bar switched off
+    res = run_train("--config", "configs/quickstart.yaml", "--trainer.enable_progress_bar=false",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "enable_progress_bar" in res.stderr
+    assert "Traceback" not in res.stderr and not os.listdir(tmp_path)
+
+
 def _metrics(tmp_path, name):
     paths = sorted(glob.glob(str(tmp_path / "runs" / name / "version_*" / "metrics.json")))
     assert paths, "no metrics.json written"
@@ -44,9 +54,16 @@ def _metrics(tmp_path, name):
 
 @pytest.mark.slow
 def test_full_tiny_stream_writes_results(tmp_path):
-    res = run_train("--config", small_config(tmp_path, "full"))
+    res = run_train("--config", small_config(tmp_path, "full", videos=2))
     assert res.returncode == 0, res.stderr[-3000:]
     m, log_dir = _metrics(tmp_path, "full")
+    # evaluation videos: 2 episodes x 3 tasks, before training and after each task
+    videos = sorted(glob.glob(os.path.join(log_dir, "videos", "*", "*.mp4")))
+    assert len(videos) == 4 * 3 * 2, videos
+    assert {os.path.basename(os.path.dirname(v)) for v in videos} == {"before", "after_task0", "after_task1", "after_task2"}
+    assert not glob.glob(os.path.join(log_dir, "videos", "*", "*.part.mp4"))
+    frames = read_mp4(videos[0])
+    assert 1 <= len(frames) <= 64 and frames[0].shape == (56, 56, 3)
     assert m["complete"] and len(m["R"]) == 3 and all(len(r) == 3 for r in m["R"])
     assert set(m["metrics"]) == {"FAR", "BWT", "FT", "F", "FWT", "NBT", "AUC"}
     assert os.path.isfile(os.path.join(log_dir, "R.csv"))
