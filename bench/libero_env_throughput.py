@@ -43,7 +43,7 @@ def to_libero(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def raw_worker(conn, render: int, steps: int):
+def raw_worker(conn, render: int, steps: int, gpu: int):
     setup_libero()
     from libero.libero import benchmark, get_libero_path
     from libero.libero.envs import OffScreenRenderEnv
@@ -51,7 +51,8 @@ def raw_worker(conn, render: int, steps: int):
     task = benchmark.get_benchmark_dict()[SUITE]().get_task(TASK)
     env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
                                                           task.bddl_file),
-                             camera_heights=render, camera_widths=render, camera_names=["agentview"])
+                             camera_heights=render, camera_widths=render, camera_names=["agentview"],
+                             render_gpu_device_id=gpu)
     env.seed(0)
     env.reset()
     actions = to_libero(openvla_actions(steps))
@@ -82,9 +83,11 @@ def main():
 
     ctx = mp.get_context("spawn")
     pipes, procs, raw_pids = [], [], []
-    for _ in range(n):
+    n_gpus = torch.cuda.device_count()  # the kit's workers render on GPU i % n_gpus: so do these
+    for i in range(n):
         a, b = ctx.Pipe()
-        proc = ctx.Process(target=raw_worker, args=(b, args.render, steps), daemon=True)
+        proc = ctx.Process(target=raw_worker, args=(b, args.render, steps, i % n_gpus if n_gpus else -1),
+                           daemon=True)
         proc.start()
         pipes.append(a)
         procs.append(proc)
@@ -116,7 +119,8 @@ def main():
     kit_pids = [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in raw_pids]
     kit_rss = [rss_mb(pid) for pid in kit_pids]
     raw_rss = [rss_mb(pid) for pid in raw_pids]
-    print(f"task {SUITE}:{TASK}, {n} envs, {steps} steps per rep, render {args.render}px, reps {args.reps}")
+    print(f"task {SUITE}:{TASK}, {n} envs, {steps} steps per rep, render {args.render}px, reps {args.reps}, "
+          f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, {n_gpus} GPU(s) for rendering, {os.cpu_count()} cores")
     print(f"raw OffScreenRenderEnv  steps/s median {statistics.median(raw):.2f}  (all: "
           + ", ".join(f"{x:.2f}" for x in raw) + ")")
     print(f"kit env path            steps/s median {statistics.median(kit):.2f}  (all: "
