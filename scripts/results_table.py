@@ -2,6 +2,8 @@
 
     python scripts/results_table.py runs/sweep [more sweeps ...] [--out table.md] [--tasks K]
 
+Runs evaluated every N iterations (``PerTaskEvaluation.every_n_iterations``) also get a
+learning-curve table: the success averaged over the stream's tasks at each evaluated iteration.
 Runs whose metrics.json is missing or incomplete are listed, not averaged. ``--tasks K``
 scores the first K tasks only (the K x K corner of R, metrics recomputed on it), so runs cut
 short after task K-1 still count.
@@ -71,6 +73,7 @@ def table(runs: dict) -> str:
         row += [fmt([r["wall_s"] / 60 for r in rs])]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines += curve_table(runs)
     for method, rs in runs.items():
         R = np.mean([r["R"] for r in rs], 0)
         lines.append(f"Mean R for {method} (row j: after task j; column i: task i):")
@@ -80,6 +83,23 @@ def table(runs: dict) -> str:
         lines += [f"| {j} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for j, row in enumerate(R)]
         lines.append("")
     return "\n".join(lines)
+
+
+def curve_table(runs: dict) -> list[str]:
+    """Mean success over tasks at each evaluated iteration (mean ± std over seeds); empty when
+    no run was evaluated between task ends."""
+    if not any(not c.get("task_end", True) for rs in runs.values() for r in rs for c in r.get("curves", [])):
+        return []
+    its = sorted({c["iteration"] for rs in runs.values() for r in rs for c in r["curves"]})
+    lines = ["Success over training iterations (mean over tasks; mean ± std over seeds):", "",
+             "| method | " + " | ".join(f"it {i}" for i in its) + " |", "|" + "---|" * (len(its) + 1)]
+    for method, rs in runs.items():
+        cells = []
+        for it in its:
+            vals = [np.mean(c["success"]) for r in rs for c in r["curves"] if c["iteration"] == it]
+            cells.append(fmt(vals) if vals else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv=None) -> int:

@@ -7,10 +7,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write(d, R, b, metrics, complete=True, wall=60.0):
+def _write(d, R, b, metrics, complete=True, wall=60.0, curves=()):
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "metrics.json"), "w") as f:
-        json.dump({"complete": complete, "R": R, "b": b, "metrics": metrics}, f)
+        json.dump({"complete": complete, "R": R, "b": b, "metrics": metrics, "curves": list(curves)}, f)
     with open(os.path.join(d, "wall_s.txt"), "w") as f:
         f.write(f"{wall}\n")
 
@@ -33,6 +33,19 @@ def test_table_means_and_spreads(tmp_path):
     assert cells[-1] == "2.50 ± 0.71"  # wall 2 and 3 minutes
     assert "| 1 | 0.70 | 0.80 |" in text  # mean R row after task 1
     assert "seq_ft/seed0" in text and "| seq_ft |" not in text  # incomplete: listed, not averaged
+
+
+def test_learning_curve_table(tmp_path):
+    m = {k: 0.0 for k in ("FAR", "BWT", "F", "FT", "FWT", "NBT", "AUC")}
+    for seed, (a, b) in enumerate([(0.2, 0.8), (0.4, 0.9)]):
+        curves = [{"iteration": 10, "task_trained": 0, "success": [a], "task_end": False},
+                  {"iteration": 20, "task_trained": 0, "success": [b], "task_end": True}]
+        _write(tmp_path / "vla_rl" / f"seed{seed}", [[b]], [0.1], m, curves=curves)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "| method | it 10 | it 20 |" in res.stdout
+    assert "| vla_rl | 0.30 ± 0.14 | 0.85 ± 0.07 |" in res.stdout
 
 
 def test_table_without_runs_is_a_clear_error(tmp_path):
