@@ -147,16 +147,25 @@ def test_configs_parse_and_print(configs):
     assert ("lora:" in res.stdout and ("r: 8" in res.stdout)) == lora_on
 
 
-def test_seq_ft_is_the_quickstart_minus_the_anchor_callback():
-    """The ablation must differ from CRL only by AnchorCriticFreeze (same budget, same eval)."""
+# ablations that replace the quickstart's callback list (a YAML list is replaced whole when
+# merged), and the callbacks each one swaps in for AnchorCriticFreeze
+LIST_REPLACING = {"seq_ft": [], "ewc": ["callbacks.ewc.OnlineEWC"], "mtl": [],
+                  "per_task_adapters": ["callbacks.adapters.PerTaskAdapters"]}
+
+
+@pytest.mark.parametrize("ablation", sorted(LIST_REPLACING))
+def test_ablation_callbacks_are_the_quickstart_ones_minus_the_anchor(ablation):
+    """Same budget, same evaluation, same checkpoints as CRL: an ablation's copy of the list may
+    differ from the quickstart's only by AnchorCriticFreeze and its own method callback (a
+    changed TaskSwitch budget in quickstart.yaml must be changed in the copies too)."""
     from omegaconf import OmegaConf
 
     base = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml")).trainer.callbacks
-    ablation = OmegaConf.load(os.path.join(ROOT, "configs", "ablations", "seq_ft.yaml")).trainer.callbacks
-    expected = [OmegaConf.to_container(c) for c in base
-                if not c.class_path.endswith("AnchorCriticFreeze")]
-    assert [OmegaConf.to_container(c) for c in ablation] == expected
-    assert len(expected) == len(base) - 1
+    ablation_cbs = OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{ablation}.yaml")).trainer.callbacks
+    expected = [OmegaConf.to_container(c) for c in base if not c.class_path.endswith("AnchorCriticFreeze")]
+    got = [OmegaConf.to_container(c) for c in ablation_cbs if c.class_path not in LIST_REPLACING[ablation]]
+    assert got == expected
+    assert [c.class_path for c in ablation_cbs if c.class_path in LIST_REPLACING[ablation]] == LIST_REPLACING[ablation]
 
 
 @pytest.mark.slow
