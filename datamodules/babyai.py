@@ -7,7 +7,9 @@ BabyAI GoTo: the target is in the cell in front of the agent after an action (re
 1 - 0.9 t / max_steps); facing a *wrong* object ends the episode with reward 0, so a policy
 that ignores the instruction succeeds only ~1/3 of the time. Only the three navigation
 actions (left, right, forward). Every episode samples the same scene distribution; only the
-instruction changes between tasks (like LIBERO-Goal).
+instruction changes between tasks (like LIBERO-Goal). ``objects`` (a stream entry's list of
+"<colour> <ball|key|box>" names) puts another fixed set in the room, e.g. five objects for a
+5-task stream (``configs/streams/babyai5.yaml``); the default is the three above.
 
 Registered BabyAI levels (``BabyAI-GoToObj-v0``, ...) can also be used: success is a
 positive reward at termination, the action space is minigrid's 7 actions.
@@ -45,14 +47,12 @@ MIN_ROOM_SIZE = 3
 
 
 class GoToObjectRoom(MiniGridEnv):
-    """One room, three fixed objects at random cells; the mission names one of them."""
+    """One room, a fixed set of objects at random cells; the mission names one of them."""
 
-    def __init__(self, target: str, room_size: int = 6, max_steps: int = 64, **kwargs):
-        if target not in GOTO_OBJECTS:
-            raise ValueError(f"target={target!r}: expected one of {list(GOTO_OBJECTS)}")
-        if room_size < MIN_ROOM_SIZE:
-            raise ValueError(f"room_size={room_size!r}: must be >= {MIN_ROOM_SIZE} (three objects and the agent)")
-        self.target = target
+    def __init__(self, target: str, room_size: int = 6, max_steps: int = 64,
+                 objects: tuple[str, ...] = GOTO_OBJECTS, **kwargs):
+        check_objects(objects, target, room_size)
+        self.target, self.objects = target, tuple(objects)
         mission = f"go to the {target}"
         super().__init__(
             mission_space=MissionSpace(mission_func=lambda: mission),
@@ -65,7 +65,7 @@ class GoToObjectRoom(MiniGridEnv):
     def _gen_grid(self, width, height):
         self.grid = Grid(width, height)
         self.grid.wall_rect(0, 0, width, height)
-        for name in GOTO_OBJECTS:
+        for name in self.objects:
             color, kind = name.split()
             self.place_obj(_OBJ_CLASSES[kind](color))
         self.place_agent()
@@ -112,10 +112,29 @@ class _TileRenderer:
         return np.ascontiguousarray(img)
 
 
-def make_minigrid(level: str, target: str | None, max_steps: int | None, room_size: int = 6):
+def check_objects(objects, target, room_size, where: str = "") -> None:
+    """A GoToObjectRoom scene: distinct "<colour> <ball|key|box>" names, the target among them,
+    and a room with a free cell for each object and the agent. One line naming the bad key."""
+    from minigrid.core.constants import COLOR_NAMES
+
+    names = list(objects) if isinstance(objects, (list, tuple)) else None
+    if not names or len(set(names)) != len(names) or any(
+            not isinstance(n, str) or len(n.split()) != 2 or n.split()[0] not in COLOR_NAMES
+            or n.split()[1] not in _OBJ_CLASSES for n in names):
+        raise ValueError(f"{where}objects={objects!r}: expected distinct '<colour> <ball|key|box>' names "
+                         f"(colours: {', '.join(COLOR_NAMES)})")
+    if target not in names:
+        raise ValueError(f"{where}target={target!r}: expected one of {names}")
+    if not isinstance(room_size, int) or room_size < MIN_ROOM_SIZE or room_size ** 2 < len(names) + 1:
+        raise ValueError(f"{where}room_size={room_size!r}: must be an integer >= {MIN_ROOM_SIZE} with a cell "
+                         f"for each of the {len(names)} objects and the agent")
+
+
+def make_minigrid(level: str, target: str | None, max_steps: int | None, room_size: int = 6,
+                  objects: tuple[str, ...] = GOTO_OBJECTS):
     """One gymnasium minigrid env for a task; unknown levels fail with one clear line."""
     if level == "GoToObjectRoom":
-        return GoToObjectRoom(target=target, room_size=room_size, max_steps=max_steps or 64)
+        return GoToObjectRoom(target=target, room_size=room_size, max_steps=max_steps or 64, objects=objects)
     import gymnasium as gym
     import minigrid  # noqa: F401  (registers the BabyAI levels)
 
@@ -141,7 +160,7 @@ class BabyAIEnv(EnvBase):
                  num_envs: int = 8, seed: int = 0, tile_size: int = 8,
                  max_steps: int | None = None, room_size: int = 6, device: str = "cpu",
                  num_init_states: int | None = None, init_state_ids: list[int] | None = None,
-                 init_state_queues: InitStateQueues | None = None):
+                 init_state_queues: InitStateQueues | None = None, objects: tuple[str, ...] = GOTO_OBJECTS):
         super().__init__(batch_size=torch.Size([num_envs]), device=device)
         self.num_init_states = num_init_states
         self._layout_rng = torch.Generator().manual_seed(seed)
@@ -153,7 +172,7 @@ class BabyAIEnv(EnvBase):
         self._init_ids = np.full(num_envs, -1, np.int64)
         # a list of targets: env i pursues target i mod len (joint multi-task training)
         targets = target if isinstance(target, (list, tuple)) else [target]
-        self.envs = [make_minigrid(level, targets[i % len(targets)], max_steps, room_size)
+        self.envs = [make_minigrid(level, targets[i % len(targets)], max_steps, room_size, tuple(objects))
                      for i in range(num_envs)]
         self.num_actions = NAVIGATION_ACTIONS if level == "GoToObjectRoom" else 7
         self.render_frames = _TileRenderer(tile_size)

@@ -5,6 +5,7 @@ A stream is a list of tasks, each a mapping::
     - {env: babyai, level: GoToObjectRoom, target: red ball}
     - {env: babyai, level: BabyAI-GoToObj-v0}
     - {env: babyai, level: GoToObjectRoom, target: red ball, num_init_states: 50}  # 50 fixed layouts
+    - {env: babyai, level: GoToObjectRoom, target: purple key, objects: [red ball, purple key, blue box]}
     - {env: libero, suite: libero_goal, task_id: 3}            # one LIBERO task
     - {env: libero, suite: libero_goal, task_ids: [0, 1, 2]}   # expands to three tasks in order
     - {env: libero, suite: libero_goal, task_id: 3, chunked: true}  # [K, D] action chunks (OFT)
@@ -79,7 +80,7 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
         max_steps = entry.pop("max_steps", None)
         if max_steps is not None and int(max_steps) <= 0:
             raise ValueError(f"{where}.max_steps={max_steps!r}: must be > 0")
-        _check_babyai(where, level, target, entry.get("room_size"))
+        _check_babyai(where, level, target, entry.get("room_size"), entry.get("objects"))
         n_init = entry.get("num_init_states")
         if n_init is not None and (not isinstance(n_init, int) or isinstance(n_init, bool) or n_init < 1):
             raise ValueError(f"{where}.num_init_states={n_init!r}: must be a positive integer")
@@ -107,14 +108,12 @@ def _parse_libero(where: str, entry: dict) -> list[Task]:
     return [Task("libero", suite, task_id, max_steps, dict(entry)) for task_id in ids]
 
 
-def _check_babyai(where: str, level, target, room_size=None) -> None:
-    from datamodules.babyai import GOTO_OBJECTS, MIN_ROOM_SIZE
+def _check_babyai(where: str, level, target, room_size=None, objects=None) -> None:
+    from datamodules.babyai import GOTO_OBJECTS, check_objects
 
     if level == "GoToObjectRoom":
-        if target not in GOTO_OBJECTS:
-            raise ValueError(f"{where}.target={target!r}: expected one of {list(GOTO_OBJECTS)}")
-        if room_size is not None and (not isinstance(room_size, int) or room_size < MIN_ROOM_SIZE):
-            raise ValueError(f"{where}.room_size={room_size!r}: must be an integer >= {MIN_ROOM_SIZE}")
+        check_objects(GOTO_OBJECTS if objects is None else objects, target, 6 if room_size is None else room_size,
+                      where=f"{where}.")
         return
     import gymnasium as gym
     import minigrid  # noqa: F401

@@ -83,3 +83,31 @@ def test_joint_env_runs_every_task_of_the_stream_side_by_side():
                                         "room_size": 5}])
     with pytest.raises(ValueError, match="data.joint"):
         make_joint_env(mixed, num_envs=6, seed=0)
+
+
+def test_a_five_object_room_for_longer_streams():
+    import pytest
+
+    from datamodules.tasks import parse_stream
+
+    five = ["red ball", "green key", "blue box", "yellow ball", "purple key"]
+    env = GoToObjectRoom(target="yellow ball", objects=five)
+    env.reset(seed=4)
+    placed = sorted(f"{o.color} {o.type}" for o in env.grid.grid if o is not None and o.type != "wall")
+    assert placed == sorted(five)
+    _, r, term, _, info = _facing(env, Ball("yellow"))
+    assert term and info["success"] and r > 0.9
+    _, r, term, _, info = _facing(env, Key("purple"))
+    assert term and not info["success"] and r == 0.0
+    batched = BabyAIEnv(target="purple key", num_envs=2, seed=0, objects=five)
+    assert batched.reset().get("language_instruction").tolist() == ["go to the purple key"] * 2
+    for entry, key in [({"target": "yellow ball"}, "target"),                 # not in the default three
+                       ({"target": "red ball", "objects": ["red ball", "red ball"]}, "objects"),
+                       ({"target": "red ball", "objects": ["pink ball"]}, "objects"),
+                       ({"target": "red ball", "room_size": 3,  # 9 objects and the agent in 9 cells
+                         "objects": [f"{c} {k}" for c in ("red", "green", "blue") for k in ("ball", "key", "box")]},
+                        "room_size")]:
+        with pytest.raises(ValueError, match=rf"data.stream\[0\]\.{key}="):
+            parse_stream([{"env": "babyai", "level": "GoToObjectRoom", **entry}])
+    (task,) = parse_stream([{"env": "babyai", "level": "GoToObjectRoom", "target": "purple key", "objects": five}])
+    assert task.instruction == "go to the purple key" and task.params["objects"] == five

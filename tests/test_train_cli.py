@@ -133,7 +133,8 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
                                      ["configs/quickstart.yaml", "configs/ablations/er.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/per_task_adapters.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml",
-                                      "configs/ablations/lora.yaml"]])
+                                      "configs/ablations/lora.yaml"],
+                                     ["configs/quickstart.yaml", "configs/streams/babyai5.yaml"]])
 def test_configs_parse_and_print(configs):
     args = [a for c in configs for a in ("--config", os.path.join(ROOT, c))]
     res = run_train(*args, "--print_config", timeout=300)
