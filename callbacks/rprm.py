@@ -13,7 +13,11 @@ sparse reward (no RPRM: 85.8 vs 90.2 on LIBERO-Spatial). This callback does it i
    saved to ``<log_dir>/rprm/rprm.ckpt``; ``rprm/val_accuracy`` and ``rprm/val_auroc`` (held-out
    episodes) are logged;
 3. the datamodule's shaping is activated with that checkpoint for the rest of training (its
-   path is in the datamodule's state: a resumed run shapes with the same RPRM).
+   path is in the datamodule's state: a resumed run shapes with the same RPRM) - unless
+   ``min_auroc`` is set and the held-out AUROC falls below it: shaping then stays off for the
+   run (sparse reward only; ``rprm/shaping_on`` logs the decision). VLA-RL has no such gate
+   (default null); on BabyAI one RPRM of nine reached only AUROC 0.77 and its run never learned
+   (docs/results.md), which is why the kit offers it.
 
 The policy keeps training on the sparse reward meanwhile. Idle when ``data.reward_shaping`` is
 null (the no-RPRM ablation) or already has a checkpoint. Single-process runs only: under DDP
@@ -40,7 +44,8 @@ class OnlineRPRM(Callback):
     def __init__(self, collect_iterations: int = 5, min_episodes: int = 10, max_episodes: int | None = None,
                  labeler: PseudoLabeler | None = None, heldout_fraction: float = 0.2, epochs: int = 5,
                  batch_size: int = 64, lr: float = 1e-4, weight_decay: float = 0.0,
-                 pos_weight: float | None = None, balance: bool = True, seed: int = 0):
+                 pos_weight: float | None = None, balance: bool = True, seed: int = 0,
+                 min_auroc: float | None = None):
         """``balance``: class-balanced sampling of the train frames (positives are rare)."""
         for name, value, low in (("collect_iterations", collect_iterations, 1), ("min_episodes", min_episodes, 1),
                                  ("epochs", epochs, 1), ("batch_size", batch_size, 1)):
@@ -50,6 +55,9 @@ class OnlineRPRM(Callback):
             raise ValueError(f"{NAME}.max_episodes={max_episodes!r}: must be >= min_episodes={min_episodes}")
         if not 0.0 < heldout_fraction < 1.0:
             raise ValueError(f"{NAME}.heldout_fraction={heldout_fraction!r}: must be in (0, 1)")
+        if min_auroc is not None and not 0.0 <= min_auroc <= 1.0:
+            raise ValueError(f"{NAME}.min_auroc={min_auroc!r}: must be in [0, 1] (or null: no gate)")
+        self.min_auroc = min_auroc
         self.collect_iterations, self.min_episodes, self.max_episodes = collect_iterations, min_episodes, max_episodes
         self.labeler = labeler or PseudoLabeler()
         self.heldout_fraction, self.epochs, self.batch_size = heldout_fraction, epochs, batch_size
@@ -99,8 +107,10 @@ class OnlineRPRM(Callback):
             return
         metrics = self.train(trainer, pl_module)
         pl_module.log_dict(metrics)
-        rank_zero_info("[rprm] trained on {} episodes: held-out accuracy {:.3f}, AUROC {:.3f}; shaping on".format(
-            self.episodes, metrics.get("rprm/val_accuracy", float("nan")), metrics.get("rprm/val_auroc", float("nan"))))
+        on = bool(metrics["rprm/shaping_on"])
+        rank_zero_info("[rprm] trained on {} episodes: held-out accuracy {:.3f}, AUROC {:.3f}; {}".format(
+            self.episodes, metrics.get("rprm/val_accuracy", float("nan")), metrics.get("rprm/val_auroc", float("nan")),
+            "shaping on" if on else f"below min_auroc={self.min_auroc}: shaping stays off"))
 
     def train(self, trainer, pl_module) -> dict[str, float]:
         from datamodules.rprm_data import RPRMDataModule
@@ -119,7 +129,6 @@ class OnlineRPRM(Callback):
         inner.fit(module, datamodule=data)
         ckpt = os.path.join(self.root, "rprm.ckpt")
         inner.save_checkpoint(ckpt)
-        shaping.activate(ckpt)
         self.trained, self.idle = True, True
         splits = index["splits"]
         metrics = {"rprm/episodes": float(self.episodes), "rprm/train_frames": float(splits["train"]["frames"]),
@@ -127,6 +136,10 @@ class OnlineRPRM(Callback):
         for key in ("val/accuracy", "val/auroc", "val/loss", "val/positive_fraction"):
             if key in inner.callback_metrics:
                 metrics["rprm/" + key.replace("/", "_")] = float(inner.callback_metrics[key])
+        on = shaping_allowed(metrics.get("rprm/val_auroc"), self.min_auroc)
+        if on:
+            shaping.activate(ckpt)
+        metrics["rprm/shaping_on"] = float(on)
         return metrics
 
     def state_dict(self) -> dict:
@@ -135,3 +148,11 @@ class OnlineRPRM(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.trained = state["trained"]
         self.episodes = state["episodes"] if self.trained else 0  # an unfinished collection starts again
+
+
+def shaping_allowed(heldout_auroc: float | None, min_auroc: float | None) -> bool:
+    """The quality gate: no gate (None) always shapes; else the held-out AUROC must reach
+    ``min_auroc`` (a missing AUROC - a held-out split of one class - does not)."""
+    if min_auroc is None:
+        return True
+    return heldout_auroc is not None and heldout_auroc == heldout_auroc and heldout_auroc >= min_auroc

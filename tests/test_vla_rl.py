@@ -152,6 +152,31 @@ def test_online_rprm_dataset_training_and_shaping(online_run):
     assert all(0 < e for e in s["curriculum/episodes"])
 
 
+def test_rprm_quality_gate():
+    from callbacks.rprm import OnlineRPRM, shaping_allowed
+
+    assert shaping_allowed(0.77, None) and shaping_allowed(None, None)
+    assert not shaping_allowed(0.77, 0.9) and shaping_allowed(0.9, 0.9) and shaping_allowed(1.0, 0.9)
+    assert not shaping_allowed(None, 0.9) and not shaping_allowed(float("nan"), 0.9)
+    with pytest.raises(ValueError, match=r"OnlineRPRM.min_auroc=1.5"):
+        OnlineRPRM(min_auroc=1.5)
+
+
+@pytest.mark.slow
+def test_rprm_gate_in_a_run_follows_the_heldout_auroc(tmp_path):
+    """min_auroc: 1.0 - shaping turns on after the collection iterations exactly when the
+    trained RPRM's held-out AUROC is perfect; the log line and the scalars agree."""
+    cfg = vla_rl_config(tmp_path, "gate", iterations=2, online={**ONLINE, "min_auroc": 1.0},
+                        extra={"data.frames_per_batch": 192})
+    res = run_train("--config", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = scalars(log_dir_of(tmp_path, "gate"))
+    on = s["rprm/val_auroc"][0] >= 1.0
+    assert s["rprm/shaping_on"] == [float(on)]
+    assert s["rollout/rprm_active"] == [0.0, 0.0] + [float(on)] * 2
+    assert ("shaping on" in res.stdout + res.stderr) == on
+
+
 @pytest.mark.slow
 def test_curriculum_and_shaping_state_survive_resume(online_run):
     tmp, log_dir = online_run
@@ -232,7 +257,8 @@ def test_sweep_budget_config_parses():
     res = run_train("--config", SMOKE, "--config", os.path.join(ROOT, "configs", "vla_rl_babyai_sweep.yaml"),
                     "--print_config", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "iterations_per_task: 20" in res.stdout and "frames_per_batch: 1536" in res.stdout
+    assert "iterations_per_task: 40" in res.stdout and "frames_per_batch: 2048" in res.stdout
+    assert "every_n_iterations: 10" in res.stdout and "target: green key" not in res.stdout
 
 
 BAD = [
