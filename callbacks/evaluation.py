@@ -5,9 +5,10 @@ task (row j of R); optionally every N iterations as well (success curves). Episo
 split over DDP ranks and the counts summed. Rank 0 writes ``metrics.json`` and ``R.csv``
 in the run's log dir after every evaluation (``"complete": false`` until the last task
 ends, so a crash keeps what was computed and nothing partial looks final), logs TensorBoard
-scalars and an R heatmap, and prints the paths. With ``videos_per_task: V`` the first V episodes of every task at each
-task end (and before training) are saved as ``videos/<when>/task<i>_ep<e>.mp4`` in the run's
-log dir and shown as animations in TensorBoard (``callbacks/videos.py``).
+scalars and an R heatmap, and prints the paths. With ``videos_per_task: V`` the first V
+episodes of every task before training and at each task end are saved as
+``videos/<when>/task<i>_ep<e>.mp4`` in the run's log dir and shown as animations in
+TensorBoard (``callbacks/videos.py``).
 """
 from __future__ import annotations
 
