@@ -44,12 +44,13 @@ GOTO_OBJECTS = ("red ball", "green key", "blue box")
 _OBJ_CLASSES = {"ball": Ball, "key": Key, "box": Box}
 NAVIGATION_ACTIONS = 3  # left, right, forward
 MIN_ROOM_SIZE = 3
+DEFAULT_ROOM_SIZE = 6  # interior side of the GoToObjectRoom (ENVIRONMENT.md's benchmark room)
 
 
 class GoToObjectRoom(MiniGridEnv):
     """One room, a fixed set of objects at random cells; the mission names one of them."""
 
-    def __init__(self, target: str, room_size: int = 6, max_steps: int = 64,
+    def __init__(self, target: str, room_size: int = DEFAULT_ROOM_SIZE, max_steps: int = 64,
                  objects: tuple[str, ...] = GOTO_OBJECTS, **kwargs):
         check_objects(objects, target, room_size)
         self.target, self.objects = target, tuple(objects)
@@ -130,7 +131,8 @@ def check_objects(objects, target, room_size, where: str = "") -> None:
                          f"for each of the {len(names)} objects and the agent")
 
 
-def make_minigrid(level: str, target: str | None, max_steps: int | None, room_size: int = 6,
+def make_minigrid(level: str, target: str | None, max_steps: int | None,
+                  room_size: int = DEFAULT_ROOM_SIZE,
                   objects: tuple[str, ...] = GOTO_OBJECTS):
     """One gymnasium minigrid env for a task; unknown levels fail with one clear line."""
     if level == "GoToObjectRoom":
@@ -158,7 +160,7 @@ class BabyAIEnv(EnvBase):
 
     def __init__(self, level: str = "GoToObjectRoom", target: str | list[str] | None = None,
                  num_envs: int = 8, seed: int = 0, tile_size: int = 8,
-                 max_steps: int | None = None, room_size: int = 6, device: str = "cpu",
+                 max_steps: int | None = None, room_size: int = DEFAULT_ROOM_SIZE, device: str = "cpu",
                  num_init_states: int | None = None, init_state_ids: list[int] | None = None,
                  init_state_queues: InitStateQueues | None = None, objects: tuple[str, ...] = GOTO_OBJECTS):
         super().__init__(batch_size=torch.Size([num_envs]), device=device)

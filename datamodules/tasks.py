@@ -109,11 +109,11 @@ def _parse_libero(where: str, entry: dict) -> list[Task]:
 
 
 def _check_babyai(where: str, level, target, room_size=None, objects=None) -> None:
-    from datamodules.babyai import GOTO_OBJECTS, check_objects
+    from datamodules.babyai import DEFAULT_ROOM_SIZE, GOTO_OBJECTS, check_objects
 
     if level == "GoToObjectRoom":
-        check_objects(GOTO_OBJECTS if objects is None else objects, target, 6 if room_size is None else room_size,
-                      where=f"{where}.")
+        check_objects(GOTO_OBJECTS if objects is None else objects, target,
+                      DEFAULT_ROOM_SIZE if room_size is None else room_size, where=f"{where}.")
         return
     import gymnasium as gym
     import minigrid  # noqa: F401
