@@ -1,7 +1,10 @@
 """The kit's LIBERO env path vs raw ``OffScreenRenderEnv`` stepping, same actions, same script.
 
-Baseline: N processes, each stepping its own LIBERO ``OffScreenRenderEnv`` (agentview camera
-only, same resolution) with a fixed action sequence, driven over pipes. Kit: the datamodule's
+Baselines: N processes, each stepping its own LIBERO ``OffScreenRenderEnv`` (agentview camera
+only, same resolution) with a fixed action sequence, driven over pipes: "raw" lets each process
+run its whole action sequence freely (the upper bound); "raw lock-step" steps them together as a
+batched policy must (the main process sends one action to each, waits for all, and stacks the
+agentview images it gets back as pickled numpy: the least a batched env has to do). Kit: the datamodule's
 ``make_env`` for the same task (``ParallelEnv`` of torchrl ``LiberoEnv`` workers + the OpenVLA
 observation pipeline + gripper convention), stepped from the main process with the same
 actions in OpenVLA's convention. Reports aggregate env steps/s (median over reps, the two
@@ -12,6 +15,7 @@ Usage: python bench/libero_env_throughput.py [--num_envs 2 --steps 50 --reps 3 -
 import argparse
 import multiprocessing as mp
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -59,11 +63,20 @@ def raw_worker(conn, render: int, steps: int, gpu: int):
     for _ in range(10):  # settle + numba JIT warm-up, as the kit's reset does
         env.step(actions[0] * 0)
     conn.send(("ready", os.getpid()))
-    while conn.recv() == "run":
-        t = time.perf_counter()
-        for a in actions:
-            env.step(a)
-        conn.send(time.perf_counter() - t)
+    while True:
+        cmd = conn.recv()
+        if cmd == "run":
+            t = time.perf_counter()
+            for a in actions:
+                env.step(a)
+            conn.send(time.perf_counter() - t)
+        elif cmd == "lockstep":  # one step per message, the observation sent back
+            for a in actions:
+                conn.recv_bytes()
+                obs = env.step(a)[0]
+                conn.send_bytes(pickle.dumps(obs, protocol=pickle.HIGHEST_PROTOCOL))
+        else:
+            break
     env.close()
 
 
@@ -105,6 +118,17 @@ def main():
             c.send("run")
         return n * steps / max(c.recv() for c in pipes)
 
+    def lockstep_rate():
+        for c in pipes:
+            c.send("lockstep")
+        t = time.perf_counter()
+        for _ in range(steps):
+            for c in pipes:
+                c.send_bytes(b"s")
+            obs = [pickle.loads(c.recv_bytes()) for c in pipes]
+            np.stack([o["agentview_image"] for o in obs])
+        return n * steps / (time.perf_counter() - t)
+
     def kit_rate():
         nonlocal td
         t = time.perf_counter()
@@ -112,9 +136,10 @@ def main():
             td = step_mdp(env.step(td.set("action", a.expand(n, 7).clone())))
         return n * steps / (time.perf_counter() - t)
 
-    raw, kit = [], []
+    raw, lock, kit = [], [], []
     for _ in range(args.reps):
         raw.append(raw_rate())
+        lock.append(lockstep_rate())
         kit.append(kit_rate())
     kit_pids = [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in raw_pids]
     kit_rss = [rss_mb(pid) for pid in kit_pids]
@@ -123,9 +148,12 @@ def main():
           f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, {n_gpus} GPU(s) for rendering, {os.cpu_count()} cores")
     print(f"raw OffScreenRenderEnv  steps/s median {statistics.median(raw):.2f}  (all: "
           + ", ".join(f"{x:.2f}" for x in raw) + ")")
+    print(f"raw lock-step           steps/s median {statistics.median(lock):.2f}  (all: "
+          + ", ".join(f"{x:.2f}" for x in lock) + ")")
     print(f"kit env path            steps/s median {statistics.median(kit):.2f}  (all: "
           + ", ".join(f"{x:.2f}" for x in kit) + ")")
     print(f"ratio kit/raw (medians) {statistics.median(kit) / statistics.median(raw):.2f}")
+    print(f"ratio kit/raw lock-step (medians) {statistics.median(kit) / statistics.median(lock):.2f}")
     print(f"resident memory per worker: raw {statistics.median(raw_rss):.0f} MiB, "
           f"kit {statistics.median(kit_rss):.0f} MiB (median of {len(kit_rss)} kit processes)")
     for c in pipes:

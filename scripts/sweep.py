@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", required=True, help="base config(s), in order")
     p.add_argument("--method", action="append", required=True,
-                   help="NAME=ABLATION_YAML (empty after '=' for the base config alone)")
+                   help="NAME=ABLATION_YAML[,ABLATION_YAML...] (in order; empty after '=' for the "
+                        "base config alone), e.g. seq_ft_lora=configs/ablations/seq_ft.yaml,configs/ablations/lora.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / parallel)")
@@ -41,19 +42,21 @@ def parse_args(argv=None):
     for m in args.method:
         if "=" not in m:
             p.error(f"--method {m!r}: expected NAME=ABLATION_YAML")
-        name, yaml = m.split("=", 1)
-        if yaml and not os.path.isfile(yaml):
-            p.error(f"--method {m!r}: no such file {yaml!r}")
-        methods.append((name, yaml))
+        name, yamls = m.split("=", 1)
+        yamls = [y for y in yamls.split(",") if y]
+        for yaml in yamls:
+            if not os.path.isfile(yaml):
+                p.error(f"--method {m!r}: no such file {yaml!r}")
+        methods.append((name, yamls))
     if args.parallel <= 0:
         p.error(f"--parallel {args.parallel}: must be > 0")
     args.out = os.path.abspath(args.out)  # train.py runs from the repo root
     return args, methods
 
 
-def command(args, name, yaml, seed, ckpt=None):
+def command(args, name, yamls, seed, ckpt=None):
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
-    for c in args.config + ([yaml] if yaml else []):
+    for c in args.config + list(yamls):
         cmd += ["--config", c]
     cmd += ["--seed", str(seed), "--data.seed", str(seed),
             "--trainer.logger.init_args.save_dir", args.out,
@@ -71,7 +74,7 @@ def _complete(run_dir: str) -> bool:
         return False
 
 
-def run_one(args, threads, name, yaml, seed):
+def run_one(args, threads, name, yamls, seed):
     run_dir = os.path.join(args.out, name, f"seed{seed}")
     os.makedirs(run_dir, exist_ok=True)
     wall_file = os.path.join(run_dir, "wall_s.txt")
@@ -91,7 +94,7 @@ def run_one(args, threads, name, yaml, seed):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
     start = time.time()
     with open(os.path.join(run_dir, "train.log"), "a" if ckpt else "w") as log:
-        proc = subprocess.Popen(command(args, name, yaml, seed, ckpt), stdout=log,
+        proc = subprocess.Popen(command(args, name, yamls, seed, ckpt), stdout=log,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
             rc = proc.wait(None if args.deadline is None else max(0.0, args.deadline - time.time()))
@@ -112,7 +115,7 @@ def run_one(args, threads, name, yaml, seed):
 def main(argv=None) -> int:
     args, methods = parse_args(argv)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
-    jobs = [(name, yaml, s) for s in args.seeds for name, yaml in methods]
+    jobs = [(name, yamls, s) for s in args.seeds for name, yamls in methods]
     start = time.time()
     args.deadline = None if args.time_limit is None else start + args.time_limit
     with ThreadPoolExecutor(args.parallel) as pool:
