@@ -186,7 +186,8 @@ class CRLModule(LightningModule):
         Replay-free (default): current states relabelled with an earlier task's instruction.
         Memory: stored old-task states with their own instructions (the paper's setting)."""
         if memory is not None and memory.numel():
-            images, goals = memory.get("image").to(samples.device), memory.get("goal")
+            # the memory lives on the CPU; a TensorDict built from parts can have device None
+            images, goals = memory.get("image").to(self.device), memory.get("goal")
             texts = [anchor_goals[i] for i in goals.tolist()]
         elif anchor_goals:
             n = max(1, int(round(fraction * samples.numel())))

@@ -1,5 +1,6 @@
 """CRLModule with real parts: a real Collector rollout, relabelled anchor samples, and a
 real Lightning Trainer across a task boundary."""
+import pytest
 import torch
 from lightning import Callback, Trainer
 from torchrl.collectors import Collector
@@ -96,3 +97,28 @@ def test_anchor_frozen_while_trainable_parts_change(tiny_policy, tmp_path):
     assert watch.changed["anchor"] == 0.0 and watch.changed["old"] == 0.0
     assert watch.changed["critic"] > 1e-4 and watch.changed["policy"] > 1e-4
     assert all(not p.requires_grad for p in module.anchor_critic.parameters())
+
+
+def _memory_anchor_samples(module, device):
+    """ER/memory anchors: CPU-resident memory of old-task states, module (and rollout) on ``device``."""
+    from tensordict import TensorDict
+
+    module.freeze_anchor()
+    module.to(device)
+    rollout = _rollout(module).to(device)
+    images = rollout.get(("observation", "image"))
+    memory = TensorDict({"image": images.reshape(-1, *images.shape[-3:])[:6].cpu(),
+                         "goal": torch.zeros(6, dtype=torch.long)}, batch_size=[6])
+    return module.process_rollout(rollout, ["go to the red ball"], anchor_fraction=0.5, anchor_memory=memory)
+
+
+def test_memory_anchor_samples_cpu(tiny_policy):
+    samples, anchors, _ = _memory_anchor_samples(CRLModule(tiny_policy(), critic_hidden_sizes=[16]), "cpu")
+    assert anchors.numel() == 6 and torch.isfinite(anchors.get("value_target")).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_memory_anchor_samples_cuda(tiny_policy):
+    """The memory stays on the CPU; its states must reach the GPU policy (failed on an H200 before)."""
+    samples, anchors, _ = _memory_anchor_samples(CRLModule(tiny_policy(), critic_hidden_sizes=[16]), "cuda")
+    assert anchors.numel() == 6 and anchors.get("value_target").device.type == "cuda"
