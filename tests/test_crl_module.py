@@ -104,8 +104,8 @@ def _memory_anchor_samples(module, device):
     from tensordict import TensorDict
 
     module.freeze_anchor()
+    rollout = _rollout(module).to(device)  # collected on the CPU (the datamodule's env device)
     module.to(device)
-    rollout = _rollout(module).to(device)
     images = rollout.get(("observation", "image"))
     memory = TensorDict({"image": images.reshape(-1, *images.shape[-3:])[:6].cpu(),
                          "goal": torch.zeros(6, dtype=torch.long)}, batch_size=[6])

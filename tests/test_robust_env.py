@@ -1,0 +1,51 @@
+"""RobustEnvPool with cheap real workers (torchrl's ToyVLAEnv): the batched TensorDict it
+assembles equals stepping the same envs in-process, and a killed worker's row is a failure
+with the same keys (the LIBERO version of the kill test is in tests/test_libero.py)."""
+import functools
+import os
+import signal
+
+import torch
+from torchrl.envs.custom import ToyVLAEnv
+
+from datamodules.robust_env import RobustEnvPool
+
+INSTRUCTIONS = ["pick the cup", "open the drawer", "pick the cup"]
+
+
+def _make(seed: int, instruction: str):
+    return ToyVLAEnv(action_dim=7, state_dim=8, from_pixels=True, render_size=32, batch_size=[], seed=seed,
+                     instruction=instruction)
+
+
+def test_pool_equals_in_process_envs_and_a_killed_worker_fails_its_row():
+    makers = [functools.partial(_make, i, s) for i, s in enumerate(INSTRUCTIONS)]
+    pool, local = RobustEnvPool(makers, step_timeout=20.0), [m() for m in makers]
+    try:
+        td = pool.reset()
+        ref = [e.reset() for e in local]
+        assert td.batch_size == (3,) and list(td["language_instruction"]) == INSTRUCTIONS
+        assert not td["done"].any() and not td["env_failed"].any()
+        gen = torch.Generator().manual_seed(0)
+        for t in range(3):
+            action = torch.rand(3, 7, generator=gen) * 2 - 1
+            out = pool.step(td.set("action", action))["next"]
+            ref = [e.step(r.set("action", action[i]))["next"] for i, (e, r) in enumerate(zip(local, ref))]
+            for i in range(3):
+                for key in (("observation", "image"), ("observation", "state"), "reward", "done"):
+                    assert torch.equal(out[key][i], ref[i][key]), (t, i, key)
+            assert list(out["language_instruction"]) == INSTRUCTIONS
+            assert out["observation", "image"].dtype == torch.uint8 and out["reward"].dtype == torch.float32
+            td = out
+        last_state = td["observation", "state"][1].clone()
+        os.kill(pool.worker_pid(1), signal.SIGKILL)
+        out = pool.step(td.set("action", torch.zeros(3, 7)))["next"]
+        assert out["env_failed"].squeeze(-1).tolist() == [False, True, False] and pool.failures == 1
+        assert out["done"][1].item() and not out["terminated"][1].item() and "truncated" not in out.keys()
+        assert out["reward"][1].item() == 0.0 and out["reward"].dtype == torch.float32
+        assert torch.equal(out["observation", "state"][1], last_state)  # the last good observation
+        assert list(out["language_instruction"]) == INSTRUCTIONS
+        again = pool.reset(out.select().set("_reset", torch.tensor([[False], [True], [False]])))
+        assert not again["env_failed"].any() and again["language_instruction"][1] == INSTRUCTIONS[1]
+    finally:
+        pool.close()
