@@ -7,7 +7,9 @@ batched policy must (the main process sends one action to each, waits for all, a
 agentview images it gets back as pickled numpy: the least a batched env has to do). Kit: the datamodule's
 ``make_env`` for the same task (``ParallelEnv`` of torchrl ``LiberoEnv`` workers + the OpenVLA
 observation pipeline + gripper convention), stepped from the main process with the same
-actions in OpenVLA's convention. Reports aggregate env steps/s (median over reps, the two
+actions in OpenVLA's convention. All envs start from the task's stored init state 0 (a lock-step
+batch waits for its slowest env, so different starts would load the paths differently).
+Reports aggregate env steps/s (median over reps, the two
 paths alternating) and resident memory per env worker.
 
 Usage: python bench/libero_env_throughput.py [--num_envs 2 --steps 50 --reps 3 --render 256]
@@ -31,6 +33,7 @@ from datamodules.libero_setup import setup_libero  # noqa: E402
 from datamodules.tasks import make_env, parse_stream  # noqa: E402
 
 SUITE, TASK = "libero_goal", 8
+INIT_STATE = 0  # every env of both paths starts from this stored state: same physics, same actions
 
 
 def openvla_actions(steps: int, seed: int = 0) -> np.ndarray:
@@ -52,13 +55,15 @@ def raw_worker(conn, render: int, steps: int, gpu: int):
     from libero.libero import benchmark, get_libero_path
     from libero.libero.envs import OffScreenRenderEnv
 
-    task = benchmark.get_benchmark_dict()[SUITE]().get_task(TASK)
+    suite = benchmark.get_benchmark_dict()[SUITE]()
+    task = suite.get_task(TASK)
     env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
                                                           task.bddl_file),
                              camera_heights=render, camera_widths=render, camera_names=["agentview"],
                              render_gpu_device_id=gpu)
     env.seed(0)
     env.reset()
+    env.set_init_state(suite.get_task_init_states(TASK)[INIT_STATE])  # the kit's envs start there too
     actions = to_libero(openvla_actions(steps))
     for _ in range(10):  # settle + numba JIT warm-up, as the kit's reset does
         env.step(actions[0] * 0)
@@ -108,7 +113,7 @@ def main():
 
     task = parse_stream([{"env": "libero", "suite": SUITE, "task_id": TASK, "max_steps": 10_000,
                           "render_size": args.render}])[0]
-    env = make_env(task, n, seed=0)
+    env = make_env(task, n, seed=0, init_state_ids=[INIT_STATE] * n)
     td = env.reset()
     actions = torch.as_tensor(openvla_actions(steps), dtype=torch.float32)
     env.step(td.set("action", actions[0].expand(n, 7).clone()))  # warm-up
