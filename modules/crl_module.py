@@ -69,6 +69,7 @@ class CRLModule(LightningModule):
         critic_warmup_iterations: int = 0,
         critic_detach_features: bool = False,
         critic_type: str = "v",
+        q_advantage: str = "q",
         anchor_chunk_size: int = 1024,
     ):
         super().__init__()
@@ -81,6 +82,8 @@ class CRLModule(LightningModule):
                 raise ValueError(f"model.{name}={locals()[name]!r}: must be in [0, 1]")
         if value_target not in ("mc", "gae"):
             raise ValueError(f"model.value_target={value_target!r}: expected 'mc' or 'gae'")
+        if q_advantage not in ("q", "gae"):
+            raise ValueError(f"model.q_advantage={q_advantage!r}: expected 'q' or 'gae'")
         if target_kl is not None:
             _require("target_kl", target_kl, strict=True)
         self.save_hyperparameters(ignore=["policy"])
@@ -153,8 +156,8 @@ class CRLModule(LightningModule):
             target = mc_returns(reward, value, next_value, done, terminated, hp.gamma)
         else:
             target = gae_target
-        if hp.critic_type == "q":  # A(s, a) = Q(s, a, g) - E_{a'~pi} Q(s, a', g)
-            advantage = prediction - value
+        if hp.critic_type == "q" and hp.q_advantage == "q":  # the paper's A(s, a) = Q(s, a, g) - E_{a'~pi} Q(s, a', g)
+            advantage = prediction - value  # (q_advantage "gae": GAE on the rewards with V = E_{a'~pi} Q)
 
         prompts = self.policy.encode(instructions_of(flat))
         samples = TensorDict({

@@ -51,3 +51,42 @@ def test_q_variant_advantage_on_a_real_rollout(tiny_policy):
     assert torch.allclose(samples.get("advantage"), expected, atol=1e-5)
     assert samples.get("advantage").abs().max() > 0
     assert "rollout/explained_variance" in stats
+
+
+def test_q_advantage_gae_uses_the_rewards_with_expected_q_as_the_baseline(tiny_policy):
+    """``q_advantage: gae``: the V variant's GAE, with V(s) = E_{a~pi} Q(s, a, g)."""
+    from datamodules.tasks import instructions_of
+    from modules.returns import gae
+
+    torch.manual_seed(0)
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16], critic_type="q", q_advantage="gae", gamma=0.9,
+                       gae_lambda=0.8)
+    rollout = _rollout(module)
+    samples, _, _ = module.process_rollout(rollout, [])
+    n_env, T = rollout.batch_size
+    flat = rollout.reshape(-1)
+    value = module.critic.state_value(flat.get("phi"), flat.get("emb"), flat.get("token_log_probs")).view(n_env, T)
+    reward = rollout.get(("next", "reward")).squeeze(-1)
+    done, term = rollout.get(("next", "done")).squeeze(-1), rollout.get(("next", "terminated")).squeeze(-1)
+    nxt = torch.zeros_like(value)
+    nxt[:, :-1] = value[:, 1:]
+    need = done.clone()
+    need[:, -1] = True
+    need &= ~term
+    if need.any():  # the module evaluates the real next observation there
+        n = rollout.get("next")[need]
+        out = module.policy.act(n.get(("observation", "image")),
+                                module.policy.encode(instructions_of(n)), greedy=True)
+        nxt[need] = module.critic.state_value(out.phi, out.emb, out.token_log_probs)
+    expected, _ = gae(reward, value, nxt, done, term, 0.9, 0.8)
+    assert torch.allclose(samples.get("advantage"), expected.reshape(-1), atol=1e-5)
+    module.hparams.q_advantage = "q"  # the paper's advantage, same critic: a different signal
+    paper, _, _ = module.process_rollout(rollout, [])
+    assert (samples.get("advantage") - paper.get("advantage")).abs().max() > 1e-2
+
+
+def test_q_advantage_must_be_known(tiny_policy):
+    import pytest
+
+    with pytest.raises(ValueError, match="model.q_advantage='td'"):
+        CRLModule(tiny_policy(), critic_type="q", q_advantage="td")

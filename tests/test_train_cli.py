@@ -20,6 +20,7 @@ BAD = [
     ("--model.alpha=-1", "model.alpha"),
     ("--model.beta_v=-0.5", "model.beta_v"),
     ("--model.critic_type=w", "model.critic_type"),
+    ("--model.q_advantage=td", "model.q_advantage"),
     ("--ckpt_path=/no/such/file.ckpt", "ckpt_path"),
 ]
 
