@@ -130,6 +130,7 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
                                      ["configs/quickstart.yaml", "configs/ablations/ewc.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/lwf.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_q_gae.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/mtl.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/er.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/per_task_adapters.yaml"],
@@ -147,6 +148,7 @@ def test_configs_parse_and_print(configs):
     assert has_anchor == (not any(c in configs for c in no_anchor))
     lora_on = any(c in configs for c in ("configs/ablations/lora.yaml", "configs/ablations/per_task_adapters.yaml"))
     assert ("lora:" in res.stdout and ("r: 8" in res.stdout)) == lora_on
+    assert ("q_advantage: gae" in res.stdout) == ("configs/ablations/crl_q_gae.yaml" in configs)
 
 
 # ablations that replace the quickstart's callback list (a YAML list is replaced whole when
