@@ -59,7 +59,8 @@ def _flatten(data: dict, prefix: tuple = ()) -> dict:
 def _batch(rows: list[dict]) -> TensorDictBase:
     """Workers' flat rows -> one TensorDict [n]: one ``np.stack`` per key. Building a TensorDict
     per worker and ``torch.stack``-ing them cost ~30 ms per step with 16 LIBERO workers on an H200
-    (bench/libero_worker_profile.py), the main process then being the bottleneck."""
+    (bench/libero_worker_profile.py), the main process then being the bottleneck; the assembly
+    alone: bench/env_pool_assembly.py."""
     td = TensorDict(batch_size=[len(rows)])
     for key in rows[0]:
         values = [r[key] for r in rows]
