@@ -4,9 +4,10 @@ One process per env (``RobustEnvPool``: one MuJoCo sim and GL context each; cras
 workers are restarted and their episode counted as failed). Per worker:
 ``LiberoEnv`` (VLA TensorDict schema, settle steps, init-state control) wrapped with
 
-* ``OpenVLAObservation``: the image as OpenVLA sees it (rendered at ``render_size``, flipped
-  180 degrees by ``LiberoEnv``, optional JPEG round-trip, Lanczos resize to ``image_size``,
-  optional 0.9-area centre crop: torchrl's ``OpenVLAImagePreprocessor``);
+* ``OpenVLAObservation``: the image as OpenVLA's evaluation computes it (rendered at
+  ``render_size``, flipped 180 degrees by ``LiberoEnv``, JPEG round-trip, TF's Lanczos3 resize
+  to ``image_size``, 0.9-area centre crop: datamodules/openvla_image.py); with ``image_device``
+  the resize and crop run batched over all envs in the main process;
 * ``OpenVLAGripperAction``: the policy speaks OpenVLA's action convention, the sim LIBERO's.
 
 Training resets draw init states at random; evaluation env ``i`` is pinned to init state
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from torchrl.data import Bounded
 from torchrl.envs import Compose, Transform, TransformedEnv
 
 from datamodules.libero_setup import SUITES, setup_libero
+from datamodules.openvla_image import center_crop, jpeg_roundtrip, lanczos3_resize
 from datamodules.robust_env import RobustEnvPool
 
 # env options a stream entry may set (defaults: OpenVLA's LIBERO evaluation setup)
@@ -31,7 +32,8 @@ LIBERO_OPTIONS = {
     "image_size": 224,        # what the policy gets
     "jpeg_quality": 95,       # None: no JPEG round-trip (OpenVLA's training data went through JPEG)
     "center_crop": True,      # OpenVLA's 0.9-area centre crop (models trained with image augmentation)
-    "preprocess_backend": "pil",  # OpenVLAImagePreprocessor backend (torch_reference needs torchvision)
+    "image_device": None,     # None: the whole image pipeline in each env worker (CPU); a device
+                              # ("cuda", "cpu"): workers JPEG, the main process resizes + crops all envs at once there
     "wrist_camera": False,    # also render robot0_eye_in_hand as ("observation", "wrist_image")
     "settle_steps": 10,       # no-op steps after reset (OpenVLA protocol)
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
@@ -41,51 +43,42 @@ LIBERO_OPTIONS = {
 
 
 class OpenVLAObservation(Transform):
-    """uint8 [3, R, R] render -> uint8 [3, S, S] as OpenVLA's LIBERO pipeline produces it."""
+    """uint8 [..., 3, R, R] flipped render -> uint8 [..., 3, S, S] as OpenVLA's LIBERO evaluation
+    computes it (datamodules/openvla_image.py: JPEG round-trip, Lanczos3 resize, centre crop).
+
+    ``stages`` splits the pipeline: ``("jpeg", "resize")`` in each env worker (the default);
+    with the LIBERO option ``image_device`` set, the workers run ``("jpeg",)`` and the main
+    process runs ``("resize",)`` (resize + crop) on all envs' images in one batch on that
+    device (a GPU: ~0.2 ms for 16 envs instead of ~4 ms in every worker)."""
 
     def __init__(self, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
-                 backend: str = "pil", in_keys=(("observation", "image"),)):
+                 in_keys=(("observation", "image"),), stages=("jpeg", "resize"), device=None):
         super().__init__(in_keys=list(in_keys), out_keys=list(in_keys))
         self.image_size, self.jpeg_quality, self.center_crop = image_size, jpeg_quality, center_crop
-        if jpeg_quality is not None:
-            from torchrl.data.vla import OpenVLAImagePreprocessor
-
-            self.proc = OpenVLAImagePreprocessor(size=image_size, jpeg_quality=jpeg_quality,
-                                                 center_crop=center_crop, backend=backend)
+        self.stages, self.device = tuple(stages), None if device is None else torch.device(device)
 
     def _apply_transform(self, image: torch.Tensor) -> torch.Tensor:
-        if self.jpeg_quality is not None:
-            return self.proc(image)
-        return lanczos_crop(image, self.image_size, self.center_crop)
+        if "jpeg" in self.stages and self.jpeg_quality is not None:
+            image = jpeg_roundtrip(image, self.jpeg_quality)
+        if "resize" in self.stages:
+            home = image.device
+            if self.device is not None:
+                image = image.to(self.device, non_blocking=True)
+            image = lanczos3_resize(image, self.image_size)
+            image = (center_crop(image) if self.center_crop else image).to(home)
+        return image
 
     def _reset(self, tensordict, tensordict_reset):
         return self._call(tensordict_reset)
 
     def transform_observation_spec(self, observation_spec):
+        if "resize" not in self.stages:
+            return observation_spec
         for key in self.in_keys:
             spec = observation_spec[key]
             observation_spec[key] = spec.__class__(
                 shape=(*spec.shape[:-2], self.image_size, self.image_size), dtype=spec.dtype, device=spec.device)
         return observation_spec
-
-
-def lanczos_crop(image: torch.Tensor, size: int, center_crop: bool) -> torch.Tensor:
-    """No-JPEG variant of the pipeline (PIL Lanczos resize, then the 0.9-area centre crop
-    resized back, as ``OpenVLAImagePreprocessor``'s pil backend orders them)."""
-    from PIL import Image
-
-    flat = image.reshape(-1, *image.shape[-3:])
-    out = []
-    for img in flat:
-        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-        if pil.size != (size, size):
-            pil = pil.resize((size, size), Image.LANCZOS)
-        if center_crop:
-            c = int(round(size * 0.9 ** 0.5))
-            o = (size - c) // 2
-            pil = pil.crop((o, o, o + c, o + c)).resize((size, size), Image.LANCZOS)
-        out.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
-    return torch.stack(out).reshape(*image.shape[:-2], size, size)
 
 
 class OpenVLAGripperAction(Transform):
@@ -140,8 +133,8 @@ def worker_env(suite: str, task_id: int, *, seed: int, max_steps: int, init_stat
     env.set_seed(seed)
     keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])
     return TransformedEnv(env, Compose(
-        OpenVLAObservation(options["image_size"], options["jpeg_quality"], options["center_crop"],
-                           options["preprocess_backend"], in_keys=keys),
+        OpenVLAObservation(options["image_size"], options["jpeg_quality"], options["center_crop"], in_keys=keys,
+                           stages=("jpeg",) if options["image_device"] is not None else ("jpeg", "resize")),
         OpenVLAGripperAction(options["binarize_gripper"])))
 
 
@@ -150,12 +143,21 @@ def libero_options(params: dict, where: str = "data.stream[i]") -> dict:
     if unknown:
         raise ValueError(f"{where}.{sorted(unknown)[0]}={params[sorted(unknown)[0]]!r}: unknown LIBERO option "
                          f"(known: {', '.join(LIBERO_OPTIONS)})")
-    return {**LIBERO_OPTIONS, **params}
+    options = {**LIBERO_OPTIONS, **params}
+    device = options["image_device"]
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{where}.image_device={device!r}: not a torch device (null, cpu, cuda, cuda:0)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{where}.image_device={options['image_device']!r}: no CUDA device on this machine")
+    return options
 
 
 def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: int, max_steps: int | None = None,
                     init_state_ids: list[int] | None = None, options: dict | None = None,
-                    init_state_queues=None) -> RobustEnvPool:
+                    init_state_queues=None):
     """``num_envs`` LIBERO workers on one task (a list: worker i runs ``task_id[i % K]``, joint
     training); ``init_state_ids`` (evaluation) pins worker i to that init state, else training
     resets take the curriculum's ``init_state_queues`` (datamodules/init_states.py) or draw one at random."""
@@ -169,5 +171,11 @@ def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: i
         init_state_id=None if init_state_ids is None else int(init_state_ids[i]),
         render_gpu=(i % n_gpus) if n_gpus else None, options=options,
         init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs)]
-    return RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"])
+    pool = RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"])
+    if options["image_device"] is None:
+        return pool
+    keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])
+    return TransformedEnv(pool, OpenVLAObservation(options["image_size"], options["jpeg_quality"],
+                                                   options["center_crop"], in_keys=keys, stages=("resize",),
+                                                   device=options["image_device"]))
 
