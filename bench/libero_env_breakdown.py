@@ -1,51 +1,79 @@
-"""Where a LIBERO step's time goes, one env in-process (no pool), same task and actions:
-raw ``OffScreenRenderEnv`` vs torchrl's ``LiberoEnv`` (the kit's ``InitStateLiberoEnv``) vs the
-kit's worker env (+ OpenVLA image pipeline and gripper transform), with and without the JPEG
-round trip. Median ms per step over 3 reps of 40 steps. Use a small render size so that
-software rendering does not hide the wrappers' cost.
+"""Where one LIBERO step's time goes, in-process (no pool), all parts timed on the same sim.
 
-Usage: MUJOCO_GL=egl python bench/libero_env_breakdown.py [RENDER_PX, default 64]
+One kit worker env (torchrl ``LiberoEnv`` + the OpenVLA observation transform + the gripper
+transform) for libero_goal task 8 from init state 0, and the pieces under it, each timed on
+that same simulator and its frames: raw ``OffScreenRenderEnv.step`` (physics + render), torchrl's
+``LiberoEnv`` step (+ its success check and TensorDict), the kit's full worker step, the image
+pipeline's parts (JPEG round-trip, Lanczos3 resize, centre crop) and the worker's wire format.
+Median ms over ``--reps`` x ``--steps``.
+
+Usage: MUJOCO_GL=egl python bench/libero_env_breakdown.py [--render 256 --steps 40 --reps 3]
 """
-import os, sys, time, statistics
+import argparse
+import os
+import pickle
+import statistics
+import sys
+import time
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import numpy as np, torch
-from datamodules.libero_setup import setup_libero
-setup_libero()
-from datamodules.libero import worker_env, LIBERO_OPTIONS
-from libero.libero import benchmark, get_libero_path
-from libero.libero.envs import OffScreenRenderEnv
-torch.set_num_threads(1)
-R = int(sys.argv[1]) if len(sys.argv) > 1 else 64
-task = benchmark.get_benchmark_dict()["libero_goal"]().get_task(8)
-raw = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
-                         camera_heights=R, camera_widths=R, camera_names=["agentview"])
-raw.seed(0); raw.reset()
-a = np.zeros(7); a[-1] = -1
-def t_raw(n=40):
-    t = time.perf_counter()
-    for _ in range(n): raw.step(a)
-    return (time.perf_counter() - t) / n * 1e3
-def make(**kw):
-    e = worker_env("libero_goal", 8, seed=0, max_steps=10000, init_state_id=0, render_gpu=None,
-                   options={**LIBERO_OPTIONS, "render_size": R, "image_size": min(224, R), **kw})
-    td = e.reset(); return e, td
-kit, tdk = make()
-kitnj, tdn = make(jpeg_quality=None, center_crop=False)
-act = torch.tensor([0.]*6 + [1.])
-def t_kit(e, td, n=40):
-    t = time.perf_counter()
-    for _ in range(n):
-        td = e.step(td.set("action", act.clone()))["next"]
-    return (time.perf_counter() - t) / n * 1e3
-base = kit.base_env
-def t_base(n=40):
-    td = base.reset()
-    t = time.perf_counter()
-    for _ in range(n):
-        td = base.step(td.set("action", torch.tensor([0.]*6 + [-1.])))["next"]
-    return (time.perf_counter() - t) / n * 1e3
-for f in (t_raw, lambda: t_kit(kit, tdk), lambda: t_kit(kitnj, tdn), t_base): f()  # warm
-res = {k: [] for k in ("raw", "kit", "kit_nojpeg", "torchrl_LiberoEnv")}
-for _ in range(3):
-    res["raw"].append(t_raw()); res["kit"].append(t_kit(kit, tdk)); res["kit_nojpeg"].append(t_kit(kitnj, tdn)); res["torchrl_LiberoEnv"].append(t_base())
-for k, v in res.items(): print(f"{k:20s} ms/step median {statistics.median(v):.1f}")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+
+from datamodules.libero import LIBERO_OPTIONS, worker_env  # noqa: E402
+from datamodules.libero_setup import setup_libero  # noqa: E402
+from datamodules.openvla_image import center_crop, jpeg_roundtrip, lanczos3_resize  # noqa: E402
+from datamodules.robust_env import _to_wire  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--render", type=int, default=256)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    setup_libero()
+    torch.set_num_threads(1)
+    env = worker_env("libero_goal", 8, seed=0, max_steps=10_000, init_state_id=0, render_gpu=None,
+                     options={**LIBERO_OPTIONS, "render_size": args.render})
+    td = env.reset()
+    base, raw = env.base_env, env.base_env._env
+    frame = td["observation", "image"]
+    render = base._read_image(raw.env._get_observations(force_update=True)["agentview_image"])
+    jpeg = jpeg_roundtrip(render, 95)
+    resized = lanczos3_resize(jpeg, 224)
+    libero_action = np.zeros(7)
+    libero_action[-1] = -1.0  # LIBERO: -1 = open
+    kit_td = td.clone().set("action", torch.tensor([0.0] * 6 + [1.0]))  # OpenVLA: 1 = open
+    base_td = TensorDict({"action": torch.tensor(libero_action, dtype=torch.float32)}, batch_size=[])
+    step_out = env.step(kit_td.clone())["next"]
+    parts = {
+        "raw OffScreenRenderEnv.step": lambda: raw.step(libero_action),
+        "LiberoEnv._step (raw + success + TensorDict)": lambda: base._step(base_td),
+        "LiberoEnv.step (+ EnvBase)": lambda: base.step(base_td.clone()),
+        "kit worker env.step (+ image pipeline, gripper)": lambda: env.step(kit_td.clone()),
+        f"  image: JPEG round-trip ({args.render} px)": lambda: jpeg_roundtrip(render, 95),
+        f"  image: Lanczos3 resize {args.render}->224": lambda: lanczos3_resize(jpeg, 224),
+        "  image: centre crop": lambda: center_crop(resized),
+        "  wire: flat numpy row + pickle": lambda: pickle.dumps(_to_wire(step_out), protocol=pickle.HIGHEST_PROTOCOL),
+    }
+    assert frame.shape[-1] == 224
+    res = {k: [] for k in parts}
+    for f in parts.values():
+        f()  # warm-up
+    for _ in range(args.reps):
+        for name, f in parts.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                f()
+            res[name].append((time.perf_counter() - t) / args.steps * 1e3)
+    print(f"libero_goal:8, render {args.render}px, MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
+          f"{args.reps} reps x {args.steps} steps, median ms per call")
+    for name, v in res.items():
+        print(f"{name:50s} {statistics.median(v):7.2f}")
+    env.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -9,10 +9,12 @@ agentview images it gets back as pickled numpy: the least a batched env has to d
 observation pipeline + gripper convention), stepped from the main process with the same
 actions in OpenVLA's convention. All envs start from the task's stored init state 0 (a lock-step
 batch waits for its slowest env, so different starts would load the paths differently).
-Reports aggregate env steps/s (median over reps, the two
-paths alternating) and resident memory per env worker.
+Reports aggregate env steps/s (median over reps, the paths alternating) and resident memory per
+env worker, for each kit variant (``--variants``: where the image pipeline runs, core pinning),
+each built after the previous one is closed.
 
-Usage: python bench/libero_env_throughput.py [--num_envs 2 --steps 50 --reps 3 --render 256]
+Usage: python bench/libero_env_throughput.py [--num_envs 2 --steps 50 --reps 3 --render 256
+       --variants worker,cuda,cuda+pin]
 """
 import argparse
 import multiprocessing as mp
@@ -62,15 +64,22 @@ def raw_worker(conn, render: int, steps: int, gpu: int):
                              camera_heights=render, camera_widths=render, camera_names=["agentview"],
                              render_gpu_device_id=gpu)
     env.seed(0)
-    env.reset()
-    env.set_init_state(suite.get_task_init_states(TASK)[INIT_STATE])  # the kit's envs start there too
     actions = to_libero(openvla_actions(steps))
-    for _ in range(10):  # settle + numba JIT warm-up, as the kit's reset does
-        env.step(actions[0] * 0)
+
+    def reset():  # every rep of every path starts from the same stored state
+        env.reset()
+        env.set_init_state(suite.get_task_init_states(TASK)[INIT_STATE])
+        for _ in range(10):  # settle (+ numba JIT warm-up the first time), as the kit's reset does
+            env.step(actions[0] * 0)
+
+    reset()
     conn.send(("ready", os.getpid()))
     while True:
         cmd = conn.recv()
-        if cmd == "run":
+        if cmd == "reset":
+            reset()
+            conn.send("ok")
+        elif cmd == "run":
             t = time.perf_counter()
             for a in actions:
                 env.step(a)
@@ -95,6 +104,10 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--render", type=int, default=256)
+    p.add_argument("--variants", default="worker",
+                   help="comma list of kit variants: worker (image pipeline in each env worker), a device such as "
+                        "cuda or cpu (the LIBERO option image_device), off (no image pipeline: the render as it "
+                        "comes, flipped), +pin appended: kit workers pinned one per core")
     args = p.parse_args()
     setup_libero()
     n, steps = args.num_envs, args.steps
@@ -110,20 +123,21 @@ def main():
         pipes.append(a)
         procs.append(proc)
     raw_pids = [c.recv()[1] for c in pipes]
-
-    task = parse_stream([{"env": "libero", "suite": SUITE, "task_id": TASK, "max_steps": 10_000,
-                          "render_size": args.render}])[0]
-    env = make_env(task, n, seed=0, init_state_ids=[INIT_STATE] * n)
-    td = env.reset()
     actions = torch.as_tensor(openvla_actions(steps), dtype=torch.float32)
-    env.step(td.set("action", actions[0].expand(n, 7).clone()))  # warm-up
+
+    def raw_reset():
+        for c in pipes:
+            c.send("reset")
+        [c.recv() for c in pipes]
 
     def raw_rate():
+        raw_reset()
         for c in pipes:
             c.send("run")
         return n * steps / max(c.recv() for c in pipes)
 
     def lockstep_rate():
+        raw_reset()
         for c in pipes:
             c.send("lockstep")
         t = time.perf_counter()
@@ -134,36 +148,58 @@ def main():
             np.stack([o["agentview_image"] for o in obs])
         return n * steps / (time.perf_counter() - t)
 
-    def kit_rate():
-        nonlocal td
-        t = time.perf_counter()
-        for a in actions:
-            td = step_mdp(env.step(td.set("action", a.expand(n, 7).clone())))
-        return n * steps / (time.perf_counter() - t)
-
-    raw, lock, kit = [], [], []
-    for _ in range(args.reps):
-        raw.append(raw_rate())
-        lock.append(lockstep_rate())
-        kit.append(kit_rate())
-    kit_pids = [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in raw_pids]
-    kit_rss = [rss_mb(pid) for pid in kit_pids]
-    raw_rss = [rss_mb(pid) for pid in raw_pids]
     print(f"task {SUITE}:{TASK}, {n} envs, {steps} steps per rep, render {args.render}px, reps {args.reps}, "
-          f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, {n_gpus} GPU(s) for rendering, {os.cpu_count()} cores")
-    print(f"raw OffScreenRenderEnv  steps/s median {statistics.median(raw):.2f}  (all: "
-          + ", ".join(f"{x:.2f}" for x in raw) + ")")
-    print(f"raw lock-step           steps/s median {statistics.median(lock):.2f}  (all: "
-          + ", ".join(f"{x:.2f}" for x in lock) + ")")
-    print(f"kit env path            steps/s median {statistics.median(kit):.2f}  (all: "
-          + ", ".join(f"{x:.2f}" for x in kit) + ")")
-    print(f"ratio kit/raw (medians) {statistics.median(kit) / statistics.median(raw):.2f}")
-    print(f"ratio kit/raw lock-step (medians) {statistics.median(kit) / statistics.median(lock):.2f}")
-    print(f"resident memory per worker: raw {statistics.median(raw_rss):.0f} MiB, "
-          f"kit {statistics.median(kit_rss):.0f} MiB (median of {len(kit_rss)} kit processes)")
+          f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, {n_gpus} GPU(s) for rendering, {os.cpu_count()} cores "
+          f"(affinity {len(os.sched_getaffinity(0))})")
+    raw_rss = [rss_mb(pid) for pid in raw_pids]
+    for variant in args.variants.split(","):
+        image_device, pin = variant.removesuffix("+pin"), variant.endswith("+pin")
+        options = {"render_size": args.render}
+        if image_device == "off":
+            options.update(image_size=args.render, jpeg_quality=None, center_crop=False)
+        elif image_device != "worker":
+            options["image_device"] = image_device
+        task = parse_stream([{"env": "libero", "suite": SUITE, "task_id": TASK, "max_steps": 10_000, **options}])[0]
+        env = make_env(task, n, seed=0, init_state_ids=[INIT_STATE] * n)
+        kit_pids = [env.worker_pid(i) for i in range(n)]
+        if pin:  # worker i on core i (the main process keeps all cores)
+            cores = sorted(os.sched_getaffinity(0))
+            for i, pid in enumerate(kit_pids):
+                os.sched_setaffinity(pid, {cores[i % len(cores)]})
+        td = env.reset()
+        env.step(td.set("action", actions[0].expand(n, 7).clone()))  # warm-up
+
+        def kit_rate():
+            nonlocal td
+            td = env.reset()  # init state 0 (pinned) + settle steps, as the raw envs
+            t = time.perf_counter()
+            for a in actions:
+                td = step_mdp(env.step(td.set("action", a.expand(n, 7).clone())))
+            return n * steps / (time.perf_counter() - t)
+
+        raw, lock, kit = [], [], []
+        for _ in range(args.reps):  # the paths alternate, so drifts of the machine hit all of them
+            raw.append(raw_rate())
+            lock.append(lockstep_rate())
+            kit.append(kit_rate())
+        assert td["observation", "image"].shape[-1] == options.get("image_size", 224)
+        kit_rss = [rss_mb(pid) for pid in kit_pids]
+        where = {"worker": "image pipeline in each worker", "off": "no image pipeline (flipped render only)"}
+        print(f"\n== kit variant {variant!r}: " + where.get(image_device, f"JPEG in the workers, resize + crop "
+              f"batched in the main process on {image_device}") + (", workers pinned one per core" if pin else ""))
+        print(f"raw OffScreenRenderEnv  steps/s median {statistics.median(raw):.2f}  (all: "
+              + ", ".join(f"{x:.2f}" for x in raw) + ")")
+        print(f"raw lock-step           steps/s median {statistics.median(lock):.2f}  (all: "
+              + ", ".join(f"{x:.2f}" for x in lock) + ")")
+        print(f"kit env path            steps/s median {statistics.median(kit):.2f}  (all: "
+              + ", ".join(f"{x:.2f}" for x in kit) + ")")
+        print(f"ratio kit/raw (medians) {statistics.median(kit) / statistics.median(raw):.2f}")
+        print(f"ratio kit/raw lock-step (medians) {statistics.median(kit) / statistics.median(lock):.2f}")
+        print(f"resident memory per worker: raw {statistics.median(raw_rss):.0f} MiB, "
+              f"kit {statistics.median(kit_rss):.0f} MiB (median of {len(kit_rss)} kit workers)")
+        env.close()
     for c in pipes:
         c.send("stop")
-    env.close()
 
 
 if __name__ == "__main__":

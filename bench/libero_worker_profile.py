@@ -22,26 +22,29 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchrl.envs.utils import step_mdp  # noqa: E402
 
-from datamodules.libero import libero_options, worker_env  # noqa: E402
+from datamodules import libero  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
-from datamodules.robust_env import RobustEnvPool  # noqa: E402
 
 SUITE, TASK = "libero_goal", 8
 WARMUP = 5
 GROUPS = {  # substring of "file:function" -> group (first match wins); own time (tottime)
     "mjr_render": "render", "mjr_readPixels": "render", "mj_step": "physics", "mj_forward": "physics",
     "'poll'": "waiting", "posix.read": "waiting",  # blocked on the pipe (worker: for the next action)
-    "Imaging": "OpenVLA image pipeline", "/PIL/": "OpenVLA image pipeline", "vla/preprocessing": "OpenVLA image pipeline",
+    "Imaging": "OpenVLA image pipeline", "/PIL/": "OpenVLA image pipeline", "openvla_image": "OpenVLA image pipeline",
     "_pickle": "pool transport", "posix.write": "pool transport", "tensordict/": "tensordict/torchrl python",
     "torchrl/": "tensordict/torchrl python", "robosuite/": "robosuite/libero python", "libero/": "robosuite/libero python",
 }
 
 
-def profiled(maker, path):
-    """The worker's env, with this (worker) process under cProfile from its WARMUP+1-th step on
-    (env build, reset and warm-up excluded; the wait for the next action included); dumped at exit."""
-    env = maker()
-    prof, calls, step = cProfile.Profile(), [0], env.step
+KIT_WORKER_ENV = libero.worker_env  # the kit's, before main() swaps in the profiled one
+
+
+def profiled_worker_env(out_dir, *args, worker_index: int = 0, **kwargs):
+    """The kit's worker env, with this (worker) process under cProfile from its WARMUP+1-th step
+    until the env is closed (env build, reset, warm-up and shutdown excluded; the wait for the
+    next action included); dumped at exit."""
+    env = KIT_WORKER_ENV(*args, worker_index=worker_index, **kwargs)
+    prof, calls, step, close = cProfile.Profile(), [0], env.step, env.close
 
     def counting_step(td):
         calls[0] += 1
@@ -49,7 +52,12 @@ def profiled(maker, path):
             prof.enable()
         return step(td)
 
-    env.step = counting_step
+    def closing(*a, **kw):
+        prof.disable()
+        return close(*a, **kw)
+
+    env.step, env.close = counting_step, closing
+    path = os.path.join(out_dir, f"worker{worker_index}.prof")
     multiprocessing.util.Finalize(None, lambda: (prof.disable(), prof.dump_stats(path)), exitpriority=100)
     return env
 
@@ -77,17 +85,15 @@ def main():
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--render", type=int, default=256)
     p.add_argument("--out", default="/tmp/libero_profile")
+    p.add_argument("--image_device", default=None, help="the LIBERO option image_device (default: in the workers)")
     args = p.parse_args()
     renderer = setup_libero()
     os.makedirs(args.out, exist_ok=True)
     n = args.num_envs
     n_gpus = torch.cuda.device_count() if renderer == "egl" else 0
-    options = libero_options({"render_size": args.render})
-    makers = [functools.partial(profiled, functools.partial(
-        worker_env, SUITE, TASK, seed=i, max_steps=10_000, init_state_id=None,
-        render_gpu=(i % n_gpus) if n_gpus else None, options=options, worker_index=i),
-        os.path.join(args.out, f"worker{i}.prof")) for i in range(n)]
-    env = RobustEnvPool(makers)
+    libero.worker_env = functools.partial(profiled_worker_env, args.out)
+    env = libero.make_libero_env(SUITE, TASK, n, seed=0, max_steps=10_000,
+                                 options={"render_size": args.render, "image_device": args.image_device})
     td = env.reset()
     gen = torch.Generator().manual_seed(0)
     actions = torch.rand(args.steps + WARMUP, n, 7, generator=gen) * 0.6 - 0.3
@@ -101,7 +107,7 @@ def main():
     main_prof.disable()
     wall = time.perf_counter() - t
     env.close()
-    print(f"{n} envs, {args.steps} steps, render {args.render}px, MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
+    print(f"{n} envs, {args.steps} steps, render {args.render}px, image_device {args.image_device}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
           f"{n_gpus} GPU(s), {os.cpu_count()} cores: {n * args.steps / wall:.1f} env steps/s "
           f"({wall / args.steps * 1e3:.1f} ms per batched step)")
     main_stats = pstats.Stats(main_prof)

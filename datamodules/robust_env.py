@@ -239,12 +239,19 @@ class RobustEnvPool(EnvBase):
         pass  # each worker's maker carries its own seed
 
     def close(self, *, raise_if_closed: bool = True) -> None:
-        for i, conn in enumerate(self._conns):
-            if conn is None:
-                continue
+        """All workers are told first, then awaited: each closes its sim and GL context (~0.3 s
+        for LIBERO) at the same time as the others, not one after another."""
+        live = [i for i, conn in enumerate(self._conns) if conn is not None]
+        for i in live:
             try:
-                _send(conn, ("close", None))
-                conn.poll(10) and _recv(conn)
+                _send(self._conns[i], ("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + 10
+        for i in live:
+            conn = self._conns[i]
+            try:
+                conn.poll(max(0.0, deadline - time.monotonic())) and _recv(conn)
             except (BrokenPipeError, EOFError, OSError):
                 pass
             self._procs[i].join(timeout=5)
