@@ -106,25 +106,30 @@ def crop_axis(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 @functools.lru_cache(maxsize=16)
-def _crop_on(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[lower; upper] source indices (2 * size,) and the lerp weights (size,) of one axis."""
-    lower, upper, lerp = crop_axis(size, size)
-    # torch-owned copies: see _matrix_on
-    return torch.from_numpy(np.concatenate([lower, upper])).to(device).clone(), torch.from_numpy(lerp).to(device).clone()
+def _crop_on(c: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat source indices into a [c, h, w] image of the four corners (top-left, top-right,
+    bottom-left, bottom-right) of every output pixel, [c * 4 * h * w], and the lerp weights of
+    the rows and columns."""
+    top, bottom, ylerp = crop_axis(h, h)
+    left, right, xlerp = crop_axis(w, w)
+    corners = np.stack([(r[:, None] * w + x[None, :]).ravel() for r in (top, bottom) for x in (left, right)])
+    index = (np.arange(c)[:, None, None] * h * w + corners[None]).ravel()
+    # torch-owned copies: arithmetic with tensors viewing numpy memory ran ~10x slower here (alignment)
+    return tuple(torch.from_numpy(a).to(device).clone() for a in (index, ylerp, xlerp))
 
 
 def center_crop(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, S, S] -> uint8 [..., 3, S, S]: OpenVLA's ``crop_and_resize`` (the centred
+    """uint8 [..., C, S, S] -> uint8 [..., C, S, S]: OpenVLA's ``crop_and_resize`` (the centred
     0.9-area box, bilinear, on x / 255 in float32; x-lerp then y-lerp as TF), clipped to [0, 1]
-    and converted to uint8 by TF's rule (x 255.5, truncated). The corner pixels of every output
-    are gathered from the uint8 image (two index_selects) before the float conversion."""
-    h, w = images.shape[-2:]
-    rows, ylerp = _crop_on(h, images.device)
-    cols, xlerp = _crop_on(w, images.device)
-    corners = images.index_select(-2, rows).index_select(-1, cols).to(torch.float32)
-    corners = corners * torch.tensor(1.0 / 255.0, dtype=torch.float32, device=images.device)
-    top, bottom = corners[..., :h, :], corners[..., h:, :]
-    tl, tr, bl, br = top[..., :w], top[..., w:], bottom[..., :w], bottom[..., w:]
+    and converted to uint8 by TF's rule (x 255.5, truncated). The four corner pixels of every
+    output are gathered from the uint8 image in one ``torch.gather`` before the float conversion
+    (``index_select`` along the last dim took ~9 ms per image here; gather 0.3 ms)."""
+    c, h, w = images.shape[-3:]
+    index, ylerp, xlerp = _crop_on(c, h, w, images.device)
+    flat = images.reshape(-1, c * h * w)
+    corners = torch.gather(flat, 1, index.expand(flat.shape[0], -1)).reshape(*images.shape[:-3], c, 4, h, w)
+    corners = corners.to(torch.float32) * torch.tensor(1.0 / 255.0, dtype=torch.float32, device=images.device)
+    tl, tr, bl, br = corners.unbind(-3)
     t = tl + (tr - tl) * xlerp
     b = bl + (br - bl) * xlerp
     out = t + (b - t) * ylerp[:, None]
