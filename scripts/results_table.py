@@ -1,6 +1,10 @@
 """Collect ``<sweep>/<method>/seed*/metrics.json`` into a markdown table (mean +- std over seeds).
 
-    python scripts/results_table.py runs/sweep [more sweeps ...] [--out table.md] [--tasks K]
+    python scripts/results_table.py runs/sweep [more sweeps ...] [LABEL=runs/other] [--out table.md] [--tasks K]
+
+A sweep given as ``LABEL=path`` (another stream, say) has its methods listed as
+``method [LABEL]`` in the same table; streams of different lengths share the table (R[i,i]
+columns up to the longest; "-" where a stream has fewer tasks).
 
 Runs evaluated every N iterations (``PerTaskEvaluation.every_n_iterations``) also get a
 learning-curve table: the success averaged over the stream's tasks at each evaluated iteration.
@@ -36,9 +40,13 @@ def first_tasks(res: dict, K: int) -> dict | None:
 
 def load(sweeps: list[str], tasks: int | None = None):
     runs, broken = {}, []
-    paths = [p for sweep in sweeps for p in sorted(glob.glob(os.path.join(sweep, "*", "seed*")))]
-    for path in paths:
+    paths = []
+    for sweep in sweeps:
+        label, _, folder = sweep.rpartition("=")
+        paths += [(label, p) for p in sorted(glob.glob(os.path.join(folder, "*", "seed*")))]
+    for label, path in paths:
         method, seed = path.split(os.sep)[-2:]
+        method = f"{method} [{label}]" if label else method
         mfile = os.path.join(path, "metrics.json")
         res = json.load(open(mfile)) if os.path.isfile(mfile) else None
         if res is not None and tasks:
@@ -68,7 +76,7 @@ def table(runs: dict) -> str:
     for method, rs in runs.items():
         R = np.array([r["R"] for r in rs], float)
         row = [method, str(len(rs)), fmt([np.mean(r["b"]) for r in rs])]
-        row += [fmt(R[:, i, i]) for i in range(K)]
+        row += [fmt(R[:, i, i]) if i < R.shape[1] else "-" for i in range(K)]
         row += [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
         row += [fmt([r["wall_s"] / 60 for r in rs])]
         lines.append("| " + " | ".join(row) + " |")
@@ -78,8 +86,8 @@ def table(runs: dict) -> str:
         R = np.mean([r["R"] for r in rs], 0)
         lines.append(f"Mean R for {method} (row j: after task j; column i: task i):")
         lines.append("")
-        lines.append("| after | " + " | ".join(f"task {i}" for i in range(K)) + " |")
-        lines.append("|" + "---|" * (K + 1))
+        lines.append("| after | " + " | ".join(f"task {i}" for i in range(len(R))) + " |")
+        lines.append("|" + "---|" * (len(R) + 1))
         lines += [f"| {j} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for j, row in enumerate(R)]
         lines.append("")
     return "\n".join(lines)

@@ -83,3 +83,19 @@ def test_plots_from_the_committed_cpu_runs(tmp_path):
     for p in paths:
         w, h = Image.open(p).size
         assert w > 300 and h > 200
+
+
+def test_labelled_sweep_of_another_stream_in_the_same_table(tmp_path):
+    """``LABEL=path``: a longer stream's methods join the table as ``method [LABEL]``."""
+    m = {k: 0.0 for k in ("FAR", "BWT", "F", "FT", "FWT", "NBT", "AUC")}
+    _write(tmp_path / "a" / "crl" / "seed0", [[0.8, 0.1], [0.6, 0.9]], [0.1, 0.1], m)
+    R3 = [[0.5, 0.0, 0.0], [0.4, 0.7, 0.0], [0.3, 0.6, 0.9]]
+    _write(tmp_path / "b" / "crl" / "seed0", R3, [0.1, 0.1, 0.1], dict(m, FAR=0.6))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"),
+                          str(tmp_path / "a"), f"long={tmp_path / 'b'}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in res.stdout.splitlines() if line.startswith("| crl")}
+    assert rows["crl"][3:6] == ["0.80 ± 0.00", "0.90 ± 0.00", "-"]
+    assert rows["crl [long]"][3:7] == ["0.50 ± 0.00", "0.70 ± 0.00", "0.90 ± 0.00", "0.60 ± 0.00"]
+    assert "| 2 | 0.30 | 0.60 | 0.90 |" in res.stdout  # the long stream's own mean R
