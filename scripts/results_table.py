@@ -65,7 +65,9 @@ def fmt(values) -> str:
     v = v[~np.isnan(v)]  # e.g. a run without wall_s.txt
     if not len(v):
         return "n/a"
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+    if len(v) == 1:  # one seed: no spread to show
+        return f"{v[0]:.2f}"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
 
 
 def table(runs: dict) -> str:
