@@ -15,7 +15,10 @@ on one CPU core); its ``pil`` backend resizes before the JPEG round-trip and cro
 Lanczos, which is not what OpenVLA saw. Here: the JPEG round-trip with PIL (libjpeg), TF's
 Lanczos3 weights as two small matrices (``W_h @ image @ W_w^T``, ~1.7 ms per image on one CPU
 core; one batched call on a GPU for all envs), TF's crop in float32. Checked
-against torchrl's TF-compatible reference in tests/test_openvla_image.py.
+against torchrl's TF-compatible reference in tests/test_openvla_image.py. Not checked against
+TensorFlow itself (not installed on these machines): TF's JPEG decoder uses a "system-specific"
+IDCT (possibly libjpeg's fast integer one), PIL the accurate one, which can move some pixels by
+a grey level or two.
 """
 from __future__ import annotations
 
