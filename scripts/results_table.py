@@ -56,6 +56,7 @@ def load(sweeps: list[str], tasks: int | None = None):
             continue
         wall = os.path.join(path, "wall_s.txt")
         res["wall_s"] = float(open(wall).read()) if os.path.isfile(wall) else float("nan")
+        res["seed"] = seed
         runs.setdefault(method, []).append(res)
     return runs, broken
 
@@ -83,6 +84,7 @@ def table(runs: dict) -> str:
         row += [fmt([r["wall_s"] / 60 for r in rs])]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines += seed_table(runs)
     lines += curve_table(runs)
     for method, rs in runs.items():
         R = np.mean([r["R"] for r in rs], 0)
@@ -93,6 +95,26 @@ def table(runs: dict) -> str:
         lines += [f"| {j} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for j, row in enumerate(R)]
         lines.append("")
     return "\n".join(lines)
+
+
+def seed_table(runs: dict) -> list[str]:
+    """Each run's final row of R and its FAR / BWT / F, one column per seed."""
+    seeds = sorted({r["seed"] for rs in runs.values() for r in rs}, key=lambda s: (len(s), s))
+    lines = ["Per seed (final row of R; FAR / BWT / F):", "",
+             "| method | " + " | ".join(seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+    for method, rs in runs.items():
+        by_seed = {r["seed"]: r for r in rs}
+        cells = []
+        for seed in seeds:
+            r = by_seed.get(seed)
+            if r is None:
+                cells.append("")
+                continue
+            m = r["metrics"]
+            cells.append(" ".join(f"{v:.2f}" for v in r["R"][-1])
+                         + f" ({m['FAR']:.2f} / {m['BWT']:+.2f} / {m['F']:.2f})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def curve_table(runs: dict) -> list[str]:

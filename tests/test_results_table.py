@@ -32,6 +32,7 @@ def test_table_means_and_spreads(tmp_path):
     assert cells[5] == "0.60 ± 0.14"  # FAR 0.5, 0.7
     assert cells[-1] == "2.50 ± 0.71"  # wall 2 and 3 minutes
     assert "| 1 | 0.70 | 0.80 |" in text  # mean R row after task 1
+    assert "| crl | 0.60 0.90 (0.50 / -0.20 / 0.20) | 0.80 0.70 (0.70 / -0.20 / 0.20) |" in text  # per seed
     assert "seq_ft/seed0" in text and "| seq_ft |" not in text  # incomplete: listed, not averaged
 
 
@@ -94,8 +95,10 @@ def test_labelled_sweep_of_another_stream_in_the_same_table(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"),
                           str(tmp_path / "a"), f"long={tmp_path / 'b'}"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in res.stdout.splitlines() if line.startswith("| crl")}
+    rows = {}
+    for line in res.stdout.splitlines():  # the main table comes first (per-seed rows follow)
+        if line.startswith("| crl"):
+            rows.setdefault(line.split("|")[1].strip(), [c.strip() for c in line.strip("|").split("|")])
     assert rows["crl"][3:6] == ["0.80", "0.90", "-"]
     assert rows["crl [long]"][3:7] == ["0.50", "0.70", "0.90", "0.60"]
     assert "| 2 | 0.30 | 0.60 | 0.90 |" in res.stdout  # the long stream's own mean R
