@@ -188,6 +188,29 @@ def test_killed_and_hung_workers_are_restarted_mid_rollout():
     assert img.dtype == torch.uint8 and img.shape == (2, 12, 3, 32, 32)
 
 
+def test_image_pipeline_in_the_main_process_gives_the_same_observations():
+    """``image_device``: the workers JPEG, the main process resizes and crops the batch. Same
+    pixels as the pipeline run in each worker, through the real pool, reset and step."""
+    from datamodules.tasks import make_env
+
+    def rollout(**opts):
+        task = parse_stream([{"env": "libero", "suite": "libero_goal", "task_id": 8, "max_steps": 40,
+                              "render_size": 128, "image_size": 64, **opts}])[0]
+        env = make_env(task, 2, seed=0, init_state_ids=[0, 1])
+        try:
+            td = env.reset()
+            assert env.observation_spec["observation", "image"].shape == (2, 3, 64, 64)
+            nxt = env.step(td.set("action", torch.tensor(OPEN_GRIPPER_NOOP).expand(2, 7).clone()))["next"]
+            return td["observation", "image"], nxt["observation", "image"]
+        finally:
+            env.close()
+
+    in_workers, in_main = rollout(), rollout(image_device="cpu")
+    for a, b in zip(in_workers, in_main):
+        assert a.shape == (2, 3, 64, 64) and torch.equal(a, b)
+    assert not torch.equal(in_workers[0][0], in_workers[0][1])  # two init states: two different scenes
+
+
 def test_a_renderer_that_cannot_render_is_one_clear_line(tmp_path):
     """MUJOCO_GL=osmesa where OSMesa is missing (as on the CI image): a traceback from deep in
     an import otherwise; here one line naming MUJOCO_GL, exit 2, nothing written."""
