@@ -173,7 +173,7 @@ def test_ablation_callbacks_are_the_quickstart_ones_minus_the_anchor(ablation):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ablation", ["seq_ft", "ewc", "lwf", "crl_q", "mtl", "er"])
+@pytest.mark.parametrize("ablation", ["seq_ft", "ewc", "lwf", "crl_q", "crl_q_gae", "mtl", "er"])
 def test_each_ablation_runs_one_iteration_per_task(tmp_path, ablation):
     res = run_train("--config", small_config(tmp_path, ablation, iterations=1, tasks=2, ablation=ablation))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -182,8 +182,8 @@ def test_each_ablation_runs_one_iteration_per_task(tmp_path, ablation):
     assert m["complete"] and len(m["R"]) == 2 and len(m["R"][1]) == 2
     ckpt = torch.load(os.path.join(os.path.dirname(path), "checkpoints", "task1_end.ckpt"), weights_only=False)
     critic_in = ckpt["state_dict"]["critic.net.0.weight"].shape[1]  # [phi; emb] (+ onehot(a) for Q)
-    assert critic_in == 2 * 32 + (3 if ablation == "crl_q" else 0)
-    assert ckpt["crl"]["has_anchor"] == (ablation in ("lwf", "crl_q", "er"))
+    assert critic_in == 2 * 32 + (3 if ablation.startswith("crl_q") else 0)
+    assert ckpt["crl"]["has_anchor"] == (ablation in ("lwf", "crl_q", "crl_q_gae", "er"))
     if ablation == "er":  # the bounded memory of task 0's states went into the checkpoint
         memory = next(v for k, v in ckpt["datamodule_hyper_parameters"].items() if k == "anchor_source")
         assert memory == "memory"
