@@ -23,7 +23,7 @@ from torchrl.data import Bounded
 from torchrl.envs import Compose, Transform, TransformedEnv
 
 from datamodules.libero_setup import SUITES, setup_libero
-from datamodules.openvla_image import center_crop, jpeg_roundtrip, lanczos3_resize
+from datamodules.openvla_image import jpeg_roundtrip, resize_and_crop
 from datamodules.robust_env import RobustEnvPool
 
 # env options a stream entry may set (defaults: OpenVLA's LIBERO evaluation setup)
@@ -65,8 +65,7 @@ class OpenVLAObservation(Transform):
             home = image.device
             if self.device is not None:
                 image = image.to(self.device, non_blocking=True)
-            image = lanczos3_resize(image, self.image_size)
-            image = (center_crop(image) if self.center_crop else image).to(home)
+            image = resize_and_crop(image, self.image_size, self.center_crop).to(home)
         return image
 
     def _reset(self, tensordict, tensordict_reset):

@@ -139,10 +139,15 @@ def center_crop(images: torch.Tensor) -> torch.Tensor:
     return (out.clamp_(0.0, 1.0) * 255.5).clamp_(0, 255).to(torch.uint8)
 
 
+def resize_and_crop(images: torch.Tensor, size: int, crop: bool = True) -> torch.Tensor:
+    """The pipeline's second half (after the JPEG round-trip): Lanczos3 resize, centre crop."""
+    images = lanczos3_resize(images, size)
+    return center_crop(images) if crop else images
+
+
 def openvla_image(images: torch.Tensor, size: int = 224, jpeg_quality: int | None = 95,
-                  center_crop_: bool = True) -> torch.Tensor:
+                  crop: bool = True) -> torch.Tensor:
     """The whole pipeline on flipped renders: JPEG round-trip, Lanczos3 resize, centre crop."""
     if jpeg_quality is not None:
         images = jpeg_roundtrip(images, jpeg_quality)
-    images = lanczos3_resize(images, size)
-    return center_crop(images) if center_crop_ else images
+    return resize_and_crop(images, size, crop)
