@@ -11,10 +11,10 @@ degrees (torchrl's ``LiberoEnv`` does that); ``resize_image`` JPEG-encodes and d
 Why not torchrl's ``OpenVLAImagePreprocessor``: its ``torch_reference`` backend computes this
 pipeline but needs torchvision (for the JPEG codec), which does not import beside the CPU torch
 build the kit pins (ENVIRONMENT.md), and it resizes by gathering spans (12 ms per 256 px image
-on one CPU core); its ``pil`` backend resizes before the JPEG round-trip and crops with PIL's
+on one core of the 2-core machine, ad-hoc timing); its ``pil`` backend resizes before the JPEG round-trip and crops with PIL's
 Lanczos, which is not what OpenVLA saw. Here: the JPEG round-trip with PIL (libjpeg), TF's
-Lanczos3 weights as two small matrices (``W_h @ image @ W_w^T``, ~1.7 ms per image on one CPU
-core; one batched call on a GPU for all envs), TF's crop in float32. Checked
+Lanczos3 weights as two small matrices (``W_h @ image @ W_w^T``, 1.6 ms per image on the H200
+machine's CPU, bench/libero_env_breakdown.py; one batched call on a GPU for all envs), TF's crop in float32. Checked
 against torchrl's TF-compatible reference in tests/test_openvla_image.py. Not checked against
 TensorFlow itself (not installed on these machines): TF's JPEG decoder uses a "system-specific"
 IDCT (possibly libjpeg's fast integer one), PIL the accurate one, which can move some pixels by
@@ -80,7 +80,7 @@ def _matrix_on(in_size: int, out_size: int, device: torch.device, dtype: torch.d
 def lanczos3_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> uint8 [..., 3, size, size]: tf.image.resize(lanczos3, antialias)
     then round half to even and clip, as OpenVLA's ``resize_image``. Any device, any batch.
-    float32 on the CPU (~1.7 ms per 256 px image on one core), float64 on a GPU (where float32
+    float32 on the CPU (1.6 ms per 256 px image on the H200 machine: bench/libero_env_breakdown.py), float64 on a GPU (where float32
     matmuls may run in TF32); TF itself accumulates in float32, so either rounds differently
     from TF only where a value lies within ~1e-4 of .5 (~1e-5 of the pixels)."""
     h, w = images.shape[-2:]
