@@ -9,11 +9,17 @@ scalars and an R heatmap, and prints the paths. With ``videos_per_task: V`` the 
 episodes of every task before training and at each task end are saved as
 ``videos/<when>/task<i>_ep<e>.mp4`` in the run's log dir and shown as animations in
 TensorBoard (``callbacks/videos.py``).
+
+Several evaluations can run side by side (e.g. the policy as trained, sampled, and its
+greedy decoding): each extra one gets a ``tag`` and writes ``metrics_<tag>.json``,
+``R_<tag>.csv``, ``videos_<tag>/`` and TensorBoard scalars under ``eval_<tag>/``; the untagged
+one writes ``metrics.json`` (what tables and ``--resume`` read).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -29,9 +35,11 @@ from callbacks.videos import EpisodeRecorder, add_tensorboard_video, write_mp4
 class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def __init__(self, episodes_per_task: int = 32, num_envs: int = 32, greedy: bool = False,
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
-                 temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10):
+                 temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10,
+                 tag: str = ""):
         """``greedy``: argmax actions; else sampled at ``temperature`` (None: the policy's
-        training temperature; VLA-RL trains at 1.5-1.7 and evaluates greedily)."""
+        training temperature; VLA-RL trains at 1.5-1.7 and evaluates greedily). ``tag``: names
+        a second evaluation's files and scalars (module docstring); empty for the main one."""
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
         if num_envs <= 0:
@@ -42,7 +50,13 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         if videos_per_task < 0 or video_fps <= 0:
             raise ValueError(f"PerTaskEvaluation.videos_per_task={videos_per_task!r}, video_fps={video_fps!r}: "
                              "must be >= 0 and > 0")
+        if not re.fullmatch(r"[A-Za-z0-9_]*", tag):
+            raise ValueError(f"PerTaskEvaluation.tag={tag!r}: letters, digits and _ only")
         self.temperature = temperature
+        self.tag = tag
+        suffix = f"_{tag}" if tag else ""
+        self.metrics_file, self.r_file = f"metrics{suffix}.json", f"R{suffix}.csv"
+        self.scalar_prefix, self.video_folder = f"eval{suffix}", f"videos{suffix}"
         self.videos, self.video_fps = videos_per_task, video_fps
         self.every_n, self.seed, self.max_steps = every_n_iterations, seed, max_steps
         self.b: list[float] | None = None
@@ -99,7 +113,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         """One success rate per task; ``label`` (e.g. ``after_task0``) names the video folder."""
         video_dir = None
         if label is not None and self.videos > 0:
-            video_dir = os.path.join(trainer.log_dir or ".", "videos", label)  # every rank asks (broadcast)
+            video_dir = os.path.join(trainer.log_dir or ".", self.video_folder, label)  # every rank asks (broadcast)
         return [self.success_rate(trainer, pl_module, i, video_dir) for i in range(trainer.datamodule.num_tasks)]
 
     def _save_videos(self, trainer, recorder, task_index, video_dir, episode_ids):
@@ -107,9 +121,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         for e, frames in zip(episode_ids, recorder.episodes()):
             path = write_mp4(os.path.join(video_dir, f"task{task_index}_ep{e}.mp4"), frames, self.video_fps)
             if exp is not None and hasattr(exp, "file_writer"):
-                add_tensorboard_video(exp, f"eval_video/task{task_index}_ep{e}/{os.path.basename(video_dir)}",
+                add_tensorboard_video(exp, f"{self.scalar_prefix}_video/task{task_index}_ep{e}/{os.path.basename(video_dir)}",
                                       frames, trainer.current_epoch, self.video_fps)
-        rank_zero_info(f"[eval] videos of task {task_index} in {video_dir}")
+        rank_zero_info(f"[{self.scalar_prefix}] videos of task {task_index} in {video_dir}")
 
     # -- boundary events ------------------------------------------------------------------
     def on_task_start(self, trainer, pl_module, task_index):
@@ -139,7 +153,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         K = len(self.R)
         done = [r is not None for r in self.R]
         out = {"complete": all(done), "tasks": [t.name for t in tasks],
-               "episodes_per_task": self.episodes, "b": self.b, "R": self.R,
+               "episodes_per_task": self.episodes, "greedy": self.greedy, "temperature": self.temperature, "b": self.b, "R": self.R,
                "curves": self.curves}
         if all(done):
             in_task = [[c["success"][k] for c in self.curves if c["task_trained"] == k]
@@ -149,7 +163,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
 
     def _log_row(self, trainer, row):
         if trainer.logger is not None:
-            trainer.logger.log_metrics({f"eval/success_task{i}": v for i, v in enumerate(row)},
+            trainer.logger.log_metrics({f"{self.scalar_prefix}/success_task{i}": v for i, v in enumerate(row)},
                                        step=trainer.current_epoch)
 
     def _record(self, trainer, label, row):
@@ -157,31 +171,36 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         log_dir = trainer.log_dir or "."  # a broadcast under DDP: every rank must ask
         if trainer.global_rank != 0:
             return
-        rank_zero_info(f"[eval] {label}: " + " ".join(f"{v:.2f}" for v in row))
+        rank_zero_info(f"[{self.scalar_prefix}] {label}: " + " ".join(f"{v:.2f}" for v in row))
         os.makedirs(log_dir, exist_ok=True)
         res = self.results(trainer.datamodule.tasks)
-        _atomic_write(os.path.join(log_dir, "metrics.json"), json.dumps(res, indent=2))
+        _atomic_write(os.path.join(log_dir, self.metrics_file), json.dumps(res, indent=2))
         rows = ["row," + ",".join(res["tasks"]), "before," + ",".join(f"{v:.4f}" for v in self.b)]
         rows += [f"after_task{j}," + ",".join(f"{v:.4f}" for v in r)
                  for j, r in enumerate(self.R) if r is not None]
-        _atomic_write(os.path.join(log_dir, "R.csv"), "\n".join(rows) + "\n")
+        _atomic_write(os.path.join(log_dir, self.r_file), "\n".join(rows) + "\n")
         if res["complete"]:
             self._final_report(trainer, res, log_dir)
 
     def _final_report(self, trainer, res, log_dir):
         R = np.array(res["R"])
-        lines = ["Success matrix R[j, i] (row j: after training task j; column i: task i)",
+        mode = "greedy" if self.greedy else f"sampled at temperature {self.temperature or 'of training'}"
+        lines = [f"Success matrix R[j, i] (row j: after training task j; column i: task i; {mode})",
                  "          " + " ".join(f"task{i:<3d}" for i in range(len(R))),
                  "before    " + " ".join(f"{v:7.2f}" for v in res["b"])]
         lines += [f"after {j:<3d} " + " ".join(f"{v:7.2f}" for v in r) for j, r in enumerate(R)]
         lines.append("  ".join(f"{k}={v:+.3f}" for k, v in res["metrics"].items()))
-        lines.append(f"wrote {os.path.join(log_dir, 'metrics.json')} and {os.path.join(log_dir, 'R.csv')}")
+        lines.append(f"wrote {os.path.join(log_dir, self.metrics_file)} and {os.path.join(log_dir, self.r_file)}")
         print("\n".join(lines), flush=True)
         exp = getattr(trainer.logger, "experiment", None)
         if exp is not None and hasattr(exp, "add_image"):
-            exp.add_image("eval/R", heatmap_image(R), trainer.current_epoch)
+            exp.add_image(f"{self.scalar_prefix}/R", heatmap_image(R), trainer.current_epoch)
             for k, v in res["metrics"].items():
-                exp.add_scalar(f"eval/{k}", v, trainer.current_epoch)
+                exp.add_scalar(f"{self.scalar_prefix}/{k}", v, trainer.current_epoch)
+
+    @property
+    def state_key(self) -> str:  # two evaluations in one trainer keep separate checkpoint state
+        return self._generate_state_key(tag=self.tag) if self.tag else super().state_key
 
     def state_dict(self):
         return {"b": self.b, "R": self.R, "curves": self.curves}
