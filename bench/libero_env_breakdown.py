@@ -4,7 +4,8 @@ One kit worker env (torchrl ``LiberoEnv`` + the OpenVLA observation transform + 
 transform) for libero_goal task 8 from init state 0, and the pieces under it, each timed on
 that same simulator and its frames: raw ``OffScreenRenderEnv.step`` (physics + render), torchrl's
 ``LiberoEnv`` step (+ its success check and TensorDict), the kit's full worker step, the image
-pipeline's parts (JPEG round-trip, Lanczos3 resize, centre crop) and the worker's wire format.
+pipeline's parts (JPEG round-trip, Lanczos3 resize, also with the dense matrices it used before,
+centre crop) and the worker's wire format.
 Median ms over ``--reps`` x ``--steps``.
 
 Usage: MUJOCO_GL=egl python bench/libero_env_breakdown.py [--render 256 --steps 40 --reps 3]
@@ -23,7 +24,7 @@ from tensordict import TensorDict  # noqa: E402
 
 from datamodules.libero import LIBERO_OPTIONS, worker_env  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
-from datamodules.openvla_image import center_crop, jpeg_roundtrip, lanczos3_resize  # noqa: E402
+from datamodules.openvla_image import _matrix_on, center_crop, jpeg_roundtrip, lanczos3_resize  # noqa: E402
 from datamodules.robust_env import _to_wire  # noqa: E402
 
 
@@ -43,6 +44,12 @@ def main():
     render = base._read_image(raw.env._get_observations(force_update=True)["agentview_image"])
     jpeg = jpeg_roundtrip(render, 95)
     resized = lanczos3_resize(jpeg, 224)
+    wh = _matrix_on(args.render, 224, torch.device("cpu"), torch.float32)
+
+    def dense_lanczos(images):  # the resize as computed until session 8: W_h @ x @ W_w^T, dense
+        return (wh @ images.to(torch.float32) @ wh.T).round_().clamp_(0, 255).to(torch.uint8)
+
+    assert torch.equal(dense_lanczos(jpeg), resized)
     libero_action = np.zeros(7)
     libero_action[-1] = -1.0  # LIBERO: -1 = open
     kit_td = td.clone().set("action", torch.tensor([0.0] * 6 + [1.0]))  # OpenVLA: 1 = open
@@ -54,7 +61,8 @@ def main():
         "LiberoEnv.step (+ EnvBase)": lambda: base.step(base_td.clone()),
         "kit worker env.step (+ image pipeline, gripper)": lambda: env.step(kit_td.clone()),
         f"  image: JPEG round-trip ({args.render} px)": lambda: jpeg_roundtrip(render, 95),
-        f"  image: Lanczos3 resize {args.render}->224": lambda: lanczos3_resize(jpeg, 224),
+        f"  image: Lanczos3 resize {args.render}->224 (banded blocks)": lambda: lanczos3_resize(jpeg, 224),
+        f"  image: Lanczos3 resize {args.render}->224 (dense matrices, before)": lambda: dense_lanczos(jpeg),
         "  image: centre crop": lambda: center_crop(resized),
         "  wire: flat numpy row + pickle": lambda: pickle.dumps(_to_wire(step_out), protocol=pickle.HIGHEST_PROTOCOL),
     }
