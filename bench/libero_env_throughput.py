@@ -9,12 +9,14 @@ agentview images it gets back as pickled numpy: the least a batched env has to d
 observation pipeline + gripper convention), stepped from the main process with the same
 actions in OpenVLA's convention. All envs start from the task's stored init state 0 (a lock-step
 batch waits for its slowest env, so different starts would load the paths differently).
+``--raw_pipeline`` adds "raw lock-step + pipeline": the raw workers also put each frame through
+OpenVLA's image pipeline, the same work as the kit minus its machinery (torchrl env, pool).
 Reports aggregate env steps/s (median over reps, the paths alternating) and resident memory per
 env worker, for each kit variant (``--variants``: where the image pipeline runs, core pinning),
 each built after the previous one is closed.
 
 Usage: python bench/libero_env_throughput.py [--num_envs 2 --steps 50 --reps 3 --render 256
-       --variants worker,cuda,cuda+pin]
+       --variants worker,cuda,cuda+pin --raw_pipeline]
 """
 import argparse
 import multiprocessing as mp
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchrl.envs.utils import step_mdp  # noqa: E402
 
 from datamodules.libero_setup import setup_libero  # noqa: E402
+from datamodules.openvla_image import openvla_image  # noqa: E402
 from datamodules.tasks import make_env, parse_stream  # noqa: E402
 
 SUITE, TASK = "libero_goal", 8
@@ -89,6 +92,13 @@ def raw_worker(conn, render: int, steps: int, gpu: int):
                 conn.recv_bytes()
                 obs = env.step(a)[0]
                 conn.send_bytes(pickle.dumps(obs, protocol=pickle.HIGHEST_PROTOCOL))
+        elif cmd == "lockstep_pipeline":  # the same, sending back what the kit computes: the
+            torch.set_num_threads(1)     # flipped frame through OpenVLA's image pipeline
+            for a in actions:
+                conn.recv_bytes()
+                frame = env.step(a)[0]["agentview_image"][::-1, ::-1]
+                image = openvla_image(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1))
+                conn.send_bytes(pickle.dumps(image.numpy(), protocol=pickle.HIGHEST_PROTOCOL))
         else:
             break
     env.close()
@@ -108,6 +118,9 @@ def main():
                    help="comma list of kit variants: worker (image pipeline in each env worker), a device such as "
                         "cuda or cpu (the LIBERO option image_device), off (no image pipeline: the render as it "
                         "comes, flipped), +pin appended: kit workers pinned one per core")
+    p.add_argument("--raw_pipeline", action="store_true",
+                   help="one more baseline: raw lock-step with OpenVLA's image pipeline (datamodules/openvla_image.py) "
+                        "run in the raw workers, i.e. the same work as the kit without the kit's machinery")
     args = p.parse_args()
     setup_libero()
     n, steps = args.num_envs, args.steps
@@ -136,16 +149,16 @@ def main():
             c.send("run")
         return n * steps / max(c.recv() for c in pipes)
 
-    def lockstep_rate():
+    def lockstep_rate(pipeline: bool = False):
         raw_reset()
         for c in pipes:
-            c.send("lockstep")
+            c.send("lockstep_pipeline" if pipeline else "lockstep")
         t = time.perf_counter()
         for _ in range(steps):
             for c in pipes:
                 c.send_bytes(b"s")
             obs = [pickle.loads(c.recv_bytes()) for c in pipes]
-            np.stack([o["agentview_image"] for o in obs])
+            np.stack(obs if pipeline else [o["agentview_image"] for o in obs])
         return n * steps / (time.perf_counter() - t)
 
     print(f"task {SUITE}:{TASK}, {n} envs, {steps} steps per rep, render {args.render}px, reps {args.reps}, "
@@ -177,10 +190,12 @@ def main():
                 td = step_mdp(env.step(td.set("action", a.expand(n, 7).clone())))
             return n * steps / (time.perf_counter() - t)
 
-        raw, lock, kit = [], [], []
+        raw, lock, lock_pipe, kit = [], [], [], []
         for _ in range(args.reps):  # the paths alternate, so drifts of the machine hit all of them
             raw.append(raw_rate())
             lock.append(lockstep_rate())
+            if args.raw_pipeline:
+                lock_pipe.append(lockstep_rate(pipeline=True))
             kit.append(kit_rate())
         assert td["observation", "image"].shape[-1] == options.get("image_size", 224)
         kit_rss = [rss_mb(pid) for pid in kit_pids]
@@ -191,10 +206,16 @@ def main():
               + ", ".join(f"{x:.2f}" for x in raw) + ")")
         print(f"raw lock-step           steps/s median {statistics.median(lock):.2f}  (all: "
               + ", ".join(f"{x:.2f}" for x in lock) + ")")
+        if lock_pipe:
+            print(f"raw lock-step + OpenVLA image pipeline in the raw workers  steps/s median "
+                  f"{statistics.median(lock_pipe):.2f}  (all: " + ", ".join(f"{x:.2f}" for x in lock_pipe) + ")")
         print(f"kit env path            steps/s median {statistics.median(kit):.2f}  (all: "
               + ", ".join(f"{x:.2f}" for x in kit) + ")")
         print(f"ratio kit/raw (medians) {statistics.median(kit) / statistics.median(raw):.2f}")
         print(f"ratio kit/raw lock-step (medians) {statistics.median(kit) / statistics.median(lock):.2f}")
+        if lock_pipe:
+            print(f"ratio kit/(raw lock-step + pipeline) (medians) "
+                  f"{statistics.median(kit) / statistics.median(lock_pipe):.2f}")
         print(f"resident memory per worker: raw {statistics.median(raw_rss):.0f} MiB, "
               f"kit {statistics.median(kit_rss):.0f} MiB (median of {len(kit_rss)} kit workers)")
         env.close()
