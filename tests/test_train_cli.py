@@ -46,8 +46,8 @@ def test_lightning_misconfiguration_is_one_line(tmp_path):
     assert "Traceback" not in res.stderr and not os.listdir(tmp_path)
 
 
-def _metrics(tmp_path, name):
-    paths = sorted(glob.glob(str(tmp_path / "runs" / name / "version_*" / "metrics.json")))
+def _metrics(tmp_path, name, file="metrics.json"):
+    paths = sorted(glob.glob(str(tmp_path / "runs" / name / "version_*" / file)))
     assert paths, "no metrics.json written"
     with open(paths[-1]) as f:
         return json.load(f), os.path.dirname(paths[-1])
@@ -69,6 +69,12 @@ def test_full_tiny_stream_writes_results(tmp_path):
     assert set(m["metrics"]) == {"FAR", "BWT", "FT", "F", "FWT", "NBT", "AUC"}
     assert os.path.isfile(os.path.join(log_dir, "R.csv"))
     assert "FAR=" in res.stdout and "metrics.json" in res.stdout
+    # the quickstart's second evaluation (greedy decoding, tag "greedy") writes its own files
+    g, g_dir = _metrics(tmp_path, "full", "metrics_greedy.json")
+    assert g_dir == log_dir and g["complete"] and g["greedy"] is True and m["greedy"] is False
+    assert len(g["R"]) == 3 and set(g["metrics"]) == set(m["metrics"])
+    assert os.path.isfile(os.path.join(log_dir, "R_greedy.csv")) and "metrics_greedy.json" in res.stdout
+    assert len(glob.glob(os.path.join(log_dir, "videos_greedy", "*", "*.mp4"))) == 4 * 3 * 2
     assert {f"task{k}_end.ckpt" for k in range(3)} <= set(os.listdir(os.path.join(log_dir, "checkpoints")))
 
 
@@ -111,6 +117,11 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
     assert log_dir2 != log_dir
     assert resumed["b"] == full["b"]
     assert resumed["R"][0] == full["R"][0]  # R so far restored, not recomputed
+    # each of the two evaluations restores its own R (separate checkpoint state keys)
+    assert sum("PerTaskEvaluation" in key for key in state["callbacks"]) == 2
+    greedy_full = json.load(open(os.path.join(log_dir, "metrics_greedy.json")))
+    greedy_resumed = json.load(open(os.path.join(log_dir2, "metrics_greedy.json")))
+    assert greedy_resumed["R"][0] == greedy_full["R"][0] and greedy_resumed["b"] == greedy_full["b"]
     assert resumed["complete"] and len(resumed["R"]) == 3
     r2 = torch.load(os.path.join(log_dir2, "checkpoints", "task1_end.ckpt"), weights_only=False)
     r1 = torch.load(os.path.join(ckpts, "task1_end.ckpt"), weights_only=False)
