@@ -1,6 +1,7 @@
 """Collect ``<sweep>/<method>/seed*/metrics.json`` into a markdown table (mean +- std over seeds).
 
     python scripts/results_table.py runs/sweep [more sweeps ...] [LABEL=runs/other] [--out table.md] [--tasks K]
+        [--metrics_file metrics_greedy.json]
 
 A sweep given as ``LABEL=path`` (another stream, say) has its methods listed as
 ``method [LABEL]`` in the same table; streams of different lengths share the table (R[i,i]
@@ -10,7 +11,8 @@ Runs evaluated every N iterations (``PerTaskEvaluation.every_n_iterations``) als
 learning-curve table: the success averaged over the stream's tasks at each evaluated iteration.
 Runs whose metrics.json is missing or incomplete are listed, not averaged. ``--tasks K``
 scores the first K tasks only (the K x K corner of R, metrics recomputed on it), so runs cut
-short after task K-1 still count.
+short after task K-1 still count. ``--metrics_file`` reads another evaluation of the same runs,
+e.g. ``metrics_greedy.json`` (``PerTaskEvaluation(tag=greedy)``); the wall time is the run's.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def first_tasks(res: dict, K: int) -> dict | None:
     return dict(res, R=R, b=b, complete=True, metrics=continual_metrics(R, b))
 
 
-def load(sweeps: list[str], tasks: int | None = None):
+def load(sweeps: list[str], tasks: int | None = None, metrics_file: str = "metrics.json"):
     runs, broken = {}, []
     paths = []
     for sweep in sweeps:
@@ -47,7 +49,7 @@ def load(sweeps: list[str], tasks: int | None = None):
     for label, path in paths:
         method, seed = path.split(os.sep)[-2:]
         method = f"{method} [{label}]" if label else method
-        mfile = os.path.join(path, "metrics.json")
+        mfile = os.path.join(path, metrics_file)
         res = json.load(open(mfile)) if os.path.isfile(mfile) else None
         if res is not None and tasks:
             res = first_tasks(res, tasks)
@@ -139,13 +141,16 @@ def main(argv=None) -> int:
     p.add_argument("sweep", nargs="+", help="sweep folder(s): <sweep>/<method>/seed*/metrics.json")
     p.add_argument("--out", default=None)
     p.add_argument("--tasks", type=int, default=None, help="score only the first K tasks")
+    p.add_argument("--metrics_file", default="metrics.json",
+                   help="which evaluation of each run, e.g. metrics_greedy.json")
     args = p.parse_args(argv)
     if args.tasks is not None and args.tasks <= 0:
         print(f"error: --tasks={args.tasks}: must be > 0", file=sys.stderr)
         return 2
-    runs, broken = load(args.sweep, args.tasks)
+    runs, broken = load(args.sweep, args.tasks, args.metrics_file)
     if not runs:
-        print(f"error: sweep={' '.join(args.sweep)!r}: no complete metrics.json under <method>/seed*/", file=sys.stderr)
+        print(f"error: sweep={' '.join(args.sweep)!r}: no complete {args.metrics_file} under <method>/seed*/",
+              file=sys.stderr)
         return 2
     text = table(runs)
     if broken:

@@ -7,9 +7,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write(d, R, b, metrics, complete=True, wall=60.0, curves=()):
+def _write(d, R, b, metrics, complete=True, wall=60.0, curves=(), file="metrics.json"):
     os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "metrics.json"), "w") as f:
+    with open(os.path.join(d, file), "w") as f:
         json.dump({"complete": complete, "R": R, "b": b, "metrics": metrics, "curves": list(curves)}, f)
     with open(os.path.join(d, "wall_s.txt"), "w") as f:
         f.write(f"{wall}\n")
@@ -53,6 +53,23 @@ def test_table_without_runs_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"), str(tmp_path)],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "no complete metrics.json" in res.stderr
+
+
+def test_metrics_file_reads_the_second_evaluation(tmp_path):
+    """--metrics_file metrics_greedy.json tabulates the runs' greedy evaluation, not metrics.json."""
+    m = {k: 0.0 for k in ("FAR", "BWT", "F", "FT", "FWT", "NBT", "AUC")}
+    _write(tmp_path / "crl" / "seed0", [[0.9]], [0.3], m)
+    _write(tmp_path / "crl" / "seed0", [[0.7]], [0.1], m, file="metrics_greedy.json")
+    script = os.path.join(ROOT, "scripts", "results_table.py")
+    main = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
+    greedy = subprocess.run([sys.executable, script, str(tmp_path), "--metrics_file", "metrics_greedy.json"],
+                            capture_output=True, text=True)
+    assert main.returncode == 0 and greedy.returncode == 0, main.stderr + greedy.stderr
+    assert "| crl | 1 | 0.30 | 0.90 |" in main.stdout
+    assert "| crl | 1 | 0.10 | 0.70 |" in greedy.stdout
+    missing = subprocess.run([sys.executable, script, str(tmp_path), "--metrics_file", "metrics_x.json"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no complete metrics_x.json" in missing.stderr
 
 
 def test_first_tasks_scores_runs_cut_short(tmp_path):
