@@ -6,7 +6,7 @@ Reads ``<sweep>/<method>/seed*/metrics.json`` (R, b, task ends) and the TensorBo
 of the same folder (``rollout/success``: the success of the task being trained, per PPO
 iteration; a resumed run's repeated iterations are taken from its latest events).
 Writes ``R_heatmaps.png`` and ``success_curves.png`` (mean over seeds, min-max band; dotted
-lines at task boundaries; markers: greedy evaluation of every task before training and at each task end).
+lines at task boundaries; markers: evaluation (greedy, or sampled where metrics.json says greedy: false) of every task before training and at each task end).
 """
 from __future__ import annotations
 
@@ -86,14 +86,14 @@ def plot(runs: dict[str, list[dict]], out: str) -> list[str]:
         ends = [c["iteration"] for c in rs[0].get("curves", []) if c.get("task_end")]
         for e in ends:
             ax.axvline(e, color="grey", ls=":", lw=1)
-        # greedy evaluation of every task: before training (x = 0), then at every evaluation
+        # evaluation of every task (greedy or sampled, as metrics.json says): before training (x = 0), then at every evaluation
         # the run made (task ends, and every N iterations with PerTaskEvaluation.every_n_iterations)
         grid = [0] + [c["iteration"] for c in rs[0].get("curves", [])]
         same = [r for r in rs if [0] + [c["iteration"] for c in r.get("curves", [])] == grid]
         evals = np.mean([[r["b"]] + [c["success"] for c in r["curves"]] for r in same], 0)
         for i in range(evals.shape[1]):
             ax.plot(grid, evals[:, i], "o-", ms=3, lw=0.8, color=colors[i % len(colors)],
-                    label=f"greedy eval, task {i}")
+                    label=f"{'greedy' if rs[0].get('greedy', True) else 'sampled'} eval, task {i}")
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel(name)
     axes[0, 0].legend(fontsize=7, loc="upper left", ncol=2)
