@@ -35,13 +35,19 @@ def load_policy(run: str) -> TokenVLAPolicy:
     return policy.eval(), cfg, path
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_dir_args(doc: str, argv, seed: int) -> argparse.Namespace:
+    """The arguments of the run-directory diagnostics: RUN_DIR..., --n, --seed (one torch thread)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--seed", type=int, default=seed)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    return args
+
+
+def main(argv=None) -> None:
+    args = run_dir_args(__doc__, argv, seed=123)
     for run in args.runs:
         policy, cfg, path = load_policy(run)
         counts = {}

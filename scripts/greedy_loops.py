@@ -15,7 +15,6 @@ RUN_DIR as for scripts/greedy_actions.py (the latest task-end checkpoint is used
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datamodules.tasks import make_env, parse_stream  # noqa: E402
-from scripts.greedy_actions import load_policy  # noqa: E402
+from scripts.greedy_actions import load_policy, run_dir_args  # noqa: E402
 
 
 @torch.no_grad()
@@ -55,12 +54,7 @@ def rollout(policy, env, instruction: str, greedy: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--seed", type=int, default=12345)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    args = run_dir_args(__doc__, argv, seed=12345)
     for run in args.runs:
         policy, cfg, path = load_policy(run)
         print(f"{run} ({os.path.basename(path)}), {args.n} episodes per task:")
