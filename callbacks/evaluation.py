@@ -14,6 +14,11 @@ Several evaluations can run side by side (e.g. the policy as trained, sampled, a
 greedy decoding): each extra one gets a ``tag`` and writes ``metrics_<tag>.json``,
 ``R_<tag>.csv``, ``videos_<tag>/`` and TensorBoard scalars under ``eval_<tag>/``; the untagged
 one writes ``metrics.json`` (what tables and ``--resume`` read).
+
+A sampled evaluation draws its actions from its own stream, seeded per task and episode batch
+like the episodes' layouts: the same policy gets the same success every time (a frozen task's
+BWT is exactly 0), and evaluating never moves the training RNG (so DDP ranks, whose episodes
+differ, stay in step, and changing the evaluation does not change training).
 """
 from __future__ import annotations
 
@@ -82,7 +87,12 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                               seed=self.seed + 7919 * task_index + ids[0], init_state_ids=ids)
             record = video_dir is not None and self.videos > 0 and rank == 0 and start == 0
             recorder = EpisodeRecorder(self.videos) if record else None
-            successes += self._run(env, policy, pl_module.device, recorder)
+            # sampled actions draw from their own stream, seeded like the episodes: the same
+            # policy gets the same success every time, and evaluating leaves training's RNG alone
+            cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(self.seed + 7919 * task_index + ids[0])
+                successes += self._run(env, policy, pl_module.device, recorder)
             env.close()
             if recorder is not None:
                 self._save_videos(trainer, recorder, task_index, video_dir, ids)

@@ -200,3 +200,28 @@ def test_each_ablation_runs_one_iteration_per_task(tmp_path, ablation):
         assert memory == "memory"
         stored = ckpt["OnPolicyDataModule"]["memory"] if "OnPolicyDataModule" in ckpt else None
         assert stored is not None and len(stored["goal"]) > 0 and set(stored["goal"].tolist()) == {0}
+
+
+@pytest.mark.slow
+def test_evaluation_leaves_training_unchanged(tmp_path):
+    """Sampled evaluation draws from its own seeded stream: evaluating 4 or 8 episodes per task
+    (before training and at the task end) gives the same trained weights. (That the same policy
+    gets the same sampled success each time: tests/test_lora.py, per-task adapters.)"""
+    from omegaconf import OmegaConf
+
+    weights = []
+    for episodes in (4, 8):
+        cfg = small_config(tmp_path, f"eval{episodes}", iterations=2, tasks=1)
+        c = OmegaConf.load(cfg)
+        for cb in c.trainer.callbacks:
+            if cb.class_path.endswith("PerTaskEvaluation"):
+                cb.init_args.episodes_per_task = cb.init_args.num_envs = episodes
+        OmegaConf.save(c, cfg)
+        res = run_train("--config", cfg)
+        assert res.returncode == 0, res.stderr[-3000:]
+        m, log_dir = _metrics(tmp_path, f"eval{episodes}")
+        assert m["greedy"] is False
+        ckpt = torch.load(os.path.join(log_dir, "checkpoints", "task0_end.ckpt"), weights_only=False)
+        weights.append({k: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
