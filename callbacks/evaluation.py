@@ -83,15 +83,15 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         for start in range(0, len(mine), self.num_envs):
             ids = mine[start:start + self.num_envs]
             # episode e starts from fixed initial state e (LIBERO's 50-states protocol)
-            env = dm.make_env(dm.tasks[task_index], len(ids),
-                              seed=self.seed + 7919 * task_index + ids[0], init_state_ids=ids)
+            seed = self.seed + 7919 * task_index + ids[0]
+            env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_ids=ids)
             record = video_dir is not None and self.videos > 0 and rank == 0 and start == 0
             recorder = EpisodeRecorder(self.videos) if record else None
             # sampled actions draw from their own stream, seeded like the episodes: the same
             # policy gets the same success every time, and evaluating leaves training's RNG alone
             cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(self.seed + 7919 * task_index + ids[0])
+                torch.manual_seed(seed)
                 successes += self._run(env, policy, pl_module.device, recorder)
             env.close()
             if recorder is not None:
@@ -163,8 +163,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         K = len(self.R)
         done = [r is not None for r in self.R]
         out = {"complete": all(done), "tasks": [t.name for t in tasks],
-               "episodes_per_task": self.episodes, "greedy": self.greedy, "temperature": self.temperature, "b": self.b, "R": self.R,
-               "curves": self.curves}
+               "episodes_per_task": self.episodes, "greedy": self.greedy, "temperature": self.temperature,
+               "b": self.b, "R": self.R, "curves": self.curves}
         if all(done):
             in_task = [[c["success"][k] for c in self.curves if c["task_trained"] == k]
                        for k in range(K)]
