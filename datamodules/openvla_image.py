@@ -99,8 +99,9 @@ def _bands_on(in_size: int, out_size: int, device: torch.device) -> tuple[tuple[
 def lanczos3_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> uint8 [..., 3, size, size]: tf.image.resize(lanczos3, antialias)
     then round half to even and clip, as OpenVLA's ``resize_image``. Any device, any batch.
-    On the CPU in float32 through the banded blocks of the weight matrices (3.2x faster than the
-    dense ``W_h @ image @ W_w^T``: bench/libero_env_breakdown.py); on a GPU dense, in float64
+    On the CPU in float32 through the banded blocks of the weight matrices (2.3x faster than the
+    dense ``W_h @ image @ W_w^T`` on the H200 machine's CPU, 2.9x on the 2-core machine:
+    bench/libero_env_breakdown.py, docs/benchmarks.md); on a GPU dense, in float64
     (where float32 matmuls may run in TF32). TF itself accumulates in float32, so either rounds
     differently from TF only where a value lies within ~1e-4 of .5 (~1e-5 of the pixels)."""
     h, w = images.shape[-2:]

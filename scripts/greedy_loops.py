@@ -6,8 +6,7 @@ that comes back to a (position, direction) it has visited in the episode therefo
 the same actions forever: the episode is lost to a deterministic loop. Per task, this prints
 the greedy success and splits the failures into "looped" (a state repeated: provably stuck
 until the step limit) and "wrong object" (the episode ended facing another object), and, from
-the same start states,
-the success of the policy sampled at its training temperature.
+the same start states, the success of the policy sampled at its training temperature.
 
     python scripts/greedy_loops.py RUN_DIR [RUN_DIR ...] [--n 64] [--seed 12345]
 
@@ -45,9 +44,9 @@ def rollout(policy, env, instruction: str, greedy: bool) -> dict:
         out = policy.act(td.get(("observation", "image")), prompts, greedy=greedy)
         td = env.step(td.set("action", policy.env_action(out.tokens)))["next"]
         done = td.get("done").reshape(-1)
-        first = done & ~finished
-        success |= first & td.get("success").reshape(-1)
-        wrong |= first & td.get("terminated").reshape(-1) & ~td.get("success").reshape(-1)
+        first, succeeded = done & ~finished, td.get("success").reshape(-1)
+        success |= first & succeeded
+        wrong |= first & td.get("terminated").reshape(-1) & ~succeeded
         finished |= done
     return {"success": int(success.sum()), "looped": int((looped & ~success & ~wrong).sum()),
             "wrong": int(wrong.sum()), "timeout": int((~looped & ~success & ~wrong).sum())}

@@ -48,7 +48,7 @@ def test_lightning_misconfiguration_is_one_line(tmp_path):
 
 def _metrics(tmp_path, name, file="metrics.json"):
     paths = sorted(glob.glob(str(tmp_path / "runs" / name / "version_*" / file)))
-    assert paths, "no metrics.json written"
+    assert paths, f"no {file} written"
     with open(paths[-1]) as f:
         return json.load(f), os.path.dirname(paths[-1])
 
