@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from lightning import Callback
 
 from callbacks.task_boundary import TaskBoundaryHooks, announce
@@ -10,22 +11,27 @@ from callbacks.task_boundary import TaskBoundaryHooks, announce
 
 class TaskSwitch(Callback, TaskBoundaryHooks):
     """Ends a task after ``iterations_per_task`` PPO iterations, or earlier once the rollout
-    success reaches ``success_threshold`` (after ``min_iterations``). At each task end it
-    announces the boundary, advances the stream and saves ``task{k}_end.ckpt`` (and, with
-    LoRA, the task's adapter in PEFT's format under ``adapters/task{k}``); after the last task
-    it stops training."""
+    success, averaged over the task's last ``success_window`` iterations (and over all DDP
+    ranks, so that every rank switches together), reaches ``success_threshold`` (after at least
+    ``min_iterations``). At each task end it announces the boundary, advances the stream and
+    saves ``task{k}_end.ckpt`` (and, with LoRA, the task's adapter in PEFT's format under
+    ``adapters/task{k}``); after the last task it stops training."""
 
     def __init__(self, iterations_per_task: int = 20, success_threshold: float | None = None,
-                 min_iterations: int = 1, save_checkpoints: bool = True):
+                 min_iterations: int = 1, success_window: int = 1, save_checkpoints: bool = True):
         if iterations_per_task <= 0:
             raise ValueError(f"TaskSwitch.iterations_per_task={iterations_per_task!r}: must be > 0")
         if success_threshold is not None and not 0 < success_threshold <= 1:
             raise ValueError(f"TaskSwitch.success_threshold={success_threshold!r}: must be in (0, 1]")
+        if success_window < 1:
+            raise ValueError(f"TaskSwitch.success_window={success_window!r}: must be >= 1")
         self.iterations_per_task = iterations_per_task
         self.success_threshold = success_threshold
         self.min_iterations = min_iterations
+        self.success_window = success_window
         self.save_checkpoints = save_checkpoints
         self.iteration_in_task = 0
+        self.recent_success: list[float] = []  # this task's last success_window rollout successes
         self.finished = False
 
     def on_train_start(self, trainer, pl_module):
@@ -34,13 +40,27 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         elif self.iteration_in_task == 0:
             announce(trainer, pl_module, "on_task_start", trainer.datamodule.task_index)
 
+    @staticmethod
+    def _rollout_success(pl_module) -> float | None:
+        """This iteration's rollout success over all ranks: successes / episodes ended."""
+        stats = pl_module.rollout_stats
+        episodes = stats.get("rollout/episodes", 0.0)
+        wins = stats.get("rollout/success", 0.0) * episodes
+        total = pl_module.all_gather(torch.tensor([wins, episodes], dtype=torch.float64,
+                                                  device=pl_module.device)).reshape(-1, 2).sum(0)
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
     def _task_done(self, pl_module) -> bool:
+        if self.success_threshold is not None:
+            success = self._rollout_success(pl_module)
+            if success is not None:
+                self.recent_success = (self.recent_success + [success])[-self.success_window:]
         if self.iteration_in_task >= self.iterations_per_task:
             return True
-        success = pl_module.rollout_stats.get("rollout/success")
-        return (self.success_threshold is not None and success is not None
+        return (self.success_threshold is not None
                 and self.iteration_in_task >= self.min_iterations
-                and success >= self.success_threshold)
+                and len(self.recent_success) == self.success_window
+                and sum(self.recent_success) / self.success_window >= self.success_threshold)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.iteration_in_task += 1
@@ -54,6 +74,7 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
             pl_module.policy.save_adapter(os.path.join(log_dir, "adapters", f"task{k}"))
         announce(trainer, pl_module, "on_task_end", k)
         self.iteration_in_task = 0
+        self.recent_success = []
         if k + 1 < dm.num_tasks:
             dm.set_task(k + 1)
         else:
@@ -65,8 +86,10 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
             announce(trainer, pl_module, "on_task_start", k + 1)
 
     def state_dict(self):
-        return {"iteration_in_task": self.iteration_in_task, "finished": self.finished}
+        return {"iteration_in_task": self.iteration_in_task, "finished": self.finished,
+                "recent_success": list(self.recent_success)}
 
     def load_state_dict(self, state):
         self.iteration_in_task = state["iteration_in_task"]
         self.finished = state["finished"]
+        self.recent_success = list(state.get("recent_success", []))
