@@ -5,9 +5,10 @@ import torch
 from conftest import WORDS
 
 
-@pytest.mark.parametrize("n_tokens,bins,temp", [(1, 3, 1.0), (3, 7, 1.6)])
-def test_act_log_probs_equal_training_forward(tiny_policy, n_tokens, bins, temp):
-    policy = tiny_policy(action_tokens=n_tokens, action_bins=bins, temperature=temp)
+@pytest.mark.parametrize("n_tokens,bins,temp,pooling", [(1, 3, 1.0, "image_mean"), (3, 7, 1.6, "image_mean"),
+                                                         (3, 7, 1.0, "last")])
+def test_act_log_probs_equal_training_forward(tiny_policy, n_tokens, bins, temp, pooling):
+    policy = tiny_policy(action_tokens=n_tokens, action_bins=bins, temperature=temp, feature_pooling=pooling)
     torch.manual_seed(1)
     images = torch.randint(0, 256, (6, 3, 56, 56), dtype=torch.uint8)
     prompts = policy.encode([WORDS[0], "pick up a blue box", WORDS[2]] * 2)  # mixed lengths
@@ -50,6 +51,24 @@ def test_goal_features_see_instruction_state_features_do_not(tiny_policy):
     phi, emb = out.phi, out.emb
     assert torch.allclose(phi[0], phi[1], atol=1e-6)  # image first: causal, goal-independent
     assert (emb[0] - emb[1]).abs().max() > 1e-4
+
+
+def test_last_position_features_see_instruction_and_image(tiny_policy):
+    """feature_pooling: last -> phi is the hidden state that predicts the first action token."""
+    policy = tiny_policy(feature_pooling="last")
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    same_image = images[:1].repeat(2, 1, 1, 1)
+    prompts = policy.encode([WORDS[0], "pick up a blue box"])  # different lengths: left padding
+    out = policy.evaluate(same_image, prompts, torch.zeros(2, 1, dtype=torch.long))
+    assert (out.phi[0] - out.phi[1]).abs().max() > 1e-4  # the goal shows
+    hidden, _ = policy.backbone(prompts.input_ids, prompts.attention_mask, policy.backbone.preprocess(same_image))
+    assert torch.allclose(out.phi, hidden[:, -1], atol=1e-6)
+    same_goal = policy.encode([WORDS[0]] * 2)
+    out = policy.evaluate(images, same_goal, torch.zeros(2, 1, dtype=torch.long))
+    assert (out.phi[0] - out.phi[1]).abs().max() > 1e-4  # the image shows
+    with pytest.raises(ValueError, match="feature_pooling='max'"):
+        tiny_policy(feature_pooling="max")
 
 
 def test_prompt_layout(tiny_policy):

@@ -6,10 +6,12 @@ of action tokens (the last ``action_bins`` ids of the vocabulary, as in OpenVLA)
 * log pi(a | s, g) = sum over the action tokens of log_softmax(logits / T) at the token,
   computed the same way when acting (prefill + KV-cached decode) and when training
   (one teacher-forced forward over prompt + action tokens).
-* The same forward returns phi(s) (mean of the last hidden states over the image positions)
-  and emb(g) (mean over the instruction's token positions), so the critics never cost a
-  second backbone pass. The image comes first in the sequence, so in a causal model phi(s)
-  does not depend on the instruction and emb(g) reads the image.
+* The same forward returns phi(s) and emb(g) (mean of the last hidden states over the
+  instruction's token positions), so the critics never cost a second backbone pass.
+  ``feature_pooling`` picks phi: ``image_mean`` (default; the mean over the image positions:
+  the image comes first in the sequence, so in a causal model it does not depend on the
+  instruction) or ``last`` (the last prompt position, the one that predicts the first action
+  token: it reads the image and the instruction). emb(g) reads the image either way.
 
 Speed and memory knobs (``model.policy.init_args.*``; none changes a log-prob):
 * ``decoding``: ``dynamic`` (default; transformers' dynamic KV cache, any backbone),
@@ -64,6 +66,9 @@ def set_gradient_checkpointing(model: nn.Module, enable: bool) -> int:
     return layers
 
 
+FEATURE_POOLING = ("image_mean", "last")
+
+
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -73,18 +78,23 @@ class TokenVLAPolicy(VLAPolicy):
     def __init__(self, backbone: VLMBackbone, action_tokens: int = 1, action_bins: int = 3,
                  temperature: float = 1.0, lora: dict | None = None,
                  norm_stats: str | None = None, unnorm_key: str | None = None,
-                 decoding: str = "dynamic", compile_decode: bool = False, gradient_checkpointing: bool = False):
+                 decoding: str = "dynamic", compile_decode: bool = False, gradient_checkpointing: bool = False,
+                 feature_pooling: str = "image_mean"):
         """``lora``: PEFT LoRA on the backbone ({r, alpha, dropout, target_modules}); None:
         full fine-tuning. With LoRA the frozen old policy is a second adapter.
         ``norm_stats`` (a checkpoint directory or JSON file) and ``unnorm_key``: how several
         action tokens decode to a continuous action (modules/policy/action_codec.py).
-        ``decoding``, ``compile_decode``, ``gradient_checkpointing``: see the module docstring."""
+        ``decoding``, ``compile_decode``, ``gradient_checkpointing``, ``feature_pooling``: see the
+        module docstring."""
         super().__init__()
         if action_tokens < 1 or action_bins < 2:
             raise ValueError(f"action_tokens={action_tokens}, action_bins={action_bins}: "
                              "need >= 1 token and >= 2 bins")
         if temperature <= 0:
             raise ValueError(f"model.policy.temperature={temperature}: must be > 0")
+        if feature_pooling not in FEATURE_POOLING:
+            raise ValueError(f"model.policy.init_args.feature_pooling={feature_pooling!r}: one of {list(FEATURE_POOLING)}")
+        self.feature_pooling = feature_pooling
         from modules.policy.openvla.decoding import MODES, StaticDecoder
 
         if decoding not in MODES:
@@ -123,8 +133,10 @@ class TokenVLAPolicy(VLAPolicy):
         return (hidden @ w.T).float() / self.temperature
 
     def _features(self, hidden: torch.Tensor, prompts: EncodedPrompts):
-        return (_masked_mean(hidden, prompts.image_mask).float(),
-                _masked_mean(hidden, prompts.goal_mask).float())
+        """hidden: the prompt's last hidden states [B, L, H] (left-padded) -> (phi(s), emb(g))."""
+        phi = (_masked_mean(hidden, prompts.image_mask) if self.feature_pooling == "image_mean"
+               else hidden[:, -1])
+        return phi.float(), _masked_mean(hidden, prompts.goal_mask).float()
 
     @contextmanager
     def _checkpointing_paused(self):
