@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT, run_train, small_config
 from test_videos import read_mp4
@@ -81,8 +82,14 @@ def test_full_tiny_stream_writes_results(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
     sums = tmp_path / "checksums"
-    cfg = small_config(tmp_path, "ddp", tasks=2, extra_callbacks=[
+    cfg = small_config(tmp_path, "ddp", tasks=2, iterations=3, extra_callbacks=[
         {"class_path": "tests.weight_checksum.WeightChecksum", "init_args": {"out_dir": str(sums)}}])
+    # a task may end early on the rollout success pooled over both ranks (every rank must end
+    # it at the same iteration, or the collectives of the next iteration mismatch)
+    c = OmegaConf.load(cfg)
+    switch = next(cb for cb in c.trainer.callbacks if cb.class_path.endswith("TaskSwitch"))
+    switch.init_args.update(success_threshold=0.05, success_window=2)
+    OmegaConf.save(c, cfg)
     res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp")
     assert res.returncode == 0, res.stderr[-3000:]
     m, log_dir = _metrics(tmp_path, "ddp")
@@ -94,6 +101,10 @@ def test_ddp_two_processes(tmp_path):
     # ranks stayed in sync: the final checkpoint holds one set of weights
     ckpt = torch.load(os.path.join(log_dir, "checkpoints", "task1_end.ckpt"), weights_only=False)
     assert ckpt["crl"]["has_anchor"]
+    # both tasks ended by the threshold after the 2-iteration window, not by the 3-iteration cap
+    # (a near-random policy succeeds ~0.3 > 0.05): epochs 0-1 and 2-3
+    first = torch.load(os.path.join(log_dir, "checkpoints", "task0_end.ckpt"), weights_only=False)
+    assert (first["epoch"], ckpt["epoch"]) == (1, 3)
     # gradients synced: the ranks collected different rollouts (own env seeds) yet end with
     # the same weights (policy, critic, anchor critic, old policy)
     rank0, rank1 = ((sums / f"rank{r}.txt").read_text().split() for r in (0, 1))
