@@ -5,6 +5,7 @@ import os
 
 import torch
 from lightning import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.task_boundary import TaskBoundaryHooks, announce
 
@@ -50,24 +51,31 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
                                                   device=pl_module.device)).reshape(-1, 2).sum(0)
         return float(total[0] / total[1]) if total[1] > 0 else None
 
-    def _task_done(self, pl_module) -> bool:
+    def _task_done(self, pl_module) -> str | None:
+        """Why the task ends after this iteration (the success threshold or the budget), or None."""
         if self.success_threshold is not None:
             success = self._rollout_success(pl_module)
             if success is not None:
                 self.recent_success = (self.recent_success + [success])[-self.success_window:]
+            mean = sum(self.recent_success) / max(len(self.recent_success), 1)
+            if (self.iteration_in_task >= self.min_iterations and len(self.recent_success) == self.success_window
+                    and mean >= self.success_threshold):
+                return (f"rollout success {mean:.3f} over the last {self.success_window} iteration(s) "
+                        f">= {self.success_threshold}")
         if self.iteration_in_task >= self.iterations_per_task:
-            return True
-        return (self.success_threshold is not None
-                and self.iteration_in_task >= self.min_iterations
-                and len(self.recent_success) == self.success_window
-                and sum(self.recent_success) / self.success_window >= self.success_threshold)
+            return f"budget of {self.iterations_per_task} iterations"
+        return None
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.iteration_in_task += 1
-        if not self._task_done(pl_module):
+        reason = self._task_done(pl_module)
+        if reason is None:
             return
         dm = trainer.datamodule
         k = dm.task_index
+        rank_zero_info(f"[task {k}] ends after {self.iteration_in_task} iterations: {reason}")
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({"task/iterations": float(self.iteration_in_task)}, step=k)
         log_dir = trainer.log_dir  # every rank asks (a broadcast under DDP)
         if self.save_checkpoints and log_dir and pl_module.policy.uses_lora and trainer.is_global_zero:
             # the task's adapter in PEFT format, before any boundary callback resets it

@@ -27,6 +27,18 @@ def _iterate(switch, successes, episodes=100.0):
     return None
 
 
+def test_the_reason_names_threshold_or_budget():
+    sw = TaskSwitch(iterations_per_task=3, success_threshold=0.9, success_window=2)
+    sw.iteration_in_task = 1
+    assert sw._task_done(_Module(rollout_stats={"rollout/success": 0.95, "rollout/episodes": 10.0})) is None
+    sw.iteration_in_task = 2
+    reason = sw._task_done(_Module(rollout_stats={"rollout/success": 0.93, "rollout/episodes": 10.0}))
+    assert reason == "rollout success 0.940 over the last 2 iteration(s) >= 0.9"
+    sw = TaskSwitch(iterations_per_task=2)
+    sw.iteration_in_task = 2
+    assert sw._task_done(_Module(rollout_stats={})) == "budget of 2 iterations"
+
+
 def test_window_mean_must_reach_threshold():
     # window 3 at 0.9: 0.95 alone is not enough (window means 0.77, 0.897, 0.897, 0.897); mean(0.95, 0.85, 0.91) is
     sw = TaskSwitch(iterations_per_task=50, success_threshold=0.9, success_window=3)

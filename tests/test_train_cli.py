@@ -77,6 +77,13 @@ def test_full_tiny_stream_writes_results(tmp_path):
     assert os.path.isfile(os.path.join(log_dir, "R_greedy.csv")) and "metrics_greedy.json" in res.stdout
     assert len(glob.glob(os.path.join(log_dir, "videos_greedy", "*", "*.mp4"))) == 4 * 3 * 2
     assert {f"task{k}_end.ckpt" for k in range(3)} <= set(os.listdir(os.path.join(log_dir, "checkpoints")))
+    # each task end says why it ended, and the iterations it used are a TensorBoard scalar
+    out = res.stdout + res.stderr
+    assert all(f"[task {k}] ends after 2 iterations: budget of 2 iterations" in out for k in range(3))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("task/iterations")] == [(0, 2.0), (1, 2.0), (2, 2.0)]
 
 
 @pytest.mark.slow
@@ -105,6 +112,7 @@ def test_ddp_two_processes(tmp_path):
     # (a near-random policy succeeds ~0.3 > 0.05): epochs 0-1 and 2-3
     first = torch.load(os.path.join(log_dir, "checkpoints", "task0_end.ckpt"), weights_only=False)
     assert (first["epoch"], ckpt["epoch"]) == (1, 3)
+    assert "[task 0] ends after 2 iterations: rollout success" in res.stdout + res.stderr
     # gradients synced: the ranks collected different rollouts (own env seeds) yet end with
     # the same weights (policy, critic, anchor critic, old policy)
     rank0, rank1 = ((sums / f"rank{r}.txt").read_text().split() for r in (0, 1))
