@@ -6,6 +6,7 @@ in the YAML and shows with --print_config. --ckpt_path resumes a run where it st
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 
@@ -32,6 +33,17 @@ def _check_mujoco_gl() -> None:
         os.environ["CRL_KIT_RENDERER_OK"] = renderer
 
 
+# the kit's own errors read "<key>=<value>: <what is wrong>" (e.g. TaskSwitch.success_window=0: must be >= 1)
+_KIT_ERROR = re.compile(r"[A-Za-z_][\w.\[\]]*=\S.*?: \S.*")
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse wraps an error raised while it validates a class in a union or a list (e.g. a
+    callback's) in a paragraph of alternatives: keep the kit's own message if there is one."""
+    parts = [" ".join(p.split()) for p in re.split(r"\s- ", message)]
+    return next((p for p in parts if _KIT_ERROR.fullmatch(p)), " ".join(message.split()))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         _check_mujoco_gl()
@@ -40,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
@@ -63,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     _threads_per_process()
     try:
         cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=argv,
-                  parser_kwargs={"parser_mode": "omegaconf"},
+                  parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                   save_config_kwargs={"overwrite": True}, seed_everything_default=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path,
                         weights_only=False)  # our own checkpoints hold RNG and datamodule state
-    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
+    except (ValueError, FileNotFoundError, MisconfigurationException, ArgumentError) as err:
+        print("error: " + _one_line(str(err)), file=sys.stderr)
         return 2
     return 0
 

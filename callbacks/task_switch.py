@@ -14,7 +14,8 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
     """Ends a task after ``iterations_per_task`` PPO iterations, or earlier once the rollout
     success, averaged over the task's last ``success_window`` iterations (and over all DDP
     ranks, so that every rank switches together), reaches ``success_threshold`` (after at least
-    ``min_iterations``). At each task end it announces the boundary, advances the stream and
+    ``min_iterations``). At each task end it prints why the task ended (threshold or budget),
+    logs ``task/iterations`` (the iterations it used; step = task index), announces the boundary, advances the stream and
     saves ``task{k}_end.ckpt`` (and, with LoRA, the task's adapter in PEFT's format under
     ``adapters/task{k}``); after the last task it stops training."""
 
@@ -26,6 +27,8 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
             raise ValueError(f"TaskSwitch.success_threshold={success_threshold!r}: must be in (0, 1]")
         if success_window < 1:
             raise ValueError(f"TaskSwitch.success_window={success_window!r}: must be >= 1")
+        if min_iterations < 0:
+            raise ValueError(f"TaskSwitch.min_iterations={min_iterations!r}: must be >= 0")
         self.iterations_per_task = iterations_per_task
         self.success_threshold = success_threshold
         self.min_iterations = min_iterations

@@ -75,7 +75,8 @@ def test_state_round_trip_keeps_the_window():
 
 
 @pytest.mark.parametrize("kwargs, key", [({"success_window": 0}, "success_window"),
-                                         ({"success_threshold": 1.5}, "success_threshold")])
+                                         ({"success_threshold": 1.5}, "success_threshold"),
+                                         ({"min_iterations": -1}, "min_iterations")])
 def test_bad_values_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=f"TaskSwitch.{key}="):
         TaskSwitch(**kwargs)

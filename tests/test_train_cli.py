@@ -47,6 +47,19 @@ def test_lightning_misconfiguration_is_one_line(tmp_path):
     assert "Traceback" not in res.stderr and not os.listdir(tmp_path)
 
 
+def test_callback_error_is_the_kits_line(tmp_path):
+    """A callback's bad argument fails inside jsonargparse's validation of the callback list,
+    which wraps it in a paragraph of alternatives: the line printed is the kit's own message."""
+    c = OmegaConf.load(small_config(tmp_path))
+    next(cb for cb in c.trainer.callbacks if cb.class_path.endswith("TaskSwitch")).init_args.success_window = 0
+    cfg = tmp_path / "bad_callback.yaml"
+    OmegaConf.save(c, cfg)
+    res = run_train("--config", str(cfg), timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: TaskSwitch.success_window=0: must be >= 1"], res.stderr[-2000:]
+    assert not glob.glob(str(tmp_path / "runs" / "**" / "*.json"), recursive=True)
+
+
 def _metrics(tmp_path, name, file="metrics.json"):
     paths = sorted(glob.glob(str(tmp_path / "runs" / name / "version_*" / file)))
     assert paths, f"no {file} written"
