@@ -26,9 +26,10 @@ def tiny_policy():
 
 
 def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, tasks=3,
-                 ckpt_every=1, extra_callbacks=None, ablation=None, videos=0):
+                 ckpt_every=1, extra_callbacks=None, ablation=None, videos=0, switch=None):
     """The quickstart config (merged with ``configs/ablations/<ablation>.yaml`` if given)
-    shrunk to seconds: 8 envs x 16 steps, 4 eval episodes."""
+    shrunk to seconds: 8 envs x 16 steps, 4 eval episodes. ``switch``: more TaskSwitch
+    arguments (e.g. ``{"success_threshold": 0.05}``)."""
     cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
     if ablation:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{ablation}.yaml")))
@@ -40,6 +41,7 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
         path = cb.class_path
         if path.endswith("TaskSwitch"):
             cb.init_args.iterations_per_task = iterations
+            cb.init_args.update(switch or {})
         if path.endswith("AnchorCriticFreeze") and not anchor:
             continue
         if path.endswith("PerTaskEvaluation"):
