@@ -26,10 +26,11 @@ def tiny_policy():
 
 
 def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, tasks=3,
-                 ckpt_every=1, extra_callbacks=None, ablation=None, videos=0, switch=None):
+                 ckpt_every=1, extra_callbacks=None, ablation=None, videos=0, switch=None,
+                 eval_episodes=4):
     """The quickstart config (merged with ``configs/ablations/<ablation>.yaml`` if given)
-    shrunk to seconds: 8 envs x 16 steps, 4 eval episodes. ``switch``: more TaskSwitch
-    arguments (e.g. ``{"success_threshold": 0.05}``)."""
+    shrunk to seconds: 8 envs x 16 steps, ``eval_episodes`` evaluation episodes per task (one
+    env each). ``switch``: more TaskSwitch arguments (e.g. ``{"success_threshold": 0.05}``)."""
     cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
     if ablation:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{ablation}.yaml")))
@@ -45,8 +46,8 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
         if path.endswith("AnchorCriticFreeze") and not anchor:
             continue
         if path.endswith("PerTaskEvaluation"):
-            cb.init_args.episodes_per_task = 4
-            cb.init_args.num_envs = 4
+            cb.init_args.episodes_per_task = eval_episodes
+            cb.init_args.num_envs = eval_episodes
             cb.init_args.max_steps = 64
             cb.init_args.videos_per_task = videos
         if path.endswith("TaskProgressBar"):

@@ -231,16 +231,9 @@ def test_evaluation_leaves_training_unchanged(tmp_path):
     """Sampled evaluation draws from its own seeded stream: evaluating 4 or 8 episodes per task
     (before training and at the task end) gives the same trained weights. (That the same policy
     gets the same sampled success each time: tests/test_lora.py, per-task adapters.)"""
-    from omegaconf import OmegaConf
-
     weights = []
     for episodes in (4, 8):
-        cfg = small_config(tmp_path, f"eval{episodes}", iterations=2, tasks=1)
-        c = OmegaConf.load(cfg)
-        for cb in c.trainer.callbacks:
-            if cb.class_path.endswith("PerTaskEvaluation"):
-                cb.init_args.episodes_per_task = cb.init_args.num_envs = episodes
-        OmegaConf.save(c, cfg)
+        cfg = small_config(tmp_path, f"eval{episodes}", iterations=2, tasks=1, eval_episodes=episodes)
         res = run_train("--config", cfg)
         assert res.returncode == 0, res.stderr[-3000:]
         m, log_dir = _metrics(tmp_path, f"eval{episodes}")
