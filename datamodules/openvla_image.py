@@ -33,17 +33,41 @@ CROP_AREA = 0.9  # OpenVLA's crop_scale
 
 
 def jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> the same images JPEG-encoded at ``quality`` and decoded (PIL)."""
+    """uint8 [..., 3, H, W] -> the same images JPEG-encoded at ``quality`` and decoded (PIL,
+    default 4:2:0 subsampling). Planar all the way: the RGB image is merged from zero-copy "L"
+    views of the CHW planes, and the decoded one is read out band by band (PIL's "R", "G", "B"
+    raw packers) into the CHW output. The same bytes and pixels as going through
+    ``Image.fromarray(image.permute(1, 2, 0).numpy())`` and ``np.asarray(...convert("RGB"))``
+    without their interleaving copies: 1.2 -> 0.82 ms per 256 px frame on the 2-core machine,
+    PIL's own encode + decode being 0.68 ms of it (bench/openvla_image_parts.py)."""
     from PIL import Image
 
-    flat = images.reshape(-1, *images.shape[-3:]).cpu()
-    out = []
-    for image in flat:
+    flat = images.reshape(-1, *images.shape[-3:]).cpu().contiguous()
+    h, w = flat.shape[-2:]
+    out = torch.empty(flat.shape, dtype=torch.uint8)
+    planes, out_planes = flat.numpy(), out.numpy()
+    for i in range(flat.shape[0]):
+        rgb = Image.merge("RGB", [Image.frombuffer("L", (w, h), plane, "raw", "L", 0, 1) for plane in planes[i]])
         buf = io.BytesIO()
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=quality)
+        rgb.save(buf, format="JPEG", quality=quality)
         buf.seek(0)
-        out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()).permute(2, 0, 1))
-    return torch.stack(out).reshape(images.shape).to(images.device)
+        decoded = Image.open(buf, formats=("JPEG",))
+        if decoded.mode != "RGB":
+            decoded = decoded.convert("RGB")
+        for plane, band in zip(out_planes[i], "RGB"):
+            plane[...] = np.frombuffer(decoded.tobytes("raw", band), dtype=np.uint8).reshape(h, w)
+    return out.reshape(images.shape).to(images.device)
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float values in [0, 256) -> uint8, truncated (a C cast, as ``x.to(torch.uint8)``). On the
+    CPU through numpy into a torch-owned tensor: torch's float -> uint8 cast took 0.086 ms per
+    3x224x224 image on the 2-core machine, numpy's 0.023 ms (bench/openvla_image_parts.py)."""
+    if x.device.type != "cpu":
+        return x.to(torch.uint8)
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    np.copyto(out.numpy(), x.numpy(), casting="unsafe")
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,9 +128,17 @@ def lanczos3_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     bench/libero_env_breakdown.py, docs/benchmarks.md); on a GPU dense, in float64
     (where float32 matmuls may run in TF32). TF itself accumulates in float32, so either rounds
     differently from TF only where a value lies within ~1e-4 of .5 (~1e-5 of the pixels)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return _to_uint8(_resize_rounded(images, size))
+
+
+def _resize_rounded(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``lanczos3_resize`` before its uint8 cast: float (float32 on the CPU, float64 on a GPU)
+    holding the rounded, clipped integers 0..255."""
     h, w = images.shape[-2:]
     if (h, w) == (size, size):
-        return images
+        return images.to(torch.float32)
     if images.device.type == "cpu":
         x = images.to(torch.float32)
         x = torch.cat([band @ x[..., a:b, :] for band, a, b in _bands_on(h, size, images.device)], -2)
@@ -115,7 +147,7 @@ def lanczos3_resize(images: torch.Tensor, size: int) -> torch.Tensor:
         wh = _matrix_on(h, size, images.device, torch.float64)
         ww = _matrix_on(w, size, images.device, torch.float64)
         out = wh @ images.to(torch.float64) @ ww.T
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.round_().clamp_(0, 255)
 
 
 @functools.lru_cache(maxsize=16)
@@ -134,41 +166,65 @@ def crop_axis(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.n
     return lower, upper, (coords - lower.astype(f)).astype(f)
 
 
+def _runs(index: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """``index`` as runs of consecutive values: (start, stop) slices whose concatenation is it."""
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    return tuple((int(index[a]), int(index[a]) + int(b - a))
+                 for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(index)]))
+
+
 @functools.lru_cache(maxsize=16)
-def _crop_on(c: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat source indices into a [c, h, w] image of the four corners (top-left, top-right,
-    bottom-left, bottom-right) of every output pixel, [c * 4 * h * w], and the lerp weights of
-    the rows and columns."""
+def _crop_on(h: int, w: int, device: torch.device):
+    """The crop's plan for an [h, w] image: the span of input rows [r0, r1) any output reads,
+    the top and bottom row of each output row (from r0) and their lerp weights [h, 1], the left
+    and right columns of each output column as runs of slices (``_runs``) and their weights."""
     top, bottom, ylerp = crop_axis(h, h)
     left, right, xlerp = crop_axis(w, w)
-    corners = np.stack([(r[:, None] * w + x[None, :]).ravel() for r in (top, bottom) for x in (left, right)])
-    index = (np.arange(c)[:, None, None] * h * w + corners[None]).ravel()
+    r0, r1 = int(top.min()), int(bottom.max()) + 1
     # torch-owned copies: arithmetic with tensors viewing numpy memory ran ~10x slower here (alignment)
-    return tuple(torch.from_numpy(a).to(device).clone() for a in (index, ylerp, xlerp))
+    tensors = [torch.from_numpy(a).to(device).clone() for a in (top - r0, bottom - r0, ylerp[:, None], xlerp)]
+    return r0, r1, *tensors, _runs(left), _runs(right)
 
 
 def center_crop(images: torch.Tensor) -> torch.Tensor:
     """uint8 [..., C, S, S] -> uint8 [..., C, S, S]: OpenVLA's ``crop_and_resize`` (the centred
     0.9-area box, bilinear, on x / 255 in float32; x-lerp then y-lerp as TF), clipped to [0, 1]
-    and converted to uint8 by TF's rule (x 255.5, truncated). The four corner pixels of every
-    output are gathered from the uint8 image in one ``torch.gather`` before the float conversion
-    (``index_select`` along the last dim took ~9 ms per image here; gather 0.3 ms)."""
-    c, h, w = images.shape[-3:]
-    index, ylerp, xlerp = _crop_on(c, h, w, images.device)
-    flat = images.reshape(-1, c * h * w)
-    corners = torch.gather(flat, 1, index.expand(flat.shape[0], -1)).reshape(*images.shape[:-3], c, 4, h, w)
-    corners = corners.to(torch.float32) * torch.tensor(1.0 / 255.0, dtype=torch.float32, device=images.device)
-    tl, tr, bl, br = corners.unbind(-3)
-    t = tl + (tr - tl) * xlerp
-    b = bl + (br - bl) * xlerp
-    out = t + (b - t) * ylerp[:, None]
-    return (out.clamp_(0.0, 1.0) * 255.5).clamp_(0, 255).to(torch.uint8)
+    and converted to uint8 by TF's rule (x 255.5, truncated)."""
+    return _crop_rounded(images)
+
+
+def _crop_rounded(images: torch.Tensor) -> torch.Tensor:
+    """``center_crop`` of uint8 images or of float ones holding integers 0..255 (the resize's
+    output before its uint8 cast). Separable, with TF's float32 operations in TF's order, so the
+    same bits as lerping the four gathered corners of every output pixel (the version before,
+    kept in bench/openvla_image_parts.py): x / 255 of the rows the crop reads; the x-lerp
+    ``l + (r - l) * xlerp`` once per input row, its left and right columns cut as contiguous
+    slices (12 runs for 224 px: ``torch.cat`` of them 0.06 ms, ``gather`` 0.09, ``index_select``
+    along the last dim 0.2); then the top and bottom rows picked (``index_select`` along rows,
+    0.016 ms) and y-lerped. 1.2 -> 0.53 ms per 224 px image on the 2-core machine
+    (bench/openvla_image_parts.py)."""
+    h, w = images.shape[-2:]
+    r0, r1, top, bottom, ylerp, xlerp, left, right = _crop_on(h, w, images.device)
+    rows = images[..., r0:r1, :]
+    scale = torch.tensor(1.0 / 255.0, dtype=torch.float32, device=images.device)
+    if rows.dtype == torch.float32:
+        x = torch.mul(rows, scale)  # a new tensor: the caller's stays as it was
+    else:
+        x = rows.to(torch.float32).mul_(scale)
+    lo = torch.cat([x[..., a:b] for a, b in left], -1)
+    xl = torch.cat([x[..., a:b] for a, b in right], -1).sub_(lo).mul_(xlerp).add_(lo)  # l + (r - l) * xlerp
+    t = xl.index_select(-2, top)
+    out = xl.index_select(-2, bottom).sub_(t).mul_(ylerp).add_(t)  # t + (b - t) * ylerp
+    # in [0, 255.5] after the first clip: TF's second clip to 255 changes nothing the cast keeps
+    return _to_uint8(out.clamp_(0.0, 1.0).mul_(255.5))
 
 
 def resize_and_crop(images: torch.Tensor, size: int, crop: bool = True) -> torch.Tensor:
-    """The pipeline's second half (after the JPEG round-trip): Lanczos3 resize, centre crop."""
-    images = lanczos3_resize(images, size)
-    return center_crop(images) if crop else images
+    """The pipeline's second half (after the JPEG round-trip): Lanczos3 resize, centre crop;
+    the resize hands the crop its rounded floats (no uint8 round-trip in between)."""
+    if not crop:
+        return lanczos3_resize(images, size)
+    return _crop_rounded(_resize_rounded(images, size))
 
 
 def openvla_image(images: torch.Tensor, size: int = 224, jpeg_quality: int | None = 95,

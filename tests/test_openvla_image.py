@@ -3,6 +3,8 @@ TensorFlow-compatible reference (``torchrl.data.vla.preprocessing``: Lanczos3 sp
 per output pixel, TF's CropAndResize), and the split between env workers and the main process."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from tensordict import TensorDict
 from torchrl.data.vla.preprocessing import _fractional_center_crop, _lanczos3_resize
 
 from datamodules.libero import OpenVLAObservation, libero_options
-from datamodules.openvla_image import center_crop, jpeg_roundtrip, lanczos3_matrix, lanczos3_resize, openvla_image
+from datamodules.openvla_image import (_to_uint8, center_crop, crop_axis, jpeg_roundtrip, lanczos3_matrix,
+                                       lanczos3_resize, openvla_image, resize_and_crop)
 
 
 def scene_like(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -70,6 +73,70 @@ def test_center_crop_matches_torchrl_tf_reference():
     big = torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
     big[..., :5, :] = 255  # a bright top band of 5 rows: mostly cropped away
     assert center_crop(big)[..., 0, :].float().mean() < 255 and center_crop(big)[..., 10:, :].max() == 0
+
+
+def four_corner_crop(images: torch.Tensor) -> np.ndarray:
+    """TF's CropAndResize written out per output pixel (numpy float32, one operation at a time):
+    the four corners x / 255, x-lerp of the top and bottom pair, y-lerp, clip, x 255.5, clip,
+    truncate. The layout ``center_crop`` computes separably must give these bits."""
+    f = np.float32
+    x = images.numpy().astype(f) * f(1.0 / 255.0)
+    top, bottom, ylerp = crop_axis(*(images.shape[-2],) * 2)
+    left, right, xlerp = crop_axis(*(images.shape[-1],) * 2)
+    tl, tr = x[..., top[:, None], left], x[..., top[:, None], right]
+    bl, br = x[..., bottom[:, None], left], x[..., bottom[:, None], right]
+    t = tl + (tr - tl) * xlerp
+    b = bl + (br - bl) * xlerp
+    out = t + (b - t) * ylerp[:, None]
+    return (np.clip(np.clip(out, f(0), f(1)) * f(255.5), f(0), f(255))).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(3, 224, 224), (2, 3, 224, 224), (2, 2, 3, 64, 64), (1, 37, 53)])
+def test_center_crop_is_bit_identical_to_the_four_corner_formula(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    ref = torch.from_numpy(four_corner_crop(images))
+    assert torch.equal(center_crop(images), ref)
+    if shape[-2:] == (224, 224):  # render-like too, and the float hand-off from the resize
+        images = scene_like(2, 224, seed=5)
+        assert torch.equal(center_crop(images), torch.from_numpy(four_corner_crop(images)))
+        assert torch.equal(resize_and_crop(images, 224), center_crop(images))  # same size: no resize
+        frames = scene_like(2, 256, seed=6)
+        assert torch.equal(resize_and_crop(frames, 224), center_crop(lanczos3_resize(frames, 224)))
+
+
+def pil_jpeg_roundtrip(image: torch.Tensor, quality: int) -> tuple[bytes, torch.Tensor]:
+    """One CHW image through PIL the plain way: HWC array in, bytes, decoded RGB CHW out."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).save(buf, format="JPEG", quality=quality)
+    data = buf.getvalue()
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return data, torch.from_numpy(decoded.transpose(2, 0, 1).copy())
+
+
+def test_jpeg_roundtrip_is_bit_identical_to_plain_pil():
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randint(0, 256, (2, 2, 3, 48, 40), dtype=torch.uint8, generator=g)
+    scene = scene_like(2, 64, seed=7)
+    for images in (noise, scene, scene.transpose(-1, -2), scene[0]):  # batches, a non-contiguous view, one image
+        got = jpeg_roundtrip(images, 95)
+        assert got.shape == images.shape and got.dtype == torch.uint8
+        flat = images.reshape(-1, *images.shape[-3:])
+        expected = torch.stack([pil_jpeg_roundtrip(image, 95)[1] for image in flat]).reshape(images.shape)
+        assert torch.equal(got, expected)
+        assert not torch.equal(got, images)  # it did compress
+    # lower quality: still the same pixels as plain PIL
+    assert torch.equal(jpeg_roundtrip(scene[0], 50), pil_jpeg_roundtrip(scene[0], 50)[1])
+
+
+def test_fast_uint8_cast_truncates_as_torch():
+    values = torch.arange(0, 256 * 1024, dtype=torch.float32) / 1024  # [0, 256) in steps of 1/1024
+    values = torch.cat([values, torch.nextafter(torch.arange(1, 256, dtype=torch.float32), torch.tensor(0.0)),
+                        torch.tensor([255.5, 255.9999, 0.0])])
+    assert torch.equal(_to_uint8(values), values.to(torch.uint8))
+    assert torch.equal(_to_uint8(values.reshape(-1, 2).T), values.reshape(-1, 2).T.to(torch.uint8))  # strided
 
 
 def test_jpeg_comes_before_the_resize():
