@@ -1,0 +1,61 @@
+"""Where each run's rollout success crosses thresholds: the learning curve of a probe.
+
+    python scripts/learning_curve.py RUN_DIR [RUN_DIR ...] [--window 3] [--thresholds 0.5 0.8 0.9]
+
+RUN_DIR: a directory holding a run's TensorBoard events (searched recursively). Reads
+``rollout/success`` (the mean success of the episodes that ended in each iteration's rollout),
+one value per iteration in logging order; w = its mean over the last ``window`` iterations.
+Prints per run the take-off (the first iteration with rollout success >= ``--takeoff``), the
+first iteration (1-based) where w >= each threshold ("-" if never), the iterations logged and
+w at the end (the definitions of docs/results.md, "Where the learning time goes").
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+
+
+def rollout_success(run_dir: str, tag: str = "rollout/success") -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True))
+    if not files:
+        raise SystemExit(f"run_dir={run_dir!r}: no TensorBoard events under it")
+    values: dict[int, float] = {}
+    for f in files:  # a resumed run writes several event files: later ones win per step
+        ea = EventAccumulator(f, size_guidance={"scalars": 0})
+        ea.Reload()
+        if tag in ea.Tags()["scalars"]:
+            values.update({e.step: e.value for e in ea.Scalars(tag)})
+    return [values[k] for k in sorted(values)]
+
+
+def first_crossings(curve: list[float], window: int, thresholds: list[float]) -> tuple[list[int | None], float]:
+    """1-based iteration where the trailing mean over ``window`` first reaches each threshold."""
+    means = [sum(curve[max(0, i + 1 - window): i + 1]) / len(curve[max(0, i + 1 - window): i + 1])
+             for i in range(len(curve))]
+    hits = [next((i + 1 for i, m in enumerate(means) if m >= t), None) for t in thresholds]
+    return hits, (means[-1] if means else float("nan"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--window", type=int, default=3)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.85, 0.9])
+    p.add_argument("--takeoff", type=float, default=0.5)
+    args = p.parse_args(argv)
+    head = " | ".join(f"w{args.window}>={t:g}" for t in args.thresholds)
+    print(f"| run | take-off | {head} | iterations | w{args.window} at end |")
+    print("|" + " --- |" * (len(args.thresholds) + 4))
+    for run in args.runs:
+        curve = rollout_success(run)
+        hits, last = first_crossings(curve, args.window, args.thresholds)
+        (takeoff,), _ = first_crossings(curve, 1, [args.takeoff])
+        cells = " | ".join("-" if h is None else str(h) for h in [takeoff, *hits])
+        print(f"| {run} | {cells} | {len(curve)} | {last:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
