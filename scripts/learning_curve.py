@@ -35,7 +35,8 @@ def first_crossings(curve: list[float], window: int, thresholds: list[float]) ->
     """1-based iteration where the trailing mean over ``window`` first reaches each threshold."""
     means = [sum(curve[max(0, i + 1 - window): i + 1]) / len(curve[max(0, i + 1 - window): i + 1])
              for i in range(len(curve))]
-    hits = [next((i + 1 for i, m in enumerate(means) if m >= t), None) for t in thresholds]
+    # 1e-9: a mean of ratios that equals the threshold (e.g. (0.6 + 0.9 + 0.9) / 3) must count
+    hits = [next((i + 1 for i, m in enumerate(means) if m >= t - 1e-9), None) for t in thresholds]
     return hits, (means[-1] if means else float("nan"))
 
 

@@ -1,0 +1,37 @@
+"""scripts/learning_curve.py: threshold crossings of a run's rollout success, from TensorBoard."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from scripts.learning_curve import first_crossings  # noqa: E402
+
+
+def test_first_crossings_of_the_trailing_mean():
+    curve = [0.2, 0.6, 0.9, 0.9, 0.6, 1.0]
+    # trailing means over 3: 0.2, 0.4, 0.567, 0.8, 0.8, 0.833
+    hits, last = first_crossings(curve, 3, [0.5, 0.8, 0.9])
+    assert hits == [3, 4, None]
+    assert abs(last - 2.5 / 3) < 1e-9
+    (takeoff,), _ = first_crossings(curve, 1, [0.5])
+    assert takeoff == 2
+
+
+def test_table_from_tensorboard_events(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "m" / "seed0"
+    w = SummaryWriter(str(run / "version_0"))
+    for step, v in enumerate([0.1, 0.7, 0.9, 0.95, 0.2]):
+        w.add_scalar("rollout/success", v, step * 8)  # logged at global steps, read in order
+    w.close()
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(run),
+                          "--thresholds", "0.8", "0.9"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    # take-off at iteration 2 (0.7); w3 = 0.1, 0.4, 0.567, 0.85, 0.683
+    assert f"| {run} | 2 | 4 | - | 5 | 0.68 |" in res.stdout, res.stdout
+    empty = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(tmp_path / "none")],
+                           capture_output=True, text=True)
+    assert empty.returncode != 0 and "no TensorBoard events" in empty.stderr
