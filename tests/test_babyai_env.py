@@ -111,3 +111,37 @@ def test_a_five_object_room_for_longer_streams():
             parse_stream([{"env": "babyai", "level": "GoToObjectRoom", **entry}])
     (task,) = parse_stream([{"env": "babyai", "level": "GoToObjectRoom", "target": "purple key", "objects": five}])
     assert task.instruction == "go to the purple key" and task.params["objects"] == five
+
+
+def test_fast_view_is_minigrids_view():
+    """GoToObjectRoom.gen_obs (a slice of the room's cached encoding) returns minigrid's own
+    observation (MiniGridEnv.gen_obs: per-cell slice, rotate, encode) in every state reached by
+    random actions, including pick-up / drop / toggle (which change the room), every direction,
+    cells next to the walls, and rooms of several sizes."""
+    import numpy as np
+    from minigrid.minigrid_env import MiniGridEnv
+
+    rng = np.random.default_rng(0)
+    checked = carried = 0
+    for room_size, objects in [(3, ("red ball", "green key")), (6, ("red ball", "green key", "blue box")),
+                               (9, ("red ball", "green key", "blue box", "purple key", "yellow ball"))]:
+        env = GoToObjectRoom(target=objects[0], room_size=room_size, objects=objects, max_steps=1000)
+        for episode in range(15):
+            obs, _ = env.reset(seed=int(rng.integers(1 << 30)))
+            for _ in range(40):
+                ref = MiniGridEnv.gen_obs(env)
+                assert np.array_equal(obs["image"], ref["image"]) and obs["image"].dtype == ref["image"].dtype
+                assert obs["direction"] == ref["direction"] and obs["mission"] == ref["mission"]
+                checked += 1
+                carried += env.carrying is not None
+                # all 7 minigrid actions, mostly navigation; pick up what the agent faces at
+                # the start (facing an object later ends the episode)
+                front = env.grid.get(*env.front_pos)
+                if front is not None and front.can_pickup() and env.carrying is None:
+                    action = env.actions.pickup
+                else:
+                    action = int(rng.integers(3)) if rng.random() < 0.7 else int(rng.integers(3, 7))
+                obs, _, terminated, truncated, _ = env.step(action)
+                if terminated or truncated:
+                    break
+    assert checked > 500 and carried > 0  # the carried object shows in the agent's cell too
