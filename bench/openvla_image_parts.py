@@ -26,7 +26,7 @@ import PIL  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from datamodules.openvla_image import (_bands_on, _matrix_on, _to_uint8, center_crop, crop_axis,  # noqa: E402
+from datamodules.openvla_image import (_resize_rounded, _to_uint8, center_crop, crop_axis,  # noqa: E402
                                        jpeg_roundtrip, lanczos3_resize, openvla_image, resize_and_crop)
 
 
@@ -44,18 +44,11 @@ def old_jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def old_lanczos3_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = images.shape[-2:]
-    if (h, w) == (size, size):
+    """The resize before: the same banded float32 products (the kit's ``_resize_rounded``), then
+    torch's float -> uint8 cast (now numpy's, ``_to_uint8``)."""
+    if images.shape[-2:] == (size, size):
         return images
-    if images.device.type == "cpu":
-        x = images.to(torch.float32)
-        x = torch.cat([band @ x[..., a:b, :] for band, a, b in _bands_on(h, size, images.device)], -2)
-        out = torch.cat([x[..., a:b] @ band.T for band, a, b in _bands_on(w, size, images.device)], -1)
-    else:
-        wh = _matrix_on(h, size, images.device, torch.float64)
-        ww = _matrix_on(w, size, images.device, torch.float64)
-        out = wh @ images.to(torch.float64) @ ww.T
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return _resize_rounded(images, size).to(torch.uint8)
 
 
 _old_crop_cache = {}
