@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from datamodules.openvla_image import (_resize_rounded, _to_uint8, center_crop, crop_axis,  # noqa: E402
-                                       jpeg_roundtrip, lanczos3_resize, openvla_image, resize_and_crop)
+                                       jpeg_bytes, jpeg_roundtrip, lanczos3_resize, openvla_image,
+                                       resize_and_crop)
 
 
 # ---- the old implementations (datamodules/openvla_image.py before this change) ----
@@ -114,15 +115,6 @@ def jpeg_bytes_old(image: torch.Tensor, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def jpeg_bytes_new(image: torch.Tensor, quality: int) -> bytes:  # the encode half of jpeg_roundtrip
-    h, w = image.shape[-2:]
-    planes = image.contiguous().numpy()
-    buf = io.BytesIO()
-    Image.merge("RGB", [Image.frombuffer("L", (w, h), p, "raw", "L", 0, 1) for p in planes]).save(
-        buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def check(name, old, new, inputs):
     for x in inputs:
         a, b = old(x), new(x)
@@ -161,7 +153,7 @@ def main():
                torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=g)]
     for x in frames:
         for image in x.reshape(-1, 3, s, s):
-            assert jpeg_bytes_old(image, q) == jpeg_bytes_new(image, q), "JPEG bytes differ"
+            assert jpeg_bytes_old(image, q) == jpeg_bytes(image.contiguous().numpy(), q), "JPEG bytes differ"
     check("jpeg_roundtrip", lambda x: old_jpeg_roundtrip(x, q), lambda x: jpeg_roundtrip(x, q), frames)
     check("lanczos3_resize", lambda x: old_lanczos3_resize(x, o), lambda x: lanczos3_resize(x, o), frames)
     crops = [old_lanczos3_resize(x, o) for x in frames]

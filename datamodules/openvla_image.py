@@ -47,16 +47,24 @@ def jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
     out = torch.empty(flat.shape, dtype=torch.uint8)
     planes, out_planes = flat.numpy(), out.numpy()
     for i in range(flat.shape[0]):
-        rgb = Image.merge("RGB", [Image.frombuffer("L", (w, h), plane, "raw", "L", 0, 1) for plane in planes[i]])
-        buf = io.BytesIO()
-        rgb.save(buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        decoded = Image.open(buf, formats=("JPEG",))
+        decoded = Image.open(io.BytesIO(jpeg_bytes(planes[i], quality)), formats=("JPEG",))
         if decoded.mode != "RGB":
             decoded = decoded.convert("RGB")
         for plane, band in zip(out_planes[i], "RGB"):
             plane[...] = np.frombuffer(decoded.tobytes("raw", band), dtype=np.uint8).reshape(h, w)
     return out.reshape(images.shape).to(images.device)
+
+
+def jpeg_bytes(planes: np.ndarray, quality: int) -> bytes:
+    """One contiguous uint8 [3, H, W] image -> its JPEG file (PIL, default 4:2:0 subsampling),
+    encoded from zero-copy "L" views of the planes merged into an RGB image."""
+    from PIL import Image
+
+    h, w = planes.shape[-2:]
+    buf = io.BytesIO()
+    Image.merge("RGB", [Image.frombuffer("L", (w, h), plane, "raw", "L", 0, 1) for plane in planes]).save(
+        buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
