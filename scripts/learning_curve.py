@@ -1,6 +1,7 @@
 """Where each run's rollout success crosses thresholds: the learning curve of a probe.
 
-    python scripts/learning_curve.py RUN_DIR [RUN_DIR ...] [--window 3] [--thresholds 0.5 0.8 0.9]
+    python scripts/learning_curve.py RUN_DIR [RUN_DIR ...] [--window 3] [--thresholds 0.8 0.85 0.9]
+        [--mean train/entropy 55 62]
 
 RUN_DIR: a directory holding a run's TensorBoard events (searched recursively). Reads
 ``rollout/success`` (the mean success of the episodes that ended in each iteration's rollout),
@@ -8,6 +9,8 @@ one value per iteration in logging order; w = its mean over the last ``window`` 
 Prints per run the take-off (the first iteration with rollout success >= ``--takeoff``), the
 first iteration (1-based) where w >= each threshold ("-" if never), the iterations logged and
 w at the end (the definitions of docs/results.md, "Where the learning time goes").
+``--mean TAG A B``: one more column, the mean of another per-iteration scalar (e.g.
+``train/entropy``) over iterations A..B (1-based, inclusive; "-" if the run has none there).
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import glob
 import os
 
 
-def rollout_success(run_dir: str, tag: str = "rollout/success") -> list[float]:
+def per_iteration(run_dir: str, tag: str = "rollout/success") -> list[float]:
+    """A scalar logged once per iteration, in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True))
@@ -33,8 +37,8 @@ def rollout_success(run_dir: str, tag: str = "rollout/success") -> list[float]:
 
 def first_crossings(curve: list[float], window: int, thresholds: list[float]) -> tuple[list[int | None], float]:
     """1-based iteration where the trailing mean over ``window`` first reaches each threshold."""
-    means = [sum(curve[max(0, i + 1 - window): i + 1]) / len(curve[max(0, i + 1 - window): i + 1])
-             for i in range(len(curve))]
+    windows = [curve[max(0, i + 1 - window): i + 1] for i in range(len(curve))]
+    means = [sum(w) / len(w) for w in windows]
     # 1e-9: a mean of ratios that equals the threshold (e.g. (0.6 + 0.9 + 0.9) / 3) must count
     hits = [next((i + 1 for i, m in enumerate(means) if m >= t - 1e-9), None) for t in thresholds]
     return hits, (means[-1] if means else float("nan"))
@@ -46,16 +50,23 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=3)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.85, 0.9])
     p.add_argument("--takeoff", type=float, default=0.5)
+    p.add_argument("--mean", nargs=3, metavar=("TAG", "A", "B"), default=None)
     args = p.parse_args(argv)
     head = " | ".join(f"w{args.window}>={t:g}" for t in args.thresholds)
-    print(f"| run | take-off | {head} | iterations | w{args.window} at end |")
-    print("|" + " --- |" * (len(args.thresholds) + 4))
+    extra = f" {args.mean[0]} mean {args.mean[1]}-{args.mean[2]} |" if args.mean else ""
+    print(f"| run | take-off | {head} | iterations | w{args.window} at end |{extra}")
+    print("|" + " --- |" * (len(args.thresholds) + 4 + bool(args.mean)))
     for run in args.runs:
-        curve = rollout_success(run)
+        curve = per_iteration(run)
         hits, last = first_crossings(curve, args.window, args.thresholds)
         (takeoff,), _ = first_crossings(curve, 1, [args.takeoff])
         cells = " | ".join("-" if h is None else str(h) for h in [takeoff, *hits])
-        print(f"| {run} | {cells} | {len(curve)} | {last:.2f} |")
+        if args.mean:
+            values = per_iteration(run, args.mean[0])[int(args.mean[1]) - 1:int(args.mean[2])]
+            cells += f" | {len(curve)} | {last:.2f} | " + (f"{sum(values) / len(values):.2f}" if values else "-")
+        else:
+            cells += f" | {len(curve)} | {last:.2f}"
+        print(f"| {run} | {cells} |")
 
 
 if __name__ == "__main__":

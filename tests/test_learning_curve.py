@@ -26,12 +26,18 @@ def test_table_from_tensorboard_events(tmp_path):
     w = SummaryWriter(str(run / "version_0"))
     for step, v in enumerate([0.1, 0.7, 0.9, 0.95, 0.2]):
         w.add_scalar("rollout/success", v, step * 8)  # logged at global steps, read in order
+        w.add_scalar("train/entropy", 1.0 - 0.2 * step, step * 8)
     w.close()
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(run),
                           "--thresholds", "0.8", "0.9"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     # take-off at iteration 2 (0.7); w3 = 0.1, 0.4, 0.567, 0.85, 0.683
     assert f"| {run} | 2 | 4 | - | 5 | 0.68 |" in res.stdout, res.stdout
+    # --mean: entropy over iterations 2..4 = (0.8 + 0.6 + 0.4) / 3
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(run),
+                          "--thresholds", "0.8", "--mean", "train/entropy", "2", "4"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"| {run} | 2 | 4 | 5 | 0.68 | 0.60 |" in res.stdout, res.stdout
     empty = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(tmp_path / "none")],
                            capture_output=True, text=True)
     assert empty.returncode != 0 and "no TensorBoard events" in empty.stderr
