@@ -11,16 +11,19 @@ first iteration (1-based) where w >= each threshold ("-" if never), the iteratio
 w at the end (the definitions of docs/results.md, "Where the learning time goes").
 ``--mean TAG A B``: one more column, the mean of another per-iteration scalar (e.g.
 ``train/entropy``) over iterations A..B (1-based, inclusive; "-" if the run has none there).
+``--seconds A B`` (repeatable): the median wall-clock seconds from one iteration's log to the
+next over iterations A..B (e.g. per task of a quickstart: 1 50, 51 100, 101 150).
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import os
+import statistics
 
 
-def per_iteration(run_dir: str, tag: str = "rollout/success") -> list[float]:
-    """A scalar logged once per iteration, in step order."""
+def per_iteration(run_dir: str, tag: str = "rollout/success", wall: bool = False) -> list[float]:
+    """A scalar logged once per iteration, in step order (``wall``: the times it was logged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True))
@@ -31,7 +34,7 @@ def per_iteration(run_dir: str, tag: str = "rollout/success") -> list[float]:
         ea = EventAccumulator(f, size_guidance={"scalars": 0})
         ea.Reload()
         if tag in ea.Tags()["scalars"]:
-            values.update({e.step: e.value for e in ea.Scalars(tag)})
+            values.update({e.step: e.wall_time if wall else e.value for e in ea.Scalars(tag)})
     return [values[k] for k in sorted(values)]
 
 
@@ -51,11 +54,13 @@ def main(argv=None):
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.85, 0.9])
     p.add_argument("--takeoff", type=float, default=0.5)
     p.add_argument("--mean", nargs=3, metavar=("TAG", "A", "B"), default=None)
+    p.add_argument("--seconds", nargs=2, type=int, metavar=("A", "B"), action="append", default=[])
     args = p.parse_args(argv)
     head = " | ".join(f"w{args.window}>={t:g}" for t in args.thresholds)
     extra = f" {args.mean[0]} mean {args.mean[1]}-{args.mean[2]} |" if args.mean else ""
+    extra += "".join(f" s/iteration {a}-{b} |" for a, b in args.seconds)
     print(f"| run | take-off | {head} | iterations | w{args.window} at end |{extra}")
-    print("|" + " --- |" * (len(args.thresholds) + 4 + bool(args.mean)))
+    print("|" + " --- |" * (len(args.thresholds) + 4 + bool(args.mean) + len(args.seconds)))
     for run in args.runs:
         curve = per_iteration(run)
         hits, last = first_crossings(curve, args.window, args.thresholds)
@@ -66,6 +71,11 @@ def main(argv=None):
             cells += f" | {len(curve)} | {last:.2f} | " + (f"{sum(values) / len(values):.2f}" if values else "-")
         else:
             cells += f" | {len(curve)} | {last:.2f}"
+        if args.seconds:
+            wall = per_iteration(run, wall=True)
+            for a, b in args.seconds:
+                gaps = [t1 - t0 for t0, t1 in zip(wall[a - 1:b - 1], wall[a:b])]
+                cells += f" | {statistics.median(gaps):.2f}" if gaps else " | -"
         print(f"| {run} | {cells} |")
 
 

@@ -25,7 +25,7 @@ def test_table_from_tensorboard_events(tmp_path):
     run = tmp_path / "m" / "seed0"
     w = SummaryWriter(str(run / "version_0"))
     for step, v in enumerate([0.1, 0.7, 0.9, 0.95, 0.2]):
-        w.add_scalar("rollout/success", v, step * 8)  # logged at global steps, read in order
+        w.add_scalar("rollout/success", v, step * 8, walltime=100.0 + step * step)  # gaps 1, 3, 5, 7 s
         w.add_scalar("train/entropy", 1.0 - 0.2 * step, step * 8)
     w.close()
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(run),
@@ -38,6 +38,12 @@ def test_table_from_tensorboard_events(tmp_path):
                           "--thresholds", "0.8", "--mean", "train/entropy", "2", "4"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"| {run} | 2 | 4 | 5 | 0.68 | 0.60 |" in res.stdout, res.stdout
+    # --seconds: median gap between iterations 1..3 (1, 3 s) and 2..5 (3, 5, 7 s)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(run),
+                          "--thresholds", "0.8", "--seconds", "1", "3", "--seconds", "2", "5"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"| {run} | 2 | 4 | 5 | 0.68 | 2.00 | 5.00 |" in res.stdout, res.stdout
     empty = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(tmp_path / "none")],
                            capture_output=True, text=True)
     assert empty.returncode != 0 and "no TensorBoard events" in empty.stderr
