@@ -14,8 +14,12 @@ from torch import nn
 
 @dataclass
 class EncodedPrompts:
-    """Left-padded prompts: image placeholders first, then the text (causal order: the
-    image positions never see the instruction, the instruction positions see the image)."""
+    """Left-padded prompts. By default the image placeholders come first, then the text
+    (OpenVLA's order; causal: the image positions never see the instruction, the instruction
+    positions see the image); a backbone with ``image_position = "after_instruction"`` puts
+    them right after the instruction's last token instead, so that every image position
+    reads the instruction (instruction-conditioned perception, the role FiLM plays in
+    BabyAI's own models)."""
 
     input_ids: torch.Tensor  # [B, L] long
     attention_mask: torch.Tensor  # [B, L] long, 0 on left padding
@@ -55,6 +59,7 @@ class VLMBackbone(nn.Module):
     model: nn.Module
     image_token_id: int
     prompt_suffix_ids: tuple[int, ...] = ()  # appended after the prompt's tokens (OpenVLA: 29871)
+    image_position: str = "first"  # or "after_instruction" (see EncodedPrompts)
 
     def __init__(self):
         super().__init__()
@@ -105,9 +110,12 @@ class VLMBackbone(nn.Module):
             goal = [s < end and e > start for s, e in enc["offset_mapping"]] + [False] * len(self.prompt_suffix_ids)
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
             n_img = self.image_token_count
+            cut = 0  # where the image placeholders go in the text's tokens
+            if self.image_position == "after_instruction":
+                cut = max(i for i, g in enumerate(goal) if g) + 1
             self._prompt_cache[instruction] = (
-                bos + [self.image_token_id] * n_img + ids,
-                [False] * (len(bos) + n_img) + goal,
+                bos + ids[:cut] + [self.image_token_id] * n_img + ids[cut:],
+                [False] * len(bos) + goal[:cut] + [False] * n_img + goal[cut:],
             )
         return self._prompt_cache[instruction]
 

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from modules.policy.backbone import VLMBackbone
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+IMAGE_POSITIONS = ("first", "after_instruction")
 PROMPT_WORDS = "in : what action should the robot take to ? out".split()
 
 
@@ -35,8 +36,16 @@ class TinyLlava(VLMBackbone):
     def __init__(self, words: list[str] = (), action_bins: int = 3, image_size: int = 56,
                  patch_size: int = 8, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                  vision_hidden_size: int = 64, vision_layers: int = 2, initializer_range: float = 0.02,
-                 position_init_std: float | None = None, seed: int | None = None):
+                 position_init_std: float | None = None, seed: int | None = None,
+                 image_position: str = "first"):
+        """``image_position``: ``first`` (OpenVLA's order: BOS, image, prompt) or
+        ``after_instruction`` (BOS, "In: ... <instruction>", image, "?\nOut:"; see
+        ``modules.policy.backbone.EncodedPrompts``)."""
         super().__init__()
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"model.policy.init_args.backbone.init_args.image_position={image_position!r}: "
+                             f"one of {list(IMAGE_POSITIONS)}")
+        self.image_position = image_position
         word_list = [w for s in words for w in s.lower().split()]
         self.tokenizer = word_tokenizer(word_list, action_bins)
         vocab = len(self.tokenizer)
