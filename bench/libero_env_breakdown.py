@@ -5,7 +5,7 @@ transform) for libero_goal task 8 from init state 0, and the pieces under it, ea
 that same simulator and its frames: raw ``OffScreenRenderEnv.step`` (physics + render), torchrl's
 ``LiberoEnv`` step (+ its success check and TensorDict), the kit's full worker step, the image
 pipeline's parts (JPEG round-trip, Lanczos3 resize, also with the dense matrices it used before,
-centre crop) and the worker's wire format.
+centre crop), the frame's read (torchrl's vs the kit's) and the worker's wire format.
 Median ms over ``--reps`` x ``--steps``.
 
 Usage: MUJOCO_GL=egl python bench/libero_env_breakdown.py [--render 256 --steps 40 --reps 3]
@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
+from torchrl.envs.libs.libero import LiberoWrapper  # noqa: E402
 
 from datamodules.libero import LIBERO_OPTIONS, worker_env  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
@@ -41,6 +42,7 @@ def main():
     td = env.reset()
     base, raw = env.base_env, env.base_env._env
     frame = td["observation", "image"]
+    raw_frame = raw.env._get_observations(force_update=True)["agentview_image"]
     render = base._read_image(raw.env._get_observations(force_update=True)["agentview_image"])
     jpeg = jpeg_roundtrip(render, 95)
     resized = lanczos3_resize(jpeg, 224)
@@ -57,9 +59,11 @@ def main():
     step_out = env.step(kit_td.clone())["next"]
     parts = {
         "raw OffScreenRenderEnv.step": lambda: raw.step(libero_action),
-        "LiberoEnv._step (raw + success + TensorDict)": lambda: base._step(base_td),
+        "LiberoEnv._step (the kit's subclass: raw + success + TensorDict)": lambda: base._step(base_td),
         "LiberoEnv.step (+ EnvBase)": lambda: base.step(base_td.clone()),
         "kit worker env.step (+ image pipeline, gripper)": lambda: env.step(kit_td.clone()),
+        "  read: torchrl LiberoWrapper._read_image (flip, permute)": lambda: LiberoWrapper._read_image(base, raw_frame),
+        "  read: the kit's chw_frame (one strided copy)": lambda: base._read_image(raw_frame),
         f"  image: JPEG round-trip ({args.render} px)": lambda: jpeg_roundtrip(render, 95),
         f"  image: Lanczos3 resize {args.render}->224 (banded blocks)": lambda: lanczos3_resize(jpeg, 224),
         f"  image: Lanczos3 resize {args.render}->224 (dense matrices, before)": lambda: dense_lanczos(jpeg),

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchrl.envs.utils import step_mdp  # noqa: E402
 
+from datamodules.libero_init_states import chw_frame  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
 from datamodules.openvla_image import openvla_image  # noqa: E402
 from datamodules.tasks import make_env, parse_stream  # noqa: E402
@@ -96,8 +97,7 @@ def raw_worker(conn, render: int, steps: int, gpu: int):
             torch.set_num_threads(1)     # flipped frame through OpenVLA's image pipeline
             for a in actions:
                 conn.recv_bytes()
-                frame = env.step(a)[0]["agentview_image"][::-1, ::-1]
-                image = openvla_image(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1))
+                image = openvla_image(chw_frame(env.step(a)[0]["agentview_image"]))  # the kit's read
                 conn.send_bytes(pickle.dumps(image.numpy(), protocol=pickle.HIGHEST_PROTOCOL))
         else:
             break

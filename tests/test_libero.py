@@ -93,6 +93,14 @@ def test_openvla_observation_on_a_real_frame():
         jpeg = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()).permute(2, 0, 1)[None]
         resized = _lanczos3_resize(jpeg.float(), (224, 224)).round_().clamp_(0, 255).to(torch.uint8)
         expected = _fractional_center_crop(resized, (224, 224))[0].permute(1, 2, 0).numpy()
+        # the kit's read of a frame (one strided copy) is torchrl's (flip, then permute), bit for bit
+        from torchrl.envs.libs.libero import LiberoWrapper
+
+        base = env.base_env
+        for flip in (False, True):
+            base.flip_image = flip
+            assert torch.equal(base._read_image(raw), LiberoWrapper._read_image(base, raw))
+        assert base._read_image(raw).is_contiguous()
         # the kit's path on the same frame: LiberoEnv's read (flip) + the OpenVLAObservation transform
         frame = TensorDict({("observation", "image"): env.base_env._read_image(raw)}, batch_size=[])
         got = env.transform[0](frame)["observation", "image"].permute(1, 2, 0).numpy()
