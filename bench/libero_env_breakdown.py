@@ -5,7 +5,8 @@ transform) for libero_goal task 8 from init state 0, and the pieces under it, ea
 that same simulator and its frames: raw ``OffScreenRenderEnv.step`` (physics + render), torchrl's
 ``LiberoEnv`` step (+ its success check and TensorDict), the kit's full worker step, the image
 pipeline's parts (JPEG round-trip, Lanczos3 resize, also with the dense matrices it used before,
-centre crop), the frame's read (torchrl's vs the kit's) and the worker's wire format.
+centre crop), the frame's read (torchrl's vs the kit's), the worker's wire format, and the
+worker env's own machinery with the simulation step replaced by a cached observation.
 Median ms over ``--reps`` x ``--steps``.
 
 Usage: MUJOCO_GL=egl python bench/libero_env_breakdown.py [--render 256 --steps 40 --reps 3]
@@ -76,6 +77,23 @@ def main():
         f()  # warm-up
     for _ in range(args.reps):
         for name, f in parts.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                f()
+            res[name].append((time.perf_counter() - t) / args.steps * 1e3)
+    # the worker env's own machinery without the simulation: the sim step replaced by its last
+    # observation (a timing device only; the env is closed right after)
+    cached = raw.step(libero_action)
+    raw.step = lambda action: cached
+    machinery = {
+        "no sim: kit worker env.step (EnvBase.step)": lambda: env.step(kit_td.clone()),
+        "no sim: kit worker env._step (TransformedEnv)": lambda: env._step(kit_td.clone()),
+        "no sim: LiberoEnv._step (the kit's subclass)": lambda: base._step(base_td),
+    }
+    for name, f in machinery.items():
+        res[name] = []
+        f()
+        for _ in range(args.reps):
             t = time.perf_counter()
             for _ in range(args.steps):
                 f()
