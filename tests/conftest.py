@@ -16,10 +16,12 @@ WORDS = ["go to the red ball", "go to the green key", "go to the blue box"]
 def tiny_policy():
     from modules.policy import TinyLlava, TokenVLAPolicy
 
-    def make(action_tokens=1, action_bins=3, temperature=1.0, seed=0, feature_pooling="image_mean"):
+    def make(action_tokens=1, action_bins=3, temperature=1.0, seed=0, feature_pooling="image_mean",
+             image_position="first"):
         torch.manual_seed(seed)
         bb = TinyLlava(words=WORDS + ["pick up a"], action_bins=action_bins, hidden_size=32,
-                       vision_hidden_size=32, layers=2, vision_layers=1, heads=2, seed=seed)
+                       vision_hidden_size=32, layers=2, vision_layers=1, heads=2, seed=seed,
+                       image_position=image_position)
         return TokenVLAPolicy(bb, action_tokens=action_tokens, action_bins=action_bins,
                               temperature=temperature, feature_pooling=feature_pooling)
     return make

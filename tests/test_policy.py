@@ -5,10 +5,12 @@ import torch
 from conftest import WORDS
 
 
-@pytest.mark.parametrize("n_tokens,bins,temp,pooling", [(1, 3, 1.0, "image_mean"), (3, 7, 1.6, "image_mean"),
-                                                         (3, 7, 1.0, "last")])
-def test_act_log_probs_equal_training_forward(tiny_policy, n_tokens, bins, temp, pooling):
-    policy = tiny_policy(action_tokens=n_tokens, action_bins=bins, temperature=temp, feature_pooling=pooling)
+@pytest.mark.parametrize("n_tokens,bins,temp,pooling,image_position", [
+    (1, 3, 1.0, "image_mean", "first"), (3, 7, 1.6, "image_mean", "first"), (3, 7, 1.0, "last", "first"),
+    (3, 7, 1.0, "image_mean", "after_instruction")])
+def test_act_log_probs_equal_training_forward(tiny_policy, n_tokens, bins, temp, pooling, image_position):
+    policy = tiny_policy(action_tokens=n_tokens, action_bins=bins, temperature=temp, feature_pooling=pooling,
+                         image_position=image_position)
     torch.manual_seed(1)
     images = torch.randint(0, 256, (6, 3, 56, 56), dtype=torch.uint8)
     prompts = policy.encode([WORDS[0], "pick up a blue box", WORDS[2]] * 2)  # mixed lengths
@@ -51,6 +53,29 @@ def test_goal_features_see_instruction_state_features_do_not(tiny_policy):
     phi, emb = out.phi, out.emb
     assert torch.allclose(phi[0], phi[1], atol=1e-6)  # image first: causal, goal-independent
     assert (emb[0] - emb[1]).abs().max() > 1e-4
+
+
+def test_image_after_the_instruction(tiny_policy):
+    """image_position: after_instruction -> BOS, prompt up to the instruction's last token, the
+    image placeholders, then the rest ("?", "Out:"); the image positions then read the instruction."""
+    first, after = tiny_policy(), tiny_policy(image_position="after_instruction")
+    a, b = first.encode(WORDS[:2]), after.encode(WORDS[:2])
+    n_img = first.backbone.image_token_count
+    for p in (a, b):
+        assert int(p.image_mask[0].sum()) == n_img and int(p.goal_mask[0].sum()) == len(WORDS[0].split())
+    # the same tokens, the image block moved to right after the instruction
+    goal_end = int(b.goal_mask[0].nonzero().max())
+    image_pos = b.image_mask[0].nonzero().flatten()
+    assert image_pos.tolist() == list(range(goal_end + 1, goal_end + 1 + n_img))
+    assert torch.equal(a.input_ids[0][~a.image_mask[0]], b.input_ids[0][~b.image_mask[0]])  # text order kept
+    tail = first.backbone.tokenizer.convert_ids_to_tokens(b.input_ids[0, image_pos[-1] + 1:].tolist())
+    assert tail == ["?", "out", ":"]
+    # phi (image mean) now differs between instructions on the same frame
+    images = torch.randint(0, 256, (1, 3, 56, 56), dtype=torch.uint8).repeat(2, 1, 1, 1)
+    phi = after.act(images, b).phi
+    assert (phi[0] - phi[1]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="image_position='middle'"):
+        tiny_policy(image_position="middle")
 
 
 def test_last_position_features_see_instruction_and_image(tiny_policy):

@@ -9,8 +9,8 @@ of action tokens (the last ``action_bins`` ids of the vocabulary, as in OpenVLA)
 * The same forward returns phi(s) and emb(g) (mean of the last hidden states over the
   instruction's token positions), so the critics never cost a second backbone pass.
   ``feature_pooling`` picks phi: ``image_mean`` (default; the mean over the image positions:
-  the image comes first in the sequence, so in a causal model it does not depend on the
-  instruction) or ``last`` (the last prompt position, the one that predicts the first action
+  with the image first in the sequence, OpenVLA's order, a causal model's phi does not depend
+  on the instruction; a tiny backbone's ``image_position: after_instruction`` makes it read it) or ``last`` (the last prompt position, the one that predicts the first action
   token: it reads the image and the instruction). emb(g) reads the image either way.
 
 Speed and memory knobs (``model.policy.init_args.*``; none changes a log-prob):
