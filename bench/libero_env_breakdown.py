@@ -3,7 +3,8 @@
 One kit worker env (torchrl ``LiberoEnv`` + the OpenVLA observation transform + the gripper
 transform) for libero_goal task 8 from init state 0, and the pieces under it, each timed on
 that same simulator and its frames: raw ``OffScreenRenderEnv.step`` (physics + render), torchrl's
-``LiberoEnv`` step (+ its success check and TensorDict), the kit's full worker step, the image
+``LiberoEnv`` step (+ its success check and TensorDict), raw stepping with only the
+observables the kit reads, the kit's full worker step, the image
 pipeline's parts (JPEG round-trip, Lanczos3 resize, also with the dense matrices it used before,
 centre crop), the frame's read (torchrl's vs the kit's), the worker's wire format, and the
 worker env's own machinery with the simulation step replaced by a cached observation.
@@ -58,8 +59,16 @@ def main():
     kit_td = td.clone().set("action", torch.tensor([0.0] * 6 + [1.0]))  # OpenVLA: 1 = open
     base_td = TensorDict({"action": torch.tensor(libero_action, dtype=torch.float32)}, batch_size=[])
     step_out = env.step(kit_td.clone())["next"]
+    sim_env = raw.env
+    trimmed = {name for name, o in sim_env._observables.items() if not o.is_enabled()}  # what the kit's env switched off
+
+    def observables(on: bool) -> None:  # raw lines: every observable, as a plain OffScreenRenderEnv computes them
+        for name in trimmed:
+            sim_env.modify_observable(name, "enabled", on)
+
     parts = {
-        "raw OffScreenRenderEnv.step": lambda: raw.step(libero_action),
+        "raw OffScreenRenderEnv.step (every observable)": lambda: raw.step(libero_action),
+        "raw OffScreenRenderEnv.step (the kit's observables only)": lambda: raw.step(libero_action),
         "LiberoEnv._step (the kit's subclass: raw + success + TensorDict)": lambda: base._step(base_td),
         "LiberoEnv.step (+ EnvBase)": lambda: base.step(base_td.clone()),
         "kit worker env.step (+ image pipeline, gripper)": lambda: env.step(kit_td.clone()),
@@ -77,10 +86,12 @@ def main():
         f()  # warm-up
     for _ in range(args.reps):
         for name, f in parts.items():
+            observables("every observable" in name)
             t = time.perf_counter()
             for _ in range(args.steps):
                 f()
             res[name].append((time.perf_counter() - t) / args.steps * 1e3)
+    observables(False)
     # the worker env's own machinery without the simulation: the sim step replaced by its last
     # observation (a timing device only; the env is closed right after)
     cached = raw.step(libero_action)

@@ -1,5 +1,6 @@
-"""torchrl's ``LiberoEnv`` with the kit's init-state choice (datamodules/init_states.py) and the
-episode's init-state id as an observation.
+"""torchrl's ``LiberoEnv`` with the kit's init-state choice (datamodules/init_states.py), the
+episode's init-state id as an observation, and a cheaper step (only the observables it reads
+are computed; frames read in one copy).
 
 Every reset runs in torchrl's ``"fixed"`` mode with ``init_state_id`` set just before it from an
 ``InitStateChooser``: the curriculum's queue for this worker, else the pinned id (evaluation),
@@ -31,6 +32,17 @@ class InitStateLiberoEnv(LiberoEnv):  # the metaclass builds subclasses directly
     def __init__(self, *args, pinned_init_state: int | None = None,
                  init_state_queues: InitStateQueues | None = None, worker_index: int = 0, **kwargs):
         super().__init__(*args, init_state_mode="fixed", **kwargs)
+        # robosuite updates every observable on every step (each object's pose and its pose
+        # relative to the gripper, joint angles and velocities, ...); the TensorDict carries
+        # only the camera image(s) and ``proprio_keys``, so the rest are switched off:
+        # bench/libero_env_breakdown.py
+        self.read_keys = {f"{self.camera}_image", *self.proprio_keys}
+        if self.wrist_camera is not None:
+            self.read_keys.add(f"{self.wrist_camera}_image")
+        sim_env = self._env.env
+        for name in list(sim_env._observables):
+            if name not in self.read_keys:
+                sim_env.modify_observable(name, "enabled", False)
         self.chooser = InitStateChooser(len(self.init_states), pinned_init_state, self._rng,
                                         init_state_queues, worker_index)
         self.init_state_id = self.chooser.pinned or 0

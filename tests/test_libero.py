@@ -61,6 +61,12 @@ def test_goal_state_gives_success_and_done(suite, task_id):
         td["action"] = torch.tensor(OPEN_GRIPPER_NOOP)
         td = env.step(td)
         assert not td["next", "success"].item() and not td["next", "done"].item()
+        # robosuite computes only the observables the TensorDict reads; the state is still the
+        # gripper's position (robosuite samples it within the step's physics substeps)
+        sim_env = base._env.env
+        assert {k for k in sim_env._get_observations() if not k.endswith("-state")} == base.read_keys
+        eef = sim_env.sim.data.site_xpos[sim_env.robots[0].eef_site_id]
+        assert np.allclose(td["next", "observation", "state"][:3].numpy(), eef, atol=1e-3)
         satisfy_goal(base._env)
         for step in range(40):
             td = env.step(td.get("next").clone().set("action", torch.tensor(OPEN_GRIPPER_NOOP)))
