@@ -197,6 +197,9 @@ def main():
             if args.raw_pipeline:
                 lock_pipe.append(lockstep_rate(pipeline=True))
             kit.append(kit_rate())
+            print(f"rep {len(kit)}: raw {raw[-1]:.1f}, lock-step {lock[-1]:.1f}, "  # kept if the run is cut off
+                  + (f"lock-step + pipeline {lock_pipe[-1]:.1f}, " if lock_pipe else "")
+                  + f"kit {kit[-1]:.1f} steps/s", flush=True)
         assert td["observation", "image"].shape[-1] == options.get("image_size", 224)
         kit_rss = [rss_mb(pid) for pid in kit_pids]
         where = {"worker": "image pipeline in each worker", "off": "no image pipeline (flipped render only)"}
