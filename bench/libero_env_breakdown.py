@@ -45,7 +45,7 @@ def main():
     base, raw = env.base_env, env.base_env._env
     frame = td["observation", "image"]
     raw_frame = raw.env._get_observations(force_update=True)["agentview_image"]
-    render = base._read_image(raw.env._get_observations(force_update=True)["agentview_image"])
+    render = base._read_image(raw_frame)
     jpeg = jpeg_roundtrip(render, 95)
     resized = lanczos3_resize(jpeg, 224)
     wh = _matrix_on(args.render, 224, torch.device("cpu"), torch.float32)
@@ -81,17 +81,23 @@ def main():
         "  wire: flat numpy row + pickle": lambda: pickle.dumps(_to_wire(step_out), protocol=pickle.HIGHEST_PROTOCOL),
     }
     assert frame.shape[-1] == 224
-    res = {k: [] for k in parts}
-    for f in parts.values():
-        f()  # warm-up
-    for _ in range(args.reps):
-        for name, f in parts.items():
-            observables("every observable" in name)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                f()
-            res[name].append((time.perf_counter() - t) / args.steps * 1e3)
-    observables(False)
+    res = {}
+
+    def time_parts(parts: dict) -> None:  # ms per call into res; the parts alternate within a rep
+        for f in parts.values():
+            f()  # warm-up
+        for name in parts:
+            res[name] = []
+        for _ in range(args.reps):
+            for name, f in parts.items():
+                observables("every observable" in name)
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    f()
+                res[name].append((time.perf_counter() - t) / args.steps * 1e3)
+        observables(False)
+
+    time_parts(parts)
     # the worker env's own machinery without the simulation: the sim step replaced by its last
     # observation (a timing device only; the env is closed right after)
     cached = raw.step(libero_action)
@@ -101,14 +107,7 @@ def main():
         "no sim: kit worker env._step (TransformedEnv)": lambda: env._step(kit_td.clone()),
         "no sim: LiberoEnv._step (the kit's subclass)": lambda: base._step(base_td),
     }
-    for name, f in machinery.items():
-        res[name] = []
-        f()
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                f()
-            res[name].append((time.perf_counter() - t) / args.steps * 1e3)
+    time_parts(machinery)
     print(f"libero_goal:8, render {args.render}px, MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
           f"{args.reps} reps x {args.steps} steps, median ms per call")
     for name, v in res.items():
