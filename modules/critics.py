@@ -19,9 +19,11 @@ from torch import nn
 class GoalConditionedCritic(nn.Module):
     """V(s, g)."""
 
-    def __init__(self, feature_dim: int, hidden_sizes: list[int] = (256, 256), action_width: int = 0):
+    def __init__(self, feature_dim: int, hidden_sizes: list[int] = (256, 256), action_width: int = 0,
+                 goal_dim: int | None = None):
+        """``feature_dim``: width of phi(s); ``goal_dim``: of emb(g) (default: the same)."""
         super().__init__()
-        layers, width = [], 2 * feature_dim + action_width
+        layers, width = [], feature_dim + (goal_dim or feature_dim) + action_width
         for h in hidden_sizes:
             layers += [nn.Linear(width, h), nn.Tanh()]
             width = h
@@ -54,8 +56,8 @@ class GoalConditionedQCritic(GoalConditionedCritic):
     would change the later ones: an approximation, stated here)."""
 
     def __init__(self, feature_dim: int, hidden_sizes: list[int] = (256, 256), action_tokens: int = 1,
-                 action_bins: int = 3, baseline_samples: int = 8):
-        super().__init__(feature_dim, hidden_sizes, action_width=action_tokens * action_bins)
+                 action_bins: int = 3, baseline_samples: int = 8, goal_dim: int | None = None):
+        super().__init__(feature_dim, hidden_sizes, action_width=action_tokens * action_bins, goal_dim=goal_dim)
         self.action_tokens, self.action_bins, self.baseline_samples = action_tokens, action_bins, baseline_samples
 
     def forward(self, phi, emb, tokens=None):
@@ -79,11 +81,12 @@ class GoalConditionedQCritic(GoalConditionedCritic):
         return q.view(b, k).mean(-1)
 
 
-def make_critic(kind: str, feature_dim: int, hidden_sizes, action_tokens: int, action_bins: int):
+def make_critic(kind: str, feature_dim: int, hidden_sizes, action_tokens: int, action_bins: int,
+                goal_dim: int | None = None):
     if kind == "v":
-        return GoalConditionedCritic(feature_dim, list(hidden_sizes))
+        return GoalConditionedCritic(feature_dim, list(hidden_sizes), goal_dim=goal_dim)
     if kind == "q":
-        return GoalConditionedQCritic(feature_dim, list(hidden_sizes), action_tokens, action_bins)
+        return GoalConditionedQCritic(feature_dim, list(hidden_sizes), action_tokens, action_bins, goal_dim=goal_dim)
     raise ValueError(f"model.critic_type={kind!r}: expected 'v' or 'q'")
 
 

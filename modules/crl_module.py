@@ -94,7 +94,8 @@ class CRLModule(LightningModule):
             raise ValueError(f"model.critic_type='q': not supported with {type(policy).__name__} (continuous "
                              "action chunks; the Q head one-hot encodes action tokens): use 'v'")
         self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
-                                  getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None))
+                                  getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None),
+                                  goal_dim=policy.goal_dim)
         self.anchor_critic: torch.nn.Module | None = None
         self.old_policy = None  # TokenVLAPolicy (frozen copy) or AdapterPolicy (LoRA)
         self.critic_age = 0  # iterations since the trainable critic was (re)initialised

@@ -8,7 +8,7 @@ class (not a ``Union`` type) so the CLI's errors for either stay one line.
   ``evaluate(images, prompts, actions)`` -> an output with ``tokens, log_prob, token_log_probs,
   entropy, phi, emb`` (one backbone forward each);
 * ``env_action(actions)`` -> what the env takes; ``snapshot()`` -> the frozen old policy;
-* ``feature_dim``, ``uses_lora``, ``backbone``.
+* ``feature_dim`` (width of phi(s)), ``goal_dim`` (of emb(g)), ``uses_lora``, ``backbone``.
 """
 from torch import nn
 

@@ -142,6 +142,10 @@ class OFTPolicy(VLAPolicy):
     def feature_dim(self) -> int:
         return self.backbone.hidden_size
 
+    @property
+    def goal_dim(self) -> int:
+        return self.backbone.hidden_size
+
     def encode(self, instructions: list[str]) -> EncodedPrompts:
         return self.backbone.encode(instructions).to(self.action_low.device)
 

@@ -10,8 +10,11 @@ of action tokens (the last ``action_bins`` ids of the vocabulary, as in OpenVLA)
   instruction's token positions), so the critics never cost a second backbone pass.
   ``feature_pooling`` picks phi: ``image_mean`` (default; the mean over the image positions:
   with the image first in the sequence, OpenVLA's order, a causal model's phi does not depend
-  on the instruction; a tiny backbone's ``image_position: after_instruction`` makes it read it) or ``last`` (the last prompt position, the one that predicts the first action
-  token: it reads the image and the instruction). emb(g) reads the image either way.
+  on the instruction; a tiny backbone's ``image_position: after_instruction`` makes it read it), ``last`` (the last prompt position, the one that predicts the first action
+  token: it reads the image and the instruction) or ``image_flat`` (the image positions'
+  hidden states concatenated in patch order, [B, patches x H]: where each thing is in an
+  egocentric view survives, as in a conv net's flatten; for tiny backbones only: OpenVLA-7B
+  would give 256 x 4096 features). emb(g) reads the image either way.
 
 Speed and memory knobs (``model.policy.init_args.*``; none changes a log-prob):
 * ``decoding``: ``dynamic`` (default; transformers' dynamic KV cache, any backbone),
@@ -66,7 +69,7 @@ def set_gradient_checkpointing(model: nn.Module, enable: bool) -> int:
     return layers
 
 
-FEATURE_POOLING = ("image_mean", "last")
+FEATURE_POOLING = ("image_mean", "last", "image_flat")
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,6 +125,14 @@ class TokenVLAPolicy(VLAPolicy):
 
     @property
     def feature_dim(self) -> int:
+        """Width of phi(s)."""
+        if self.feature_pooling == "image_flat":
+            return self.backbone.image_token_count * self.backbone.hidden_size
+        return self.backbone.hidden_size
+
+    @property
+    def goal_dim(self) -> int:
+        """Width of emb(g)."""
         return self.backbone.hidden_size
 
     def encode(self, instructions: list[str]) -> EncodedPrompts:
@@ -134,8 +145,12 @@ class TokenVLAPolicy(VLAPolicy):
 
     def _features(self, hidden: torch.Tensor, prompts: EncodedPrompts):
         """hidden: the prompt's last hidden states [B, L, H] (left-padded) -> (phi(s), emb(g))."""
-        phi = (_masked_mean(hidden, prompts.image_mask) if self.feature_pooling == "image_mean"
-               else hidden[:, -1])
+        if self.feature_pooling == "image_mean":
+            phi = _masked_mean(hidden, prompts.image_mask)
+        elif self.feature_pooling == "image_flat":  # every prompt has the same number of image positions
+            phi = hidden[prompts.image_mask].reshape(hidden.shape[0], -1)
+        else:
+            phi = hidden[:, -1]
         return phi.float(), _masked_mean(hidden, prompts.goal_mask).float()
 
     @contextmanager
