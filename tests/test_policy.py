@@ -7,7 +7,7 @@ from conftest import WORDS
 
 @pytest.mark.parametrize("n_tokens,bins,temp,pooling,image_position", [
     (1, 3, 1.0, "image_mean", "first"), (3, 7, 1.6, "image_mean", "first"), (3, 7, 1.0, "last", "first"),
-    (3, 7, 1.0, "image_mean", "after_instruction")])
+    (3, 7, 1.0, "image_mean", "after_instruction"), (2, 5, 1.0, "image_flat", "first")])
 def test_act_log_probs_equal_training_forward(tiny_policy, n_tokens, bins, temp, pooling, image_position):
     policy = tiny_policy(action_tokens=n_tokens, action_bins=bins, temperature=temp, feature_pooling=pooling,
                          image_position=image_position)
@@ -94,6 +94,27 @@ def test_last_position_features_see_instruction_and_image(tiny_policy):
     assert (out.phi[0] - out.phi[1]).abs().max() > 1e-4  # the image shows
     with pytest.raises(ValueError, match="feature_pooling='max'"):
         tiny_policy(feature_pooling="max")
+
+
+def test_flat_image_features_keep_each_patch_in_place(tiny_policy):
+    """feature_pooling: image_flat -> phi is the image positions' last hidden states in patch
+    order, [B, patches x H]; a CRL module's critics size themselves from phi's and emb's widths."""
+    from modules.crl_module import CRLModule
+
+    policy = tiny_policy(feature_pooling="image_flat")
+    h, n_img = policy.backbone.hidden_size, policy.backbone.image_token_count
+    assert (policy.feature_dim, policy.goal_dim) == (n_img * h, h) == (49 * 32, 32)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    prompts = policy.encode([WORDS[0], "pick up a blue box"])  # different lengths: left padding
+    out = policy.evaluate(images, prompts, torch.zeros(2, 1, dtype=torch.long))
+    hidden, _ = policy.backbone(prompts.input_ids, prompts.attention_mask, policy.backbone.preprocess(images))
+    for b in range(2):
+        image_rows = hidden[b, prompts.image_mask[b]]  # [49, H], patch order
+        assert torch.equal(out.phi[b].view(n_img, h), image_rows)
+    module = CRLModule(policy, critic_hidden_sizes=[8])
+    assert module.critic.net[0].in_features == n_img * h + h
+    assert module.critic(out.phi, out.emb).shape == (2,)
 
 
 def test_prompt_layout(tiny_policy):
