@@ -70,7 +70,48 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
     return str(path)
 
 
+def print_config(*args) -> str:
+    """``train.py ARGS --print_config`` in this process, its stdout. The parse-and-print path
+    only (jsonargparse prints and exits before anything is instantiated), without the ~12 s of
+    imports a ``train.py`` subprocess pays; train.py's thread setting is undone after."""
+    import contextlib
+    import io
+
+    import train
+
+    threads, out = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            train.main([*args, "--print_config"])
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_.value.code in (0, None), out.getvalue()[-2000:]
+    return out.getvalue()
+
+
 def run_train(*args, timeout=900):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_train_many(runs, timeout=300):
+    """``run_train(*args)`` for each argument list in ``runs``, each in its own process forked
+    from one that has done train.py's imports (``tests/train_forks.py``): the same return code,
+    stdout and stderr, without ~12 s of imports per run. For the many short runs of bad input."""
+    import json
+    from types import SimpleNamespace
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_forks.py")], cwd=ROOT, check=False,
+                         input=json.dumps({"runs": [list(r) for r in runs], "timeout": timeout}),
+                         capture_output=True, text=True, timeout=timeout * len(runs) + 120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [SimpleNamespace(**r) for r in json.loads(res.stdout)]
+
+
+def run_train_cases(tmp_path_factory, cases, args_for):
+    """Each case's train.py run (``run_train_many``) in a directory of its own:
+    ``args_for(case, directory)`` gives its arguments; returns [(directory, result)] in order."""
+    dirs = [tmp_path_factory.mktemp(f"case{i}") for i in range(len(cases))]
+    return list(zip(dirs, run_train_many([args_for(c, d) for c, d in zip(cases, dirs)])))

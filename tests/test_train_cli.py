@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, run_train, small_config
+from conftest import ROOT, print_config, run_train, run_train_cases, small_config
 from test_videos import read_mp4
 
 BAD = [
@@ -25,10 +25,16 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("arg,key", BAD)
-def test_bad_input_one_line_nonzero_no_results(tmp_path, arg, key):
-    cfg = small_config(tmp_path)
-    res = run_train("--config", cfg, arg, timeout=300)
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every BAD case's run, each its own train.py process (forked after the imports): [(directory, result)]."""
+    return run_train_cases(tmp_path_factory, BAD, lambda case, d: ("--config", small_config(d), case[0]))
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[arg for arg, _ in BAD])
+def test_bad_input_one_line_nonzero_no_results(bad_runs, case):
+    _, key = BAD[case]
+    tmp_path, res = bad_runs[case]
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and key in last, res.stderr[-2000:]
@@ -174,16 +180,15 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
                                      ["configs/quickstart.yaml", "configs/streams/babyai5.yaml"]])
 def test_configs_parse_and_print(configs):
     args = [a for c in configs for a in ("--config", os.path.join(ROOT, c))]
-    res = run_train(*args, "--print_config", timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "model:" in res.stdout and "data:" in res.stdout and "stream:" in res.stdout
-    has_anchor = "AnchorCriticFreeze" in res.stdout
+    out = print_config(*args)
+    assert "model:" in out and "data:" in out and "stream:" in out
+    has_anchor = "AnchorCriticFreeze" in out
     no_anchor = ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml", "configs/ablations/mtl.yaml",
                  "configs/ablations/per_task_adapters.yaml")
     assert has_anchor == (not any(c in configs for c in no_anchor))
     lora_on = any(c in configs for c in ("configs/ablations/lora.yaml", "configs/ablations/per_task_adapters.yaml"))
-    assert ("lora:" in res.stdout and ("r: 8" in res.stdout)) == lora_on
-    assert ("q_advantage: gae" in res.stdout) == ("configs/ablations/crl_q_gae.yaml" in configs)
+    assert ("lora:" in out and ("r: 8" in out)) == lora_on
+    assert ("q_advantage: gae" in out) == ("configs/ablations/crl_q_gae.yaml" in configs)
 
 
 # ablations that replace the quickstart's callback list (a YAML list is replaced whole when

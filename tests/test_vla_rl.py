@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, run_train
+from conftest import ROOT, print_config, run_train, run_train_cases
 from omegaconf import OmegaConf
 
 SMOKE = os.path.join(ROOT, "configs", "vla_rl_smoke.yaml")
@@ -243,9 +243,7 @@ def test_configs_parse_and_print(base, ablation):
     args = ["--config", os.path.join(ROOT, "configs", f"{base}.yaml")]
     if ablation:
         args += ["--config", os.path.join(ROOT, "configs", "ablations", f"vla_rl_{ablation}.yaml")]
-    res = run_train(*args, "--print_config", timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = res.stdout
+    out = print_config(*args)
     assert "joint: true" in out and "TaskSwitch" in out
     for name, line in ABLATIONS.items():
         assert (line in out) == (name == ablation), (name, ablation)
@@ -254,11 +252,9 @@ def test_configs_parse_and_print(base, ablation):
 
 
 def test_sweep_budget_config_parses():
-    res = run_train("--config", SMOKE, "--config", os.path.join(ROOT, "configs", "vla_rl_babyai_sweep.yaml"),
-                    "--print_config", timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "iterations_per_task: 40" in res.stdout and "frames_per_batch: 2048" in res.stdout
-    assert "every_n_iterations: 10" in res.stdout and "target: green key" not in res.stdout
+    out = print_config("--config", SMOKE, "--config", os.path.join(ROOT, "configs", "vla_rl_babyai_sweep.yaml"))
+    assert "iterations_per_task: 40" in out and "frames_per_batch: 2048" in out
+    assert "every_n_iterations: 10" in out and "target: green key" not in out
 
 
 BAD = [
@@ -275,10 +271,17 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("args,key,online", BAD)
-def test_bad_knobs_one_line(tmp_path, args, key, online):
-    cfg = vla_rl_config(tmp_path, "bad", online={} if online else None)
-    res = run_train("--config", cfg, *args, timeout=300)
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every BAD case's run, each its own train.py process (forked after the imports): [(directory, result)]."""
+    return run_train_cases(tmp_path_factory, BAD, lambda case, d: (
+        "--config", vla_rl_config(d, "bad", online={} if case[2] else None), *case[0]))
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(args) or "none" for args, _, _ in BAD])
+def test_bad_knobs_one_line(bad_runs, case):
+    _, key, _ = BAD[case]
+    tmp_path, res = bad_runs[case]
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and key in last, res.stderr[-2000:]
