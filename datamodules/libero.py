@@ -39,6 +39,8 @@ LIBERO_OPTIONS = {
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
     "step_timeout": 60.0,     # s; a worker that misses it is restarted (episode = failure)
     "reset_timeout": 600.0,   # s; includes building a fresh worker's env
+    "start_method": "forkserver",  # env workers fork from one process that imported torch and
+                                   # torchrl once ("spawn": each worker imports them again)
 }
 
 
@@ -152,6 +154,8 @@ def libero_options(params: dict, where: str = "data.stream[i]") -> dict:
             raise ValueError(f"{where}.image_device={device!r}: not a torch device (null, cpu, cuda, cuda:0)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{where}.image_device={options['image_device']!r}: no CUDA device on this machine")
+    if options["start_method"] not in ("forkserver", "spawn"):
+        raise ValueError(f"{where}.start_method={options['start_method']!r}: expected forkserver or spawn")
     return options
 
 
@@ -171,7 +175,8 @@ def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: i
         init_state_id=None if init_state_ids is None else int(init_state_ids[i]),
         render_gpu=(i % n_gpus) if n_gpus else None, options=options,
         init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs)]
-    pool = RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"])
+    pool = RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"],
+                         start_method=options["start_method"])
     if options["image_device"] is None:
         return pool
     keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])

@@ -71,7 +71,11 @@ def _batch(rows: list[dict]) -> TensorDictBase:
     return td
 
 
-def _worker(make_env, conn) -> None:
+def _worker(make_env, conn, environ: dict) -> None:
+    # the parent's environment now, as a spawned worker would have it (a forkserver's child
+    # otherwise has the server's, from when the server started)
+    os.environ.clear()
+    os.environ.update(environ)
     torch.set_num_threads(1)
     env = make_env()
     _send(conn, ("ready", {"observation": env.observation_spec.cpu(), "action": env.full_action_spec.cpu(),
@@ -95,11 +99,22 @@ def _worker(make_env, conn) -> None:
 
 
 class RobustEnvPool(EnvBase):
-    def __init__(self, makers: list, step_timeout: float = 60.0, reset_timeout: float = 600.0):
+    """``start_method``: how workers start. ``spawn`` (default): a fresh interpreter each, which
+    imports torch and torchrl again. ``forkserver``: workers fork from one server process that
+    has imported them once (datamodules/env_worker_preload.py); as safe with CUDA and EGL as
+    spawn, since the server initialises neither. Workers get the parent's environment variables
+    of the moment they start either way; a forkserver has read its own (e.g. ``MUJOCO_GL`` when
+    torchrl imported mujoco) when this process's first forkserver pool started it, so set the
+    environment up before that (LIBERO pools: ``setup_libero``)."""
+
+    def __init__(self, makers: list, step_timeout: float = 60.0, reset_timeout: float = 600.0,
+                 start_method: str = "spawn"):
         n = len(makers)
         super().__init__(batch_size=torch.Size([n]), device="cpu")
         self.makers, self.step_timeout, self.reset_timeout = list(makers), step_timeout, reset_timeout
-        self._ctx = mp.get_context("spawn")
+        self._ctx = mp.get_context(start_method)
+        if start_method == "forkserver":
+            self._ctx.set_forkserver_preload(["datamodules.env_worker_preload"])  # no effect once it runs
         self._procs: list = [None] * n
         self._conns: list = [None] * n
         self._ready = [False] * n
@@ -122,7 +137,7 @@ class RobustEnvPool(EnvBase):
     # -- worker lifecycle ---------------------------------------------------------------------
     def _start(self, i: int) -> None:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(self.makers[i], child), daemon=True)
+        proc = self._ctx.Process(target=_worker, args=(self.makers[i], child, dict(os.environ)), daemon=True)
         proc.start()
         child.close()
         self._procs[i], self._conns[i], self._ready[i] = proc, parent, False

@@ -151,6 +151,8 @@ def test_stream_parsing_and_bad_input():
     for entry, key in [({"suite": "libero_11", "task_id": 0}, "data.stream[0].suite='libero_11'"),
                        ({"suite": "libero_goal", "task_id": 10}, "data.stream[0].task_id=10"),
                        ({"suite": "libero_goal", "task_id": 0, "render": 1}, "data.stream[0].render=1"),
+                       ({"suite": "libero_goal", "task_id": 0, "start_method": "fork"},
+                        "data.stream[0].start_method='fork'"),
                        ({"suite": "libero_goal", "task_ids": []}, "data.stream[0].task_ids=[]")]:
         with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
             parse_stream([{"env": "libero", **entry}])

@@ -5,6 +5,7 @@ import functools
 import os
 import signal
 
+import pytest
 import torch
 from torchrl.envs.custom import ToyVLAEnv
 
@@ -18,9 +19,15 @@ def _make(seed: int, instruction: str):
                      instruction=instruction)
 
 
-def test_pool_equals_in_process_envs_and_a_killed_worker_fails_its_row():
+def _make_from_environ(seed: int):
+    """A worker whose instruction is an environment variable, read when its env is built."""
+    return _make(seed, os.environ["CRL_KIT_POOL_PROBE"])
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_pool_equals_in_process_envs_and_a_killed_worker_fails_its_row(start_method):
     makers = [functools.partial(_make, i, s) for i, s in enumerate(INSTRUCTIONS)]
-    pool, local = RobustEnvPool(makers, step_timeout=20.0), [m() for m in makers]
+    pool, local = RobustEnvPool(makers, step_timeout=20.0, start_method=start_method), [m() for m in makers]
     try:
         td = pool.reset()
         ref = [e.reset() for e in local]
@@ -49,3 +56,16 @@ def test_pool_equals_in_process_envs_and_a_killed_worker_fails_its_row():
         assert not again["env_failed"].any() and again["language_instruction"][1] == INSTRUCTIONS[1]
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_workers_get_the_environment_of_when_they_start(start_method, monkeypatch):
+    """A forkserver's children would otherwise have the server's environment, from whenever an
+    earlier pool started it: each pool's workers see the variables set just before it."""
+    for probe in ("first", "second"):
+        monkeypatch.setenv("CRL_KIT_POOL_PROBE", f"{start_method} {probe}")
+        pool = RobustEnvPool([functools.partial(_make_from_environ, 0)], start_method=start_method)
+        try:
+            assert list(pool.reset()["language_instruction"]) == [f"{start_method} {probe}"]
+        finally:
+            pool.close()
