@@ -110,8 +110,8 @@ def run_train_many(runs, timeout=300):
     return [SimpleNamespace(**r) for r in json.loads(res.stdout)]
 
 
-def run_train_cases(tmp_path_factory, cases, args_for):
+def run_train_cases(tmp_path_factory, cases, args_for, timeout=300):
     """Each case's train.py run (``run_train_many``) in a directory of its own:
     ``args_for(case, directory)`` gives its arguments; returns [(directory, result)] in order."""
     dirs = [tmp_path_factory.mktemp(f"case{i}") for i in range(len(cases))]
-    return list(zip(dirs, run_train_many([args_for(c, d) for c, d in zip(cases, dirs)])))
+    return list(zip(dirs, run_train_many([args_for(c, d) for c, d in zip(cases, dirs)], timeout=timeout)))

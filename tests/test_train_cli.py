@@ -212,10 +212,21 @@ def test_ablation_callbacks_are_the_quickstart_ones_minus_the_anchor(ablation):
     assert [c.class_path for c in ablation_cbs if c.class_path in LIST_REPLACING[ablation]] == LIST_REPLACING[ablation]
 
 
+ABLATIONS = ["seq_ft", "ewc", "lwf", "crl_q", "crl_q_gae", "mtl", "er"]
+
+
+@pytest.fixture(scope="module")
+def ablation_runs(tmp_path_factory):
+    """Each ablation's 2-task run, each its own train.py process (forked after the imports)."""
+    runs = run_train_cases(tmp_path_factory, ABLATIONS, lambda ablation, d: (
+        "--config", small_config(d, ablation, iterations=1, tasks=2, ablation=ablation)), timeout=900)
+    return dict(zip(ABLATIONS, runs))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ablation", ["seq_ft", "ewc", "lwf", "crl_q", "crl_q_gae", "mtl", "er"])
-def test_each_ablation_runs_one_iteration_per_task(tmp_path, ablation):
-    res = run_train("--config", small_config(tmp_path, ablation, iterations=1, tasks=2, ablation=ablation))
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_each_ablation_runs_one_iteration_per_task(ablation_runs, ablation):
+    tmp_path, res = ablation_runs[ablation]
     assert res.returncode == 0, res.stderr[-3000:]
     path = glob.glob(str(tmp_path / "runs" / ablation / "version_*" / "metrics.json"))[0]
     m = json.load(open(path))
