@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, WORDS, run_train, small_config
+from conftest import ROOT, WORDS, run_train, run_train_cases, small_config
 
 from modules.critics import GoalConditionedCritic
 from modules.policy import HFVisionLanguageBackbone, TinyLlava, TokenVLAPolicy
@@ -231,12 +231,21 @@ def test_train_py_missing_pretrained_path_is_one_error_line(tmp_path):
     assert not glob.glob(str(tmp_path / "runs" / "**" / "metrics.json"), recursive=True)
 
 
+@pytest.fixture(scope="module")
+def paligemma_runs(tmp_path_factory):
+    """Both runs, each its own train.py process (forked after the imports): {ablation: (dir, result)}."""
+    cases = [None, "seq_ft"]
+    runs = run_train_cases(tmp_path_factory, cases, lambda ablation, d: (
+        "--config", small_config(d, ablation or "crl", iterations=1, ablation=ablation),
+        "--config", os.path.join(ROOT, "configs", "policies", "paligemma_tiny.yaml")), timeout=900)
+    return dict(zip(cases, runs))
+
+
 @pytest.mark.parametrize("ablation", [None, "seq_ft"])
-def test_train_py_quickstart_stream_with_tiny_paligemma(tmp_path, ablation):
+def test_train_py_quickstart_stream_with_tiny_paligemma(paligemma_runs, ablation):
     """The BabyAI 3-task stream, 1 iteration per task, CRL on (quickstart) and off (seq_ft)."""
     name = ablation or "crl"
-    cfg = small_config(tmp_path, name, iterations=1, ablation=ablation)
-    res = run_train("--config", cfg, "--config", os.path.join(ROOT, "configs", "policies", "paligemma_tiny.yaml"))
+    tmp_path, res = paligemma_runs[ablation]
     assert res.returncode == 0, res.stderr[-3000:]
     path = glob.glob(str(tmp_path / "runs" / name / "version_*" / "metrics.json"))[0]
     with open(path) as f:

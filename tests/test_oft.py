@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, run_train, small_config
+from conftest import ROOT, run_train_cases, small_config
 
 WORDS = ["move to the green target", "reach the green marker"]
 K, D = 4, 2
@@ -355,10 +355,19 @@ def oft_args(tmp_path, name, anchor):
             "--config", os.path.join(ROOT, "configs", "policies", "oft_tiny.yaml"), "--config", str(overlay)]
 
 
+@pytest.fixture(scope="module")
+def oft_runs(tmp_path_factory):
+    """Both runs, each its own train.py process (forked after the imports): {anchor: (dir, result)}."""
+    cases = [True, False]
+    runs = run_train_cases(tmp_path_factory, cases, lambda anchor, d: oft_args(
+        d, "oft_crl" if anchor else "oft_seq", anchor), timeout=600)
+    return dict(zip(cases, runs))
+
+
 @pytest.mark.parametrize("anchor", [True, False], ids=["crl", "seq_ft"])
-def test_train_py_one_iteration_per_task(tmp_path, anchor):
+def test_train_py_one_iteration_per_task(oft_runs, anchor):
     name = "oft_crl" if anchor else "oft_seq"
-    res = run_train(*oft_args(tmp_path, name, anchor), timeout=600)
+    tmp_path, res = oft_runs[anchor]
     assert res.returncode == 0, res.stderr[-3000:]
     paths = glob.glob(str(tmp_path / "runs" / name / "version_*" / "metrics.json"))
     with open(paths[0]) as f:

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_train, small_config
+from conftest import ROOT, run_train_cases, small_config
 from safetensors.torch import load_file, save_file
 
 from modules.policy import OpenVLABackbone, TokenVLAPolicy
@@ -391,12 +391,21 @@ def test_lora_applies_everywhere_but_the_lm_head(ckpt):
 
 
 # -- (e) train.py end to end --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def openvla_runs(tmp_path_factory):
+    """Both runs, each its own train.py process (forked after the imports): {ablation: (dir, result)}."""
+    cases = [None, "seq_ft"]
+    runs = run_train_cases(tmp_path_factory, cases, lambda ablation, d: (
+        "--config", small_config(d, ablation or "crl", iterations=1, tasks=2, ablation=ablation),
+        "--config", os.path.join(ROOT, "configs", "policies", "openvla_tiny.yaml")), timeout=900)
+    return dict(zip(cases, runs))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ablation", [None, "seq_ft"])
-def test_train_cli_with_tiny_openvla(tmp_path, ablation):
+def test_train_cli_with_tiny_openvla(openvla_runs, ablation):
     name = ablation or "crl"
-    cfg = small_config(tmp_path, name, iterations=1, tasks=2, ablation=ablation)
-    res = run_train("--config", cfg, "--config", os.path.join(ROOT, "configs", "policies", "openvla_tiny.yaml"))
+    tmp_path, res = openvla_runs[ablation]
     assert res.returncode == 0, res.stderr[-3000:]
     paths = glob.glob(str(tmp_path / "runs" / name / "version_*" / "metrics.json"))
     assert paths, "no metrics.json"
