@@ -98,7 +98,8 @@ def run_train(*args, timeout=900):
 def run_train_many(runs, timeout=300):
     """``run_train(*args)`` for each argument list in ``runs``, each in its own process forked
     from one that has done train.py's imports (``tests/train_forks.py``): the same return code,
-    stdout and stderr, without ~12 s of imports per run. For the many short runs of bad input."""
+    stdout and stderr, without ~12 s of imports per run. A hung run is killed after ``timeout``
+    seconds (returncode -14)."""
     import json
     from types import SimpleNamespace
 

@@ -6,7 +6,7 @@ child per list: the child writes its own stdout and stderr to files and exits wi
 ``train.main``'s return code (1 and the traceback on an uncaught exception), exactly as a
 ``python train.py ARGS`` process would. Prints a JSON list of {returncode, stdout, stderr}.
 Nothing here runs a torch operation before forking, so no thread pool is copied into a child.
-Used by the tests of bad input (many short runs that fail at start-up).
+Used by tests that make many short runs: bad input, the ablations, the tiny policies' streams.
 """
 import json
 import os
