@@ -1,6 +1,9 @@
+import json
 import os
 import subprocess
 import sys
+import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,30 +92,65 @@ def print_config(*args) -> str:
     return out.getvalue()
 
 
-def run_train(*args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+class TrainForkServer:
+    """``tests/train_forks.py``, started at the session's first ``run_train`` and kept until its
+    end: every run is a child forked after train.py's imports, not a new interpreter."""
+
+    def __init__(self):
+        self.proc = self.log = None
+
+    def run(self, argv, timeout: float) -> SimpleNamespace:
+        if self.proc is None or self.proc.poll() is not None:  # not started yet, or ended
+            self.close()
+            self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (the server's stderr, open while it runs)
+            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_forks.py")], cwd=ROOT,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                         env=train_env())
+        self.proc.stdin.write(json.dumps({"argv": list(argv), "timeout": timeout, "env": train_env()}) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            self.log.seek(0)
+            raise RuntimeError(f"tests/train_forks.py ended without answering: {self.log.read()[-3000:]}")
+        return SimpleNamespace(**json.loads(answer))
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
-def run_train_many(runs, timeout=300):
-    """``run_train(*args)`` for each argument list in ``runs``, each in its own process forked
-    from one that has done train.py's imports (``tests/train_forks.py``): the same return code,
-    stdout and stderr, without ~12 s of imports per run. A hung run is killed after ``timeout``
-    seconds (returncode -14)."""
-    import json
-    from types import SimpleNamespace
+TRAIN_FORK_SERVER = TrainForkServer()
 
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_forks.py")], cwd=ROOT, check=False,
-                         input=json.dumps({"runs": [list(r) for r in runs], "timeout": timeout}),
-                         capture_output=True, text=True, timeout=timeout * len(runs) + 120, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return [SimpleNamespace(**r) for r in json.loads(res.stdout)]
+
+@pytest.fixture(scope="session", autouse=True)
+def _train_fork_server():
+    yield
+    TRAIN_FORK_SERVER.close()
+
+
+def train_env() -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT)
+
+
+def run_train(*args, timeout=900, fresh=False):
+    """``python train.py ARGS``: its ``returncode``, ``stdout`` and ``stderr``. Served by the
+    session's fork server (``TrainForkServer``): the same return code and output, without the
+    ~12 s of imports a new interpreter pays; a run past ``timeout`` seconds is killed
+    (returncode -14). ``fresh``: a new interpreter (``subprocess.run``, which raises
+    ``TimeoutExpired``), for DDP runs, whose launcher starts the other ranks by re-running
+    the command line."""
+    if fresh:
+        return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, check=False,
+                              capture_output=True, text=True, timeout=timeout, env=train_env())
+    return TRAIN_FORK_SERVER.run(args, timeout)
 
 
 def run_train_cases(tmp_path_factory, cases, args_for, timeout=300):
-    """Each case's train.py run (``run_train_many``) in a directory of its own:
+    """Each case's train.py run (``run_train``) in a directory of its own:
     ``args_for(case, directory)`` gives its arguments; returns [(directory, result)] in order."""
     dirs = [tmp_path_factory.mktemp(f"case{i}") for i in range(len(cases))]
-    return list(zip(dirs, run_train_many([args_for(c, d) for c, d in zip(cases, dirs)], timeout=timeout)))
+    return [(d, run_train(*args_for(c, d), timeout=timeout)) for c, d in zip(cases, dirs)]

@@ -108,7 +108,7 @@ def test_ddp_two_processes(tmp_path):
     cfg = small_config(tmp_path, "ddp", tasks=2, iterations=3, extra_callbacks=[
         {"class_path": "tests.weight_checksum.WeightChecksum", "init_args": {"out_dir": str(sums)}}],
         switch={"success_threshold": 0.05, "success_window": 2})
-    res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp")
+    res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp", fresh=True)
     assert res.returncode == 0, res.stderr[-3000:]
     m, log_dir = _metrics(tmp_path, "ddp")
     assert m["complete"] and len(m["R"]) == 2

@@ -205,7 +205,7 @@ def test_curriculum_is_shared_over_ddp_ranks(tmp_path):
     """2 CPU ranks: every rank records the finished episodes of both (gathered), so each logs
     twice the per-rank episode count and ends with the same curriculum."""
     cfg = vla_rl_config(tmp_path, "ddp", extra={"data.reward_shaping": None}, ckpt_every=True)
-    res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp")
+    res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp", fresh=True)
     assert res.returncode == 0, res.stderr[-3000:]
     log_dir = log_dir_of(tmp_path, "ddp")
     s = scalars(log_dir)

@@ -1,12 +1,20 @@
-"""Run ``train.main`` once per argument list, each in its own process, paying train.py's imports
-(~12 s on 2 cores: lightning, torch, torchrl, transformers) once instead of once per run.
+"""A fork server for the tests' ``train.py`` runs: it does train.py's imports once (~12 s on 2
+cores: lightning, torch, torchrl, transformers), then runs ``train.main`` once per request, each
+in a child forked from it, instead of paying the imports in a fresh process per run.
 
-Reads a JSON list of argument lists on stdin; imports what train.py imports; then forks one
-child per list: the child writes its own stdout and stderr to files and exits with
-``train.main``'s return code (1 and the traceback on an uncaught exception), exactly as a
-``python train.py ARGS`` process would. Prints a JSON list of {returncode, stdout, stderr}.
-Nothing here runs a torch operation before forking, so no thread pool is copied into a child.
-Used by tests that make many short runs: bad input, the ablations, the tiny policies' streams.
+Protocol: one JSON object per line on stdin, ``{"argv": [...], "timeout": s, "env": {...}}``;
+one JSON line back per request, ``{"returncode", "stdout", "stderr"}``; the server ends at EOF.
+The answers go to the file descriptor that was stdout when the server started; the server's
+own stdout then points at its stderr, so nothing a library prints can corrupt an answer.
+
+A child does what a ``python train.py ARGV`` process would: it takes the requester's
+environment variables (``env``), train.py's command line and main module (what spawned and
+forkserver workers import again), writes its stdout and stderr to files of its own, exits with
+``train.main``'s return code (1 and the traceback on an uncaught exception), and is killed by
+SIGALRM after ``timeout`` seconds (returncode -14). Nothing here runs a torch operation before
+forking, so no thread pool is copied into a child. Runs that start processes by re-running
+their own command line (DDP's launcher) cannot be served: those tests start ``train.py``
+themselves (``tests/conftest.py``, ``run_train(fresh=True)``).
 """
 import json
 import os
@@ -27,7 +35,7 @@ import modules.crl_module  # noqa: F401
 import train
 
 
-def run_forked(argv: list[str], tmp: str, timeout: float) -> dict:
+def run_forked(argv: list[str], tmp: str, timeout: float, env: dict | None, answers_fd: int) -> dict:
     out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -35,13 +43,22 @@ def run_forked(argv: list[str], tmp: str, timeout: float) -> dict:
     if pid == 0:  # the child: what `python train.py ARGV` does, with its output in two files
         code = 1
         try:
+            os.close(answers_fd)
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            # as in `python train.py ARGV`: the command line, and the main module that spawned and
+            # forkserver workers import again (this script's imports: ~10 s more per LIBERO worker;
+            # the LIBERO smoke run took ~300 instead of ~260 s)
+            sys.argv = [os.path.join(ROOT, "train.py"), *argv]
+            sys.modules["__main__"] = train
             out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(out, 1)
             os.dup2(err, 2)
             signal_alarm(timeout)
             try:
-                code = train.main(argv)
+                code = train.main()  # reads sys.argv, as train.py's own entry point
             except SystemExit as exit_:  # --print_config, jsonargparse's own exits
                 code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
             except BaseException:  # noqa: BLE001  (as the interpreter would: traceback, status 1)
@@ -64,14 +81,17 @@ def signal_alarm(seconds: float) -> None:
     signal.alarm(max(1, int(seconds)))
 
 
-def main() -> None:
-    request = json.load(sys.stdin)
-    results = []
-    for argv in request["runs"]:
-        with tempfile.TemporaryDirectory() as tmp:
-            results.append(run_forked(argv, tmp, request.get("timeout", 300)))
-    json.dump(results, sys.__stdout__)
+def serve() -> None:
+    answers_fd = os.dup(1)
+    os.dup2(2, 1)
+    with os.fdopen(answers_fd, "w") as answers:
+        for line in sys.stdin:
+            request = json.loads(line)
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_forked(request["argv"], tmp, request.get("timeout", 300), request.get("env"), answers_fd)
+            answers.write(json.dumps(result) + "\n")
+            answers.flush()
 
 
 if __name__ == "__main__":
-    main()
+    serve()
