@@ -22,6 +22,8 @@ BAD = [
     ("--model.critic_type=w", "model.critic_type"),
     ("--model.q_advantage=td", "model.q_advantage"),
     ("--ckpt_path=/no/such/file.ckpt", "ckpt_path"),
+    ("--model.policy.init_args.backbone.init_args.checkpoint=/no/such/vlm.pt",
+     "model.policy.init_args.backbone.init_args.checkpoint"),
 ]
 
 

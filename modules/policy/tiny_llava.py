@@ -6,6 +6,8 @@ layout). Used by the CPU quickstart and the tests.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -37,11 +39,21 @@ class TinyLlava(VLMBackbone):
                  patch_size: int = 8, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                  vision_hidden_size: int = 64, vision_layers: int = 2, initializer_range: float = 0.02,
                  position_init_std: float | None = None, seed: int | None = None,
-                 image_position: str = "first"):
+                 image_position: str = "first", checkpoint: str | None = None):
         """``image_position``: ``first`` (OpenVLA's order: BOS, image, prompt) or
         ``after_instruction`` (BOS, "In: ... <instruction>", image, "?\nOut:"; see
-        ``modules.policy.backbone.EncodedPrompts``)."""
+        ``modules.policy.backbone.EncodedPrompts``).
+        ``checkpoint``: a file written by ``scripts/pretrain_tiny_vlm.py`` (a VLM pretrained
+        without actions); its weights replace the random ones, and every init arg it stores must
+        equal the one given here (``seed`` aside)."""
         super().__init__()
+        # what a checkpoint must agree with (the vocabulary as a set of words)
+        self.init_args = init_args = dict(
+            words=sorted({w for s in words for w in s.lower().split()}), action_bins=action_bins,
+            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, layers=layers,
+            heads=heads, vision_hidden_size=vision_hidden_size, vision_layers=vision_layers,
+            initializer_range=initializer_range, position_init_std=position_init_std,
+            image_position=image_position)
         if image_position not in IMAGE_POSITIONS:
             raise ValueError(f"model.policy.init_args.backbone.init_args.image_position={image_position!r}: "
                              f"one of {list(IMAGE_POSITIONS)}")
@@ -80,9 +92,23 @@ class TinyLlava(VLMBackbone):
                 self.model.model.vision_tower.embeddings.position_embedding.weight.data.normal_(
                     0.0, position_init_std)
 
+        if checkpoint is not None:
+            self._load(checkpoint, init_args)
         # Llava reads the vision tower's hidden states, never its pooled output: the pooled
         # output's LayerNorm gets no gradient, which DDP (find_unused_parameters=False) rejects.
         self.model.model.vision_tower.post_layernorm.requires_grad_(False)
+
+    def _load(self, path: str, init_args: dict) -> None:
+        key = "model.policy.init_args.backbone.init_args"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}.checkpoint={path!r}: no such file "
+                                    "(scripts/pretrain_tiny_vlm.py writes one)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        for name, value in saved["init_args"].items():
+            if init_args.get(name) != value:
+                raise ValueError(f"{key}.{name}={init_args.get(name)!r}: the checkpoint {path} "
+                                 f"was built with {value!r}")
+        self.model.load_state_dict(saved["state_dict"])
 
     def prompt(self, instruction: str) -> str:
         return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
