@@ -25,7 +25,9 @@ from modules.policy import TinyLlava, TokenVLAPolicy  # noqa: E402
 
 def quickstart_policy(**overrides) -> TokenVLAPolicy:
     cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml")).model.policy.init_args
-    bb = dict(cfg.backbone.init_args, **overrides)
+    # a variant changes the architecture, so no checkpoint loads into it: every policy here is
+    # randomly initialised (the weights' values do not change the cost)
+    bb = dict(cfg.backbone.init_args, checkpoint=None, **overrides)
     torch.manual_seed(0)
     return TokenVLAPolicy(TinyLlava(**bb), action_tokens=cfg.action_tokens, action_bins=cfg.action_bins)
 

@@ -11,6 +11,8 @@ first iteration (1-based) where w >= each threshold ("-" if never), the iteratio
 w at the end (the definitions of docs/results.md, "Where the learning time goes").
 ``--mean TAG A B``: one more column, the mean of another per-iteration scalar (e.g.
 ``train/entropy``) over iterations A..B (1-based, inclusive; "-" if the run has none there).
+``--span A B``: only iterations A..B (1-based, inclusive; e.g. one task of a stream: 31 60),
+numbered from 1 again; the other options read the whole run.
 ``--seconds A B`` (repeatable): the median wall-clock seconds from one iteration's log to the
 next over iterations A..B (e.g. per task of a quickstart: 1 50, 51 100, 101 150).
 """
@@ -55,6 +57,7 @@ def main(argv=None):
     p.add_argument("--takeoff", type=float, default=0.5)
     p.add_argument("--mean", nargs=3, metavar=("TAG", "A", "B"), default=None)
     p.add_argument("--seconds", nargs=2, type=int, metavar=("A", "B"), action="append", default=[])
+    p.add_argument("--span", nargs=2, type=int, metavar=("A", "B"), default=None)
     args = p.parse_args(argv)
     head = " | ".join(f"w{args.window}>={t:g}" for t in args.thresholds)
     extra = f" {args.mean[0]} mean {args.mean[1]}-{args.mean[2]} |" if args.mean else ""
@@ -63,6 +66,8 @@ def main(argv=None):
     print("|" + " --- |" * (len(args.thresholds) + 4 + bool(args.mean) + len(args.seconds)))
     for run in args.runs:
         curve = per_iteration(run)
+        if args.span:
+            curve = curve[args.span[0] - 1:args.span[1]]
         hits, last = first_crossings(curve, args.window, args.thresholds)
         (takeoff,), _ = first_crossings(curve, 1, [args.takeoff])
         cells = " | ".join("-" if h is None else str(h) for h in [takeoff, *hits])

@@ -44,6 +44,11 @@ def test_table_from_tensorboard_events(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"| {run} | 2 | 4 | 5 | 0.68 | 2.00 | 5.00 |" in res.stdout, res.stdout
+    # --span: iterations 3..5 alone (0.9, 0.95, 0.2), renumbered: take-off 1, w3 0.9, 0.925, 0.683
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(run),
+                          "--thresholds", "0.92", "--span", "3", "5"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"| {run} | 1 | 2 | 3 | 0.68 |" in res.stdout, res.stdout
     empty = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "learning_curve.py"), str(tmp_path / "none")],
                            capture_output=True, text=True)
     assert empty.returncode != 0 and "no TensorBoard events" in empty.stderr
