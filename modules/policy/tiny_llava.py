@@ -107,7 +107,8 @@ class TinyLlava(VLMBackbone):
         for name, value in saved["init_args"].items():
             if init_args.get(name) != value:
                 raise ValueError(f"{key}.{name}={init_args.get(name)!r}: the checkpoint {path} "
-                                 f"was built with {value!r}")
+                                 f"was built with {value!r} ({key}.checkpoint: null trains from "
+                                 "random weights)")
         self.model.load_state_dict(saved["state_dict"])
 
     def prompt(self, instruction: str) -> str:
