@@ -4,12 +4,15 @@ on BabyAI frames, the role Prismatic's VLM pretraining plays for OpenVLA.
     python scripts/pretrain_tiny_vlm.py --out checkpoints/tiny_llava_babyai.pt
 
 Data: rooms with 3-5 objects drawn from all 18 "<colour> <ball|key|box>" names, the agent at a
-random pose (uniform over layouts, not trajectories: no policy, no task). Question: "In: Where is
-the <colour> <type>?\\nOut:"; answer: which of the 7x7 view cells holds it, or "not in view" (50
-classes, read by a linear head on the last position's hidden state; the head is thrown away).
-The action tokens' rows of the LM head are never trained here, so the checkpoint acts at random:
-RL post-training starts from near-random success, as the foundation issue asks, but from a model
-that can already read the image and the instruction.
+random pose (uniform over layouts, not trajectories: no policy, no task). Two objectives on one
+forward pass: grounding, "In: Where is the <colour> <type>?\\nOut:" -> which of the 7x7 view
+cells holds it, or "not in view" (50 classes, a linear head on the last position's hidden
+state), and per-cell labels, every image position -> what its cell holds (20 classes). The heads
+are saved beside the weights (to check the checkpoint) and not used by the policy.
+The action tokens' rows of the LM head are never trained here, so the checkpoint acts untrained
+(0.02-0.23 success per quickstart task, at or below a uniform random walk's ~0.3): RL post-training
+starts from random-level success, as the foundation issue asks, but from a model that can already
+read the image and the instruction.
 
 The checkpoint holds the backbone's init args and its weights; ``TinyLlava(checkpoint=...)``
 loads it and rejects any init arg that differs from the stored one.
@@ -25,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from minigrid.core.constants import COLOR_NAMES, COLOR_TO_IDX, OBJECT_TO_IDX  # noqa: E402
 
 from datamodules.babyai import GoToObjectRoom, _TileRenderer  # noqa: E402
@@ -37,13 +41,6 @@ NOT_IN_VIEW = VIEW * VIEW  # the 50th class
 
 def question(name: str) -> str:
     return f"In: Where is the {name}?\nOut:"
-
-
-def view_cell(view: np.ndarray, name: str) -> int:
-    """Index of ``name``'s cell in the frame's patch order (row y, column x), or NOT_IN_VIEW."""
-    colour, kind = name.split()
-    hit = np.argwhere((view[..., 0] == OBJECT_TO_IDX[kind]) & (view[..., 1] == COLOR_TO_IDX[colour]))
-    return int(hit[0, 1] * VIEW + hit[0, 0]) if len(hit) else NOT_IN_VIEW
 
 
 def grounding_data(n: int, seed: int, room_size: int = 6, p_absent: float = 0.1):
@@ -64,11 +61,20 @@ def grounding_data(n: int, seed: int, room_size: int = 6, p_absent: float = 0.1)
     return np.stack(views), names, torch.tensor(cells)
 
 
+def view_cell(view: np.ndarray, name: str) -> int:
+    """Index of ``name``'s cell in the frame's patch order (row y, column x), or NOT_IN_VIEW."""
+    hit = (cell_classes(view[None])[0] == 2 + ALL_OBJECTS.index(name)).nonzero()
+    return int(hit[0, 0]) if len(hit) else NOT_IN_VIEW
+
+
 def backbone_config(**overrides) -> dict:
-    """The quickstart's TinyLlava init args, with the pretraining vocabulary."""
-    cfg = dict(words=["where is the", "go to", " ".join(COLOR_NAMES), "ball key box"],
-               action_bins=3, image_size=56, patch_size=8, hidden_size=32, layers=2, heads=2,
-               vision_hidden_size=32, vision_layers=1, initializer_range=0.1, position_init_std=0.3)
+    """The quickstart's TinyLlava init args (configs/quickstart.yaml, whose ``words`` are this
+    pretraining's vocabulary), without its ``checkpoint``."""
+    from omegaconf import OmegaConf
+
+    quickstart = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
+    cfg = OmegaConf.to_container(quickstart.model.policy.init_args.backbone.init_args)
+    cfg.pop("checkpoint", None)
     cfg.update(overrides)
     return cfg
 
