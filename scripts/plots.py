@@ -65,6 +65,8 @@ def plot(runs: dict[str, list[dict]], out: str) -> list[str]:
                 ax.text(i, j, f"{R[j, i]:.2f}", ha="center", va="center",
                         color="w" if R[j, i] < 0.6 else "k", fontsize=8)
         ax.set_title(f"{name} (n={len(runs[name])})")
+        ax.set_xticks(range(R.shape[1]))
+        ax.set_yticks(range(R.shape[0]))
         ax.set_xlabel("evaluated task i")
         ax.set_ylabel("after training task j")
     fig.tight_layout()
