@@ -16,11 +16,13 @@ import time
 import torch
 
 ROWS = 256 * 67  # one quickstart minibatch's tokens
-SHAPES = [((ROWS, 32), (32, 32)), ((ROWS, 32), (32, 128)), ((ROWS, 128), (128, 32)), ((128, ROWS), (ROWS, 32))]
+SHAPES = [((ROWS, 32), (32, 32)), ((ROWS, 32), (32, 128)),
+          ((ROWS, 128), (128, 32)), ((128, ROWS), (ROWS, 32))]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=30)
     args = p.parse_args(argv)
