@@ -38,7 +38,8 @@ def main(argv=None):
             x @ y
             times.append(time.perf_counter() - t)
         m = statistics.median(times)
-        print(f"{str(a):14s} @ {str(b):12s} {m * 1e3:6.2f} ms  {2 * a[0] * a[1] * b[1] / m / 1e9:6.1f} GFLOP/s")
+        gflops = 2 * a[0] * a[1] * b[1] / m / 1e9
+        print(f"{str(a):14s} @ {str(b):12s} {m * 1e3:6.2f} ms  {gflops:6.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
