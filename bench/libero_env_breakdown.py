@@ -1,13 +1,14 @@
 """Where one LIBERO step's time goes, in-process (no pool), all parts timed on the same sim.
 
-One kit worker env (torchrl ``LiberoEnv`` + the OpenVLA observation transform + the gripper
-transform) for libero_goal task 8 from init state 0, and the pieces under it, each timed on
-that same simulator and its frames: raw ``OffScreenRenderEnv.step`` (physics + render), torchrl's
-``LiberoEnv`` step (+ its success check and TensorDict), raw stepping with only the
-observables the kit reads, the kit's full worker step, the image
-pipeline's parts (JPEG round-trip, Lanczos3 resize, also with the dense matrices it used before,
-centre crop), the frame's read (torchrl's vs the kit's), the worker's wire format, and the
-worker env's own machinery with the simulation step replaced by a cached observation.
+One kit worker env (``OpenVLALiberoEnv``: torchrl ``LiberoEnv`` with OpenVLA's image pipeline and
+gripper convention in its step) for libero_goal task 8 from init state 0, and the pieces under
+it, each timed on that same simulator and its frames: raw ``OffScreenRenderEnv.step`` (physics +
+render), raw stepping with only the observables the kit reads, the env's step without the image
+pipeline (+ success check and TensorDict), the kit's full worker step, the image pipeline's
+parts (JPEG round-trip, Lanczos3 resize, also with the dense matrices it used before, centre
+crop), the frame's read (torchrl's vs the kit's), the worker's wire format, and the worker env's
+own machinery with the simulation step replaced by a cached observation, also inside a
+``TransformedEnv`` of no-op transforms (the plumbing the workers had until 8e30676).
 Median ms over ``--reps`` x ``--steps``.
 
 Usage: MUJOCO_GL=egl python bench/libero_env_breakdown.py [--render 256 --steps 40 --reps 3]
@@ -25,10 +26,23 @@ import torch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 from torchrl.envs.libs.libero import LiberoWrapper  # noqa: E402
 
-from datamodules.libero import LIBERO_OPTIONS, worker_env  # noqa: E402
+from torchrl.envs import Compose, Transform, TransformedEnv  # noqa: E402
+
+from datamodules.libero import LIBERO_OPTIONS, OpenVLAObservation, worker_env  # noqa: E402
+from datamodules.libero_init_states import InitStateLiberoEnv, chw_frame  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
 from datamodules.openvla_image import _matrix_on, center_crop, jpeg_roundtrip, lanczos3_resize  # noqa: E402
 from datamodules.robust_env import _to_wire  # noqa: E402
+
+
+class _CloneAction(Transform):
+    """The old gripper transform's plumbing without its arithmetic (the env does that now)."""
+
+    def __init__(self):
+        super().__init__(in_keys_inv=["action"], out_keys_inv=["action"])
+
+    def _inv_apply_transform(self, action):
+        return action.clone()
 
 
 def main():
@@ -42,10 +56,10 @@ def main():
     env = worker_env("libero_goal", 8, seed=0, max_steps=10_000, init_state_id=0, render_gpu=None,
                      options={**LIBERO_OPTIONS, "render_size": args.render})
     td = env.reset()
-    base, raw = env.base_env, env.base_env._env
+    raw = env._env
     frame = td["observation", "image"]
     raw_frame = raw.env._get_observations(force_update=True)["agentview_image"]
-    render = base._read_image(raw_frame)
+    render = chw_frame(raw_frame)
     jpeg = jpeg_roundtrip(render, 95)
     resized = lanczos3_resize(jpeg, 224)
     wh = _matrix_on(args.render, 224, torch.device("cpu"), torch.float32)
@@ -58,6 +72,20 @@ def main():
     libero_action[-1] = -1.0  # LIBERO: -1 = open
     kit_td = td.clone().set("action", torch.tensor([0.0] * 6 + [1.0]))  # OpenVLA: 1 = open
     base_td = TensorDict({"action": torch.tensor(libero_action, dtype=torch.float32)}, batch_size=[])
+    stages = env._image["stages"]
+
+    def no_pipeline(f):  # the env's step as torchrl's LiberoEnv (+ the kit's read): no image pipeline, no
+        def call():       # gripper mapping (LIBERO's action)
+            env._image["stages"] = ()
+            try:
+                return InitStateLiberoEnv._step(env, base_td)
+            finally:
+                env._image["stages"] = stages
+        return call
+
+    # the plumbing the workers had until 8e30676: OpenVLA's conventions as torchrl Transforms
+    # around the env; here no-op transforms around the kit's env, so only the plumbing is added
+    as_before = TransformedEnv(env, Compose(OpenVLAObservation(stages=()), _CloneAction()))
     step_out = env.step(kit_td.clone())["next"]
     sim_env = raw.env
     trimmed = {name for name, o in sim_env._observables.items() if not o.is_enabled()}  # what the kit's env switched off
@@ -69,11 +97,12 @@ def main():
     parts = {
         "raw OffScreenRenderEnv.step (every observable)": lambda: raw.step(libero_action),
         "raw OffScreenRenderEnv.step (the kit's observables only)": lambda: raw.step(libero_action),
-        "LiberoEnv._step (the kit's subclass: raw + success + TensorDict)": lambda: base._step(base_td),
-        "LiberoEnv.step (+ EnvBase)": lambda: base.step(base_td.clone()),
-        "kit worker env.step (+ image pipeline, gripper)": lambda: env.step(kit_td.clone()),
-        "  read: torchrl LiberoWrapper._read_image (flip, permute)": lambda: LiberoWrapper._read_image(base, raw_frame),
-        "  read: the kit's chw_frame (one strided copy)": lambda: base._read_image(raw_frame),
+        "LiberoEnv._step (the kit's subclass, no image pipeline: raw + success + TensorDict)":
+            no_pipeline(env._step),
+        "kit worker env._step (+ image pipeline, gripper)": lambda: env._step(kit_td),
+        "kit worker env.step (+ EnvBase)": lambda: env.step(kit_td.clone()),
+        "  read: torchrl LiberoWrapper._read_image (flip, permute)": lambda: LiberoWrapper._read_image(env, raw_frame),
+        "  read: the kit's chw_frame (one strided copy)": lambda: chw_frame(raw_frame),
         f"  image: JPEG round-trip ({args.render} px)": lambda: jpeg_roundtrip(render, 95),
         f"  image: Lanczos3 resize {args.render}->224 (banded blocks)": lambda: lanczos3_resize(jpeg, 224),
         f"  image: Lanczos3 resize {args.render}->224 (dense matrices, before)": lambda: dense_lanczos(jpeg),
@@ -104,8 +133,10 @@ def main():
     raw.step = lambda action: cached
     machinery = {
         "no sim: kit worker env.step (EnvBase.step)": lambda: env.step(kit_td.clone()),
-        "no sim: kit worker env._step (TransformedEnv)": lambda: env._step(kit_td.clone()),
-        "no sim: LiberoEnv._step (the kit's subclass)": lambda: base._step(base_td),
+        "no sim: kit worker env._step": lambda: env._step(kit_td),
+        "no sim: TransformedEnv(kit worker env, no-op transforms).step (the plumbing until 8e30676)":
+            lambda: as_before.step(kit_td.clone()),
+        "no sim: LiberoEnv._step (the kit's subclass, no image pipeline)": no_pipeline(env._step),
     }
     time_parts(machinery)
     print(f"libero_goal:8, render {args.render}px, MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "

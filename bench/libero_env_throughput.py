@@ -5,9 +5,9 @@ only, same resolution) with a fixed action sequence, driven over pipes: "raw" le
 run its whole action sequence freely (the upper bound); "raw lock-step" steps them together as a
 batched policy must (the main process sends one action to each, waits for all, and stacks the
 agentview images it gets back as pickled numpy: the least a batched env has to do). Kit: the datamodule's
-``make_env`` for the same task (``ParallelEnv`` of torchrl ``LiberoEnv`` workers + the OpenVLA
-observation pipeline + gripper convention), stepped from the main process with the same
-actions in OpenVLA's convention. All envs start from the task's stored init state 0 (a lock-step
+``make_env`` for the same task (``RobustEnvPool`` of ``OpenVLALiberoEnv`` workers: torchrl's
+``LiberoEnv`` with OpenVLA's image pipeline and gripper convention in its step), stepped from
+the main process with the same actions in OpenVLA's convention. All envs start from the task's stored init state 0 (a lock-step
 batch waits for its slowest env, so different starts would load the paths differently).
 ``--raw_pipeline`` adds "raw lock-step + pipeline": the raw workers also put each frame through
 OpenVLA's image pipeline, the same work as the kit minus its machinery (torchrl env, pool).
@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchrl.envs.utils import step_mdp  # noqa: E402
 
+from datamodules.libero import libero_action  # noqa: E402
 from datamodules.libero_init_states import chw_frame  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
 from datamodules.openvla_image import openvla_image  # noqa: E402
@@ -50,10 +51,8 @@ def openvla_actions(steps: int, seed: int = 0) -> np.ndarray:
 
 
 def to_libero(a: np.ndarray) -> np.ndarray:
-    """The same mapping the kit's OpenVLAGripperAction applies (tested in tests/test_libero.py)."""
-    out = np.clip(a.copy(), -1, 1)
-    out[:, -1] = -np.where(2 * a[:, -1] - 1 >= 0, 1.0, -1.0)
-    return out
+    """The kit's mapping (``libero_action``, tested in tests/test_libero.py), LIBERO's bounds [-1, 1]."""
+    return libero_action(torch.from_numpy(a), -torch.ones(7), torch.ones(7)).numpy()
 
 
 def raw_worker(conn, render: int, steps: int, gpu: int):

@@ -1,14 +1,16 @@
 """LIBERO task envs for the on-policy datamodule, on torchrl's ``LiberoEnv``.
 
 One process per env (``RobustEnvPool``: one MuJoCo sim and GL context each; crashed or hung
-workers are restarted and their episode counted as failed). Per worker:
-``LiberoEnv`` (VLA TensorDict schema, settle steps, init-state control) wrapped with
+workers are restarted and their episode counted as failed). Per worker one ``OpenVLALiberoEnv``:
+torchrl's ``LiberoEnv`` (VLA TensorDict schema, settle steps) with the kit's init-state choice
+(datamodules/libero_init_states.py) and OpenVLA's conventions inside its own step:
 
-* ``OpenVLAObservation``: the image as OpenVLA's evaluation computes it (rendered at
-  ``render_size``, flipped 180 degrees by ``LiberoEnv``, JPEG round-trip, TF's Lanczos3 resize
-  to ``image_size``, 0.9-area centre crop: datamodules/openvla_image.py); with ``image_device``
-  the resize and crop run batched over all envs in the main process;
-* ``OpenVLAGripperAction``: the policy speaks OpenVLA's action convention, the sim LIBERO's.
+* observations: the image as OpenVLA's evaluation computes it (rendered at ``render_size``,
+  flipped 180 degrees, JPEG round-trip, TF's Lanczos3 resize to ``image_size``, 0.9-area centre
+  crop: datamodules/openvla_image.py); with ``image_device`` the workers only JPEG, and the
+  resize and crop run batched over all envs in the main process (``OpenVLAObservation``);
+* actions: the policy speaks OpenVLA's action convention, the sim LIBERO's
+  (``libero_action``).
 
 Training resets draw init states at random; evaluation env ``i`` is pinned to init state
 ``init_state_ids[i]`` (the fixed-50-states protocol). On GPU machines each worker renders on
@@ -18,10 +20,13 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
+from tensordict import TensorDict
 from torchrl.data import Bounded
-from torchrl.envs import Compose, Transform, TransformedEnv
+from torchrl.envs import Transform, TransformedEnv
 
+from datamodules.libero_init_states import InitStateLiberoEnv
 from datamodules.libero_setup import SUITES, setup_libero
 from datamodules.openvla_image import jpeg_roundtrip, resize_and_crop
 from datamodules.robust_env import RobustEnvPool
@@ -44,15 +49,42 @@ LIBERO_OPTIONS = {
 }
 
 
-class OpenVLAObservation(Transform):
-    """uint8 [..., 3, R, R] flipped render -> uint8 [..., 3, S, S] as OpenVLA's LIBERO evaluation
-    computes it (datamodules/openvla_image.py: JPEG round-trip, Lanczos3 resize, centre crop).
+def openvla_stages(image: torch.Tensor, stages: tuple, image_size: int, jpeg_quality: int | None,
+                   center_crop: bool, device: torch.device | None = None) -> torch.Tensor:
+    """The ``stages`` of OpenVLA's image pipeline on flipped renders uint8 [..., 3, R, R]:
+    "jpeg" (the round-trip, when ``jpeg_quality`` is set), "resize" (Lanczos3 to ``image_size``,
+    then the centre crop), the latter on ``device`` when given."""
+    if "jpeg" in stages and jpeg_quality is not None:
+        image = jpeg_roundtrip(image, jpeg_quality)
+    if "resize" in stages:
+        home = image.device
+        if device is not None:
+            image = image.to(device, non_blocking=True)
+        image = resize_and_crop(image, image_size, center_crop).to(home)
+    return image
 
-    ``stages`` splits the pipeline: ``("jpeg", "resize")`` in each env worker (the default);
-    with the LIBERO option ``image_device`` set, the workers run ``("jpeg",)`` and the main
-    process runs ``("resize",)`` (resize + crop) on all envs' images in one batch on that
-    device. On one H200 with 16 lock-step envs that was not faster (286 vs 294 env steps/s:
-    the workers wait while the main process works; docs/benchmarks.md)."""
+
+def libero_action(action: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                  binarize: bool = True) -> torch.Tensor:
+    """OpenVLA's LIBERO action convention -> LIBERO's.
+
+    The policy's last action dimension is OpenVLA's gripper value (1 = open, 0 = close; the
+    decoded bin centre, not de-normalised). LIBERO wants -1 = open, +1 = close. As OpenVLA's
+    evaluation code: g -> 2g - 1 (to [-1, 1]), binarised with sign, then inverted. All
+    dimensions are finally clipped to the sim's action bounds ``low``, ``high``."""
+    action = action.clone()
+    g = 2.0 * action[..., -1] - 1.0
+    if binarize:
+        g = torch.where(g >= 0, 1.0, -1.0)  # sign, with 0 -> +1 (open) as np.sign never returns 0 here
+    action[..., -1] = -g
+    return action.clamp(low.to(action.device), high.to(action.device))
+
+
+class OpenVLAObservation(Transform):
+    """The main process's half of the pipeline when the LIBERO option ``image_device`` is set:
+    ``openvla_stages`` on the batched images of all envs (default ``stages``: the whole pipeline).
+    On one H200 with 16 lock-step envs that was not faster than resizing in the workers (286 vs
+    294 env steps/s: the workers wait while the main process works; docs/benchmarks.md)."""
 
     def __init__(self, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
                  in_keys=(("observation", "image"),), stages=("jpeg", "resize"), device=None):
@@ -61,14 +93,8 @@ class OpenVLAObservation(Transform):
         self.stages, self.device = tuple(stages), None if device is None else torch.device(device)
 
     def _apply_transform(self, image: torch.Tensor) -> torch.Tensor:
-        if "jpeg" in self.stages and self.jpeg_quality is not None:
-            image = jpeg_roundtrip(image, self.jpeg_quality)
-        if "resize" in self.stages:
-            home = image.device
-            if self.device is not None:
-                image = image.to(self.device, non_blocking=True)
-            image = resize_and_crop(image, self.image_size, self.center_crop).to(home)
-        return image
+        return openvla_stages(image, self.stages, self.image_size, self.jpeg_quality, self.center_crop,
+                              self.device)
 
     def _reset(self, tensordict, tensordict_reset):
         return self._call(tensordict_reset)
@@ -83,61 +109,60 @@ class OpenVLAObservation(Transform):
         return observation_spec
 
 
-class OpenVLAGripperAction(Transform):
-    """OpenVLA's LIBERO action convention -> LIBERO's.
+class OpenVLALiberoEnv(InitStateLiberoEnv):
+    """One worker's env: LIBERO as OpenVLA's evaluation sees it. Every frame read goes through
+    ``image_stages`` of OpenVLA's image pipeline (so the observation spec has the pipeline's
+    shape); the action spec is OpenVLA's (gripper in [0, 1]) and each step's action is mapped
+    to LIBERO's by ``libero_action``.
 
-    The policy's last action dimension is OpenVLA's gripper value (1 = open, 0 = close; the
-    decoded bin centre, not de-normalised). LIBERO wants -1 = open, +1 = close. As OpenVLA's
-    evaluation code: g -> 2g - 1 (to [-1, 1]), binarised with sign, then inverted. All
-    dimensions are finally clipped to the env's action bounds."""
+    Done here rather than as torchrl ``Transform``s in a ``TransformedEnv`` around the env (as
+    until 8e30676): that plumbing cost 0.44 ms of a 4.3 ms simulation-free worker step on the
+    2-core machine, about as much as the Lanczos3 resize, on every step of every worker; on the
+    H200 machine it was within noise (bench/libero_env_breakdown.py, docs/benchmarks.md)."""
 
-    def __init__(self, binarize: bool = True):
-        super().__init__(in_keys_inv=["action"], out_keys_inv=["action"])
-        self.binarize = binarize
+    def __init__(self, *args, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
+                 image_stages=("jpeg", "resize"), binarize_gripper: bool = True, **kwargs):
+        # read by _make_specs, which LiberoEnv's constructor calls
+        self._image = dict(stages=tuple(image_stages), image_size=image_size, jpeg_quality=jpeg_quality,
+                           center_crop=center_crop)
+        self.binarize_gripper = binarize_gripper
+        super().__init__(*args, **kwargs)
 
-    def _inv_apply_transform(self, action: torch.Tensor) -> torch.Tensor:
-        action = action.clone()
-        g = 2.0 * action[..., -1] - 1.0
-        if self.binarize:
-            g = torch.where(g >= 0, 1.0, -1.0)  # sign, with 0 -> +1 (open) as np.sign never returns 0 here
-        action[..., -1] = -g
-        spec = self.parent.full_action_spec_unbatched["action"] if self.parent is not None else None
-        if spec is not None:
-            action = action.clamp(spec.space.low.to(action.device), spec.space.high.to(action.device))
-        return action
+    def _read_image(self, image: np.ndarray) -> torch.Tensor:
+        return openvla_stages(super()._read_image(image), **self._image)
 
-    def transform_input_spec(self, input_spec):
-        # the policy-facing action space: OpenVLA's (gripper in [0, 1])
-        spec = input_spec["full_action_spec", "action"]
-        low, high = spec.space.low.clone(), spec.space.high.clone()
+    def _make_specs(self, env) -> None:
+        super()._make_specs(env)
+        spec = self.action_spec  # the sim's bounds; the policy-facing space has OpenVLA's gripper
+        self.sim_low, self.sim_high = spec.space.low.clone(), spec.space.high.clone()
+        low, high = self.sim_low.clone(), self.sim_high.clone()
         low[..., -1], high[..., -1] = 0.0, 1.0
-        input_spec["full_action_spec", "action"] = Bounded(low=low, high=high, shape=spec.shape,
-                                                          dtype=spec.dtype, device=spec.device)
-        return input_spec
+        self.action_spec = Bounded(low=low, high=high, shape=spec.shape, dtype=spec.dtype, device=spec.device)
+
+    def _step(self, tensordict):
+        action = libero_action(tensordict.get("action"), self.sim_low, self.sim_high, self.binarize_gripper)
+        return super()._step(TensorDict({"action": action}, batch_size=[]))
 
 
 def worker_env(suite: str, task_id: int, *, seed: int, max_steps: int, init_state_id: int | None,
                render_gpu: int | None, options: dict, init_state_queues=None, worker_index: int = 0):
-    """One LIBERO env process: torchrl's LiberoEnv (with the kit's init-state choice and the
-    ``init_state_id`` observation: datamodules/libero_init_states.py) plus the OpenVLA transforms."""
+    """One LIBERO env process: ``OpenVLALiberoEnv`` (init-state choice, the ``init_state_id``
+    observation, OpenVLA's observation and action conventions)."""
     setup_libero()
-    from datamodules.libero_init_states import InitStateLiberoEnv
-
     cameras = ["agentview"] + (["robot0_eye_in_hand"] if options["wrist_camera"] else [])
-    env = InitStateLiberoEnv(
+    env = OpenVLALiberoEnv(
         suite, task_id, num_workers=1, camera_height=options["render_size"],
         camera_width=options["render_size"], render_gpu_device_id=render_gpu,
         env_kwargs={"camera_names": cameras},  # render only what is read (software GL: ~90 ms a camera)
         wrist_camera="robot0_eye_in_hand" if options["wrist_camera"] else None,
         # episode ids beyond the suite's 50 states wrap around; training: the curriculum's queue or uniform
         pinned_init_state=init_state_id, init_state_queues=init_state_queues, worker_index=worker_index,
-        max_episode_steps=max_steps, settle_steps=options["settle_steps"])
+        max_episode_steps=max_steps, settle_steps=options["settle_steps"],
+        image_size=options["image_size"], jpeg_quality=options["jpeg_quality"], center_crop=options["center_crop"],
+        image_stages=("jpeg",) if options["image_device"] is not None else ("jpeg", "resize"),
+        binarize_gripper=options["binarize_gripper"])
     env.set_seed(seed)
-    keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])
-    return TransformedEnv(env, Compose(
-        OpenVLAObservation(options["image_size"], options["jpeg_quality"], options["center_crop"], in_keys=keys,
-                           stages=("jpeg",) if options["image_device"] is not None else ("jpeg", "resize")),
-        OpenVLAGripperAction(options["binarize_gripper"])))
+    return env
 
 
 def libero_options(params: dict, where: str = "data.stream[i]") -> dict:

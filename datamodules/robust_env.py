@@ -21,7 +21,7 @@ from multiprocessing.connection import wait
 
 import numpy as np
 import torch
-from tensordict import NonTensorData, TensorDict, TensorDictBase
+from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 from torchrl.data import Categorical, Composite
 from torchrl.envs import EnvBase
 
@@ -66,8 +66,10 @@ def _batch(rows: list[dict]) -> TensorDictBase:
         values = [r[key] for r in rows]
         if isinstance(values[0], (np.ndarray, np.generic)):
             td.set(key, torch.from_numpy(np.stack(values)))
-        else:  # non-tensor leaves (instructions): stacked as torch.stack of TensorDicts would
-            td.set(key, torch.stack([NonTensorData(v, batch_size=[]) for v in values]))
+        elif all(v == values[0] for v in values):  # non-tensor leaves (instructions), one value for
+            td.set(key, NonTensorData(values[0], batch_size=[len(rows)]))  # all (as BabyAIEnv's)
+        else:  # per-env values: stacked as torch.stack of TensorDicts would
+            td.set(key, NonTensorStack(*(NonTensorData(v) for v in values)))
     return td
 
 

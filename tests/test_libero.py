@@ -7,12 +7,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from tensordict import TensorDict
 
 pytest.importorskip("libero")
 pytestmark = pytest.mark.libero
 
-from datamodules.libero import LIBERO_OPTIONS, worker_env  # noqa: E402
+from datamodules.libero import LIBERO_OPTIONS, libero_action, worker_env  # noqa: E402
+from datamodules.libero_init_states import chw_frame  # noqa: E402
 from datamodules.libero_setup import task_language  # noqa: E402
 from datamodules.tasks import parse_stream  # noqa: E402
 
@@ -56,7 +56,7 @@ def test_goal_state_gives_success_and_done(suite, task_id):
         assert td["observation", "image"].shape == (3, 64, 64) and td["observation", "image"].dtype == torch.uint8
         assert not td["success"].item()
         # init state 0 is the suite's stored state 0 (after the 10 settle steps the scene moved little)
-        base = env.base_env
+        base = env
         assert base._current_init_state_index == 0
         td["action"] = torch.tensor(OPEN_GRIPPER_NOOP)
         td = env.step(td)
@@ -91,7 +91,7 @@ def test_openvla_observation_on_a_real_frame():
     env = worker_env("libero_goal", 8, seed=0, max_steps=20, init_state_id=0, render_gpu=None, options=opts)
     try:
         td = env.reset()
-        raw = env.base_env._env.env._get_observations(force_update=True)["agentview_image"]  # HWC, upside down
+        raw = env._env.env._get_observations(force_update=True)["agentview_image"]  # HWC, upside down
         assert raw.shape == (256, 256, 3)
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(raw[::-1, ::-1])).save(buf, format="JPEG", quality=95)
@@ -102,14 +102,12 @@ def test_openvla_observation_on_a_real_frame():
         # the kit's read of a frame (one strided copy) is torchrl's (flip, then permute), bit for bit
         from torchrl.envs.libs.libero import LiberoWrapper
 
-        base = env.base_env
         for flip in (False, True):
-            base.flip_image = flip
-            assert torch.equal(base._read_image(raw), LiberoWrapper._read_image(base, raw))
-        assert base._read_image(raw).is_contiguous()
-        # the kit's path on the same frame: LiberoEnv's read (flip) + the OpenVLAObservation transform
-        frame = TensorDict({("observation", "image"): env.base_env._read_image(raw)}, batch_size=[])
-        got = env.transform[0](frame)["observation", "image"].permute(1, 2, 0).numpy()
+            env.flip_image = flip
+            assert torch.equal(chw_frame(raw, flip), LiberoWrapper._read_image(env, raw))
+            assert chw_frame(raw, flip).is_contiguous()
+        # the kit's path on the same frame: the env's read (flip + OpenVLA's pipeline)
+        got = env._read_image(raw).permute(1, 2, 0).numpy()
         assert got.shape == (224, 224, 3)
         diff = np.abs(got.astype(int) - expected.astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
@@ -125,18 +123,28 @@ def test_openvla_observation_on_a_real_frame():
 
 def test_gripper_convention_and_clipping():
     """OpenVLA gripper g (1 open, 0 close) -> LIBERO -sign(2g - 1) (-1 open, +1 close);
-    every dimension clipped to the env's bounds [-1, 1]."""
+    every dimension clipped to the env's bounds [-1, 1]; the env's step applies it."""
     env = worker_env("libero_goal", 8, seed=0, max_steps=20, init_state_id=0, render_gpu=None, options=_small())
     try:
-        to_env = env.transform[-1]
         a = torch.tensor([[0.5, -2.0, 0.1, 0.0, 0.0, 3.0, 0.9],
                           [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1],
                           [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
-        out = to_env.inv(TensorDict({"action": a}, batch_size=[3]))["action"]
+        out = libero_action(a, env.sim_low, env.sim_high)
         assert out[:, -1].tolist() == [-1.0, 1.0, -1.0]  # open, close, 0.5 -> 2g-1 = 0 -> open
         assert out[0, :6].tolist() == pytest.approx([0.5, -1.0, 0.1, 0.0, 0.0, 1.0])
+        assert a[0, 1].item() == -2.0  # the policy's action is left as it was
         spec = env.action_spec  # what the policy sees: OpenVLA's gripper range [0, 1]
         assert spec.space.low[-1].item() == 0.0 and spec.space.high[-1].item() == 1.0
+        assert env.sim_low[-1].item() == -1.0 and env.sim_high[-1].item() == 1.0
+
+        def fingers_after(g: float) -> float:  # |finger qpos| (state[7:9]) after 8 steps at OpenVLA gripper g
+            td = env.reset()
+            for _ in range(8):
+                td = env.step_mdp(env.step(td.set("action", torch.tensor([0.0] * 6 + [g]))))
+            return td["observation", "state"][7:9].abs().sum().item()
+
+        opened, closed = fingers_after(1.0), fingers_after(0.0)
+        assert closed < 0.5 * opened, (opened, closed)  # OpenVLA's 0 closes the fingers in the sim
     finally:
         env.close()
 
