@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
+    from callbacks.task_boundary import ContinualMethod, with_method
     from datamodules.on_policy import OnPolicyDataModule
     from modules.crl_module import CRLModule
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="resume from this Lightning checkpoint")
             parser.add_argument("--seed", type=int, default=0, help="global seed (seed_everything)")
+            parser.add_argument("--method", type=ContinualMethod | None, default=None,
+                                help="the continual-learning method, a callback that acts at task boundaries "
+                                     "(callbacks.anchor.AnchorCriticFreeze: CRL-VLA; callbacks.ewc.OnlineEWC; "
+                                     "callbacks.adapters.PerTaskAdapters); null: sequential fine-tuning")
 
         def before_instantiate_classes(self):
             from lightning.pytorch import seed_everything
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = self.config.ckpt_path
             if ckpt is not None and not os.path.isfile(ckpt):
                 raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such checkpoint file")
+
+        def instantiate_trainer(self, **kwargs):
+            callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks")
+            return super().instantiate_trainer(
+                **kwargs, callbacks=with_method(callbacks, self._get(self.config_init, "method")))
 
     _threads_per_process()
     try:

@@ -10,13 +10,12 @@ loss (logged as ``train/ewc``). Use it instead of AnchorCriticFreeze
 from __future__ import annotations
 
 import torch
-from lightning import Callback
 
-from callbacks.task_boundary import TaskBoundaryHooks
+from callbacks.task_boundary import ContinualMethod
 from modules.ewc import diagonal_fisher, ewc_penalty
 
 
-class OnlineEWC(Callback, TaskBoundaryHooks):
+class OnlineEWC(ContinualMethod):
     def __init__(self, lam: float = 100.0, decay: float = 1.0, fisher_samples: int = 128):
         if lam < 0:
             raise ValueError(f"OnlineEWC.lam={lam!r}: must be >= 0")

@@ -33,12 +33,15 @@ def tiny_policy():
 def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, tasks=3,
                  ckpt_every=1, extra_callbacks=None, ablation=None, videos=0, switch=None,
                  eval_episodes=4):
-    """The quickstart config (merged with ``configs/ablations/<ablation>.yaml`` if given)
-    shrunk to seconds: 8 envs x 16 steps, ``eval_episodes`` evaluation episodes per task (one
-    env each). ``switch``: more TaskSwitch arguments (e.g. ``{"success_threshold": 0.05}``)."""
+    """The quickstart config (merged with ``configs/ablations/<ablation>.yaml`` if given: a name or
+    a list of names, merged in order) shrunk to seconds: 8 envs x 16 steps, ``eval_episodes``
+    evaluation episodes per task (one env each). ``anchor=False``: no continual-learning method.
+    ``switch``: more TaskSwitch arguments (e.g. ``{"success_threshold": 0.05}``)."""
     cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
-    if ablation:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{ablation}.yaml")))
+    for overlay in [ablation] if isinstance(ablation, str) else (ablation or []):
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{overlay}.yaml")))
+    if not anchor:
+        cfg.method = None
     cfg.trainer.logger.init_args.save_dir = str(tmp_path / "runs")
     cfg.trainer.logger.init_args.name = name
     cfg.trainer.enable_progress_bar = False
@@ -48,8 +51,6 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
         if path.endswith("TaskSwitch"):
             cb.init_args.iterations_per_task = iterations
             cb.init_args.update(switch or {})
-        if path.endswith("AnchorCriticFreeze") and not anchor:
-            continue
         if path.endswith("PerTaskEvaluation"):
             cb.init_args.episodes_per_task = eval_episodes
             cb.init_args.num_envs = eval_episodes
