@@ -1,7 +1,10 @@
-"""Entry point: python train.py --config configs/quickstart.yaml [--trainer.devices 2 ...]
+"""Entry point: python train.py [test] --config configs/quickstart.yaml [--trainer.devices 2 ...]
 
 A LightningCLI (omegaconf parser mode) over CRLModule and OnPolicyDataModule. Every knob is
-in the YAML and shows with --print_config. --ckpt_path resumes a run where it stopped.
+in the YAML and shows with --print_config. Training: --ckpt_path resumes a run where it
+stopped. ``test`` (or ``validate``, the same): scores the policy of --ckpt_path (or, without
+it, the weights the config loads, e.g. an OpenVLA checkpoint folder) on every task of the
+stream with the config's evaluation callbacks, without training.
 """
 from __future__ import annotations
 
@@ -45,6 +48,10 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    evaluate = bool(argv) and argv[0] in ("test", "validate")
+    if evaluate:
+        argv = argv[1:]
     try:
         _check_mujoco_gl()
     except ValueError as err:
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     class CLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
             parser.add_argument("--ckpt_path", type=str | None, default=None,
-                                help="resume from this Lightning checkpoint")
+                                help="resume from this Lightning checkpoint (train.py test: score it)")
             parser.add_argument("--seed", type=int, default=0, help="global seed (seed_everything)")
             parser.add_argument("--method", type=ContinualMethod | None, default=None,
                                 help="the continual-learning method, a callback that acts at task boundaries "
@@ -88,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=argv,
                   parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                   save_config_kwargs={"overwrite": True}, seed_everything_default=False)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path,
-                        weights_only=False)  # our own checkpoints hold RNG and datamodule state
+        # our own checkpoints hold RNG and datamodule state: weights_only=False
+        run = cli.trainer.test if evaluate else cli.trainer.fit
+        run(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=False)
     except (ValueError, FileNotFoundError, MisconfigurationException, ArgumentError) as err:
         print("error: " + _one_line(str(err)), file=sys.stderr)
         return 2

@@ -40,3 +40,5 @@ class PerTaskAdapters(ContinualMethod):
 
     def on_train_start(self, trainer, pl_module) -> None:
         pl_module.policy.adapter_routes.update(self._loaded_routes)
+
+    on_test_start = on_train_start  # train.py test of a checkpoint: each task with its adapter

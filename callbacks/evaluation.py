@@ -10,6 +10,10 @@ episodes of every task before training and at each task end are saved as
 ``videos/<when>/task<i>_ep<e>.mp4`` in the run's log dir and shown as animations in
 TensorBoard (``callbacks/videos.py``).
 
+``python train.py test --config X [--ckpt_path Y]`` scores a checkpoint without training: each
+evaluation runs every task once and writes ``evaluation.json`` (per-task success and its mean)
+and the videos of that evaluation under ``videos/evaluation/``.
+
 Several evaluations can run side by side (e.g. the policy as trained, sampled, and its
 greedy decoding): each extra one gets a ``tag`` and writes ``metrics_<tag>.json``,
 ``R_<tag>.csv``, ``videos_<tag>/`` and TensorBoard scalars under ``eval_<tag>/``; the untagged
@@ -157,6 +161,34 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                                 "task_trained": trainer.datamodule.task_index,
                                 "success": row, "task_end": False})
             self._log_row(trainer, row)
+
+    # -- a checkpoint's score, without training (train.py test) ------------------------------
+    def on_test_epoch_end(self, trainer, pl_module):
+        self.score(trainer, pl_module)
+
+    def score(self, trainer, pl_module) -> list[float]:
+        """Every task of the stream once: prints the per-task success, logs it, writes
+        ``evaluation<_tag>.json`` and the first ``videos_per_task`` episodes of each task as
+        ``videos<_tag>/evaluation/task<i>_ep<e>.mp4`` in the run's log dir."""
+        success = self.evaluate_all(trainer, pl_module, "evaluation")
+        self._log_row(trainer, success)
+        log_dir = trainer.log_dir or "."  # a broadcast under DDP: every rank must ask
+        if trainer.global_rank != 0:
+            return success
+        tasks = [t.name for t in trainer.datamodule.tasks]
+        res = {"checkpoint": trainer.ckpt_path, "tasks": tasks, "episodes_per_task": self.episodes,
+               "greedy": self.greedy, "temperature": self.temperature, "success": success,
+               "mean_success": float(np.mean(success))}
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, self.metrics_file.replace("metrics", "evaluation", 1))
+        _atomic_write(path, json.dumps(res, indent=2))
+        mode = "greedy" if self.greedy else f"sampled at temperature {self.temperature or 'of training'}"
+        width = max(len(t) for t in tasks)
+        lines = [f"Success over {self.episodes} episodes per task ({mode}; {trainer.ckpt_path or 'weights of the config'})"]
+        lines += [f"  task {i}  {t:<{width}}  {v:.3f}" for i, (t, v) in enumerate(zip(tasks, success))]
+        lines += [f"  mean    {'':<{width}}  {res['mean_success']:.3f}", f"wrote {path}"]
+        print("\n".join(lines), flush=True)
+        return success
 
     # -- results ----------------------------------------------------------------------------
     def results(self, tasks) -> dict:

@@ -228,6 +228,11 @@ class OnPolicyDataModule(LightningDataModule):
         return DataLoader(_RolloutMinibatches(self), batch_size=None, num_workers=0,
                           collate_fn=_identity)
 
+    def test_dataloader(self):
+        """One empty step: ``train.py test`` scores the stream's tasks in the evaluation
+        callbacks (callbacks/evaluation.py), not from batches."""
+        return DataLoader([0], batch_size=None, num_workers=0)
+
     def teardown(self, stage: str) -> None:
         self._close_collector()
 

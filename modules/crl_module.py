@@ -286,6 +286,10 @@ class CRLModule(LightningModule):
             if "rollout/success" in self.rollout_stats:
                 self.log("success", self.rollout_stats["rollout/success"], prog_bar=True, sync_dist=True)
 
+    def test_step(self, batch, batch_idx):
+        """``train.py test``: the evaluation callbacks run the episodes (callbacks/evaluation.py)."""
+        return None
+
     def configure_optimizers(self):
         hp = self.hparams
         # trainable parameters only: with LoRA the frozen base and the old adapter stay out
