@@ -46,9 +46,21 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
                  temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10,
                  tag: str = ""):
-        """``greedy``: argmax actions; else sampled at ``temperature`` (None: the policy's
-        training temperature; VLA-RL trains at 1.5-1.7 and evaluates greedily). ``tag``: names
-        a second evaluation's files and scalars (module docstring); empty for the main one."""
+        """
+        Args:
+            episodes_per_task: episodes per task and evaluation (LIBERO: episode e starts from the
+                task's fixed initial state e; 50 is LIBERO's protocol).
+            num_envs: envs run at once per rank.
+            greedy: argmax actions; else sampled at ``temperature``.
+            every_n_iterations: also evaluate every N iterations (success curves; 0: task ends only).
+            seed: seed of the evaluation episodes and of their sampled actions.
+            max_steps: step limit of an evaluation episode (the env's own limit applies first).
+            temperature: sampling temperature (null: the policy's training temperature).
+            videos_per_task: episodes of every task saved as MP4 at each evaluation.
+            video_fps: frames per second of the videos.
+            tag: names a second evaluation's files and scalars (``metrics_<tag>.json``); empty
+                for the main one.
+        """
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
         if num_envs <= 0:

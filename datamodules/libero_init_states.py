@@ -22,8 +22,7 @@ from datamodules.init_states import KEY, InitStateChooser, InitStateQueues
 def chw_frame(image: np.ndarray, flip: bool = True) -> torch.Tensor:
     """HWC render -> CHW uint8, flipped 180 degrees with ``flip``: the tensor torchrl's
     ``LiberoWrapper._read_image`` returns (tests/test_libero.py), in one strided copy instead of
-    its two (flip, then ``permute(2, 0, 1).contiguous()``): 0.35 -> 0.06 ms per 256 px frame on
-    the 2-core machine (bench/libero_env_breakdown.py), on every env step of every worker."""
+    its two (flip, then ``permute(2, 0, 1).contiguous()``), on every env step of every worker."""
     chw = image.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(chw[:, ::-1, ::-1] if flip else chw))
 

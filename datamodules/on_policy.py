@@ -63,9 +63,26 @@ class OnPolicyDataModule(LightningDataModule):
         curriculum: dict | None = None,
         reward_shaping: dict | None = None,
     ):
-        """``curriculum``: {window, target, temperature, floor} (datamodules/curriculum.py) or
-        null; ``reward_shaping``: {rprm, checkpoint, scale, offset, only_nonterminal,
-        sparse_from_success, batch_size} (datamodules/rprm_shaping.py) or null."""
+        """The task stream and its rollouts: one PPO iteration's minibatches per Lightning epoch.
+
+        Args:
+            stream: the tasks in order, one mapping per entry: ``{env: babyai, level, target}`` or
+                ``{env: libero, suite, task_id | task_ids, ...}`` (datamodules/tasks.py lists the options).
+            num_envs: vectorised envs collecting each rollout (per DDP rank).
+            frames_per_batch: env steps per rollout, over all envs (a multiple of ``num_envs``).
+            ppo_epochs: passes over each rollout.
+            num_minibatches: minibatches per pass.
+            anchor_source: where anchor states come from: ``relabel`` (current states with old
+                instructions) or ``memory`` (stored states of old tasks).
+            anchor_fraction: anchor samples per current sample (``relabel``).
+            memory_per_task: states kept per finished task (``memory``).
+            joint: collect every task of the stream in every rollout (env i: task i mod K).
+            seed: seed of the envs and of the anchor sampling.
+            curriculum: VLA-RL's success curriculum over (task, initial state),
+                ``{window, target, temperature, floor}`` (datamodules/curriculum.py); null: uniform.
+            reward_shaping: the RPRM's process reward, ``{rprm, checkpoint, scale, offset,
+                only_nonterminal, sparse_from_success, batch_size}`` (datamodules/rprm_shaping.py); null: none.
+        """
         super().__init__()
         self.tasks: list[Task] = parse_stream(stream)
         if num_envs <= 0:

@@ -72,6 +72,31 @@ class CRLModule(LightningModule):
         q_advantage: str = "q",
         anchor_chunk_size: int = 1024,
     ):
+        """The policy, its critics and the PPO / CRL-VLA update (Eq. 8, docs/method.md).
+
+        Args:
+            policy: the VLA policy (``modules.policy.TokenVLAPolicy`` or ``OFTPolicy``).
+            critic_hidden_sizes: hidden widths of the critic MLP on [phi(s); emb(g)].
+            policy_lr: AdamW learning rate of the policy's trainable weights.
+            critic_lr: AdamW learning rate of the critic head.
+            adam_eps: AdamW epsilon of both optimisers.
+            clip_eps: PPO's clipping range epsilon of the probability ratio.
+            alpha: weight of L_KL, the KL to the frozen old policy on old goals.
+            beta_v: weight of L_GCV, the frozen anchor critic's value consistency on old goals.
+            eta: weight of L_MC, the trainable critic's value regression.
+            entropy_coef: weight of the policy-entropy bonus (0: none).
+            gamma: discount factor.
+            gae_lambda: GAE's lambda for the advantages.
+            value_target: the critic's regression target: ``mc`` (Monte-Carlo returns) or ``gae``.
+            normalize_advantage: standardise the advantages of every minibatch.
+            target_kl: stop an iteration's PPO epochs once the approximate KL exceeds it (null: never).
+            max_grad_norm: gradient-norm clipping of each optimiser's parameters.
+            critic_warmup_iterations: iterations after each critic (re)start with the policy frozen.
+            critic_detach_features: the value losses train the critic head only, not phi(s) / emb(g).
+            critic_type: ``v`` for V(s, g) heads, ``q`` for Q(s, a, g) heads (CRL-VLA (Q)).
+            q_advantage: with Q heads, ``q`` (Q(s, a) - E_pi Q(s, .)) or ``gae`` (GAE, baseline E_pi Q).
+            anchor_chunk_size: anchor samples per forward of the frozen old policy (memory bound).
+        """
         super().__init__()
         for name in ("policy_lr", "critic_lr", "clip_eps", "max_grad_norm"):
             _require(name, locals()[name], strict=True)

@@ -76,7 +76,7 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
 
 def print_config(*args) -> str:
     """``train.py ARGS --print_config`` in this process, its stdout. The parse-and-print path
-    only (jsonargparse prints and exits before anything is instantiated), without the ~12 s of
+    only (jsonargparse prints and exits before anything is instantiated), without the
     imports a ``train.py`` subprocess pays; train.py's thread setting is undone after."""
     import contextlib
     import io
@@ -140,7 +140,7 @@ def train_env() -> dict:
 def run_train(*args, timeout=900, fresh=False):
     """``python train.py ARGS``: its ``returncode``, ``stdout`` and ``stderr``. Served by the
     session's fork server (``TrainForkServer``): the same return code and output, without the
-    ~12 s of imports a new interpreter pays; a run past ``timeout`` seconds is killed
+    imports a new interpreter pays; a run past ``timeout`` seconds is killed
     (returncode -14). ``fresh``: a new interpreter (``subprocess.run``, which raises
     ``TimeoutExpired``), for DDP runs, whose launcher starts the other ranks by re-running
     the command line."""

@@ -1,4 +1,4 @@
-"""The kit's OpenVLA ("Prismatic") implementation and loader (specs/OPENVLA.md), on a tiny
+"""The kit's OpenVLA ("Prismatic") implementation and loader, on a tiny
 checkpoint written here in OpenVLA's own on-disk format: timm/prismatic parameter names
 (sharded safetensors, the language model in bf16), config.json with Prismatic fields and
 norm_stats, a Llama-layout tokenizer. The loaded model is checked for exact logits against

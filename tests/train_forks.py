@@ -1,5 +1,5 @@
-"""A fork server for the tests' ``train.py`` runs: it does train.py's imports once (~12 s on 2
-cores: lightning, torch, torchrl, transformers), then runs ``train.main`` once per request, each
+"""A fork server for the tests' ``train.py`` runs: it does train.py's imports once (lightning,
+torch, torchrl, transformers: seconds on a small CPU), then runs ``train.main`` once per request, each
 in a child forked from it, instead of paying the imports in a fresh process per run.
 
 Protocol: one JSON object per line on stdin, ``{"argv": [...], "timeout": s, "env": {...}}``;
@@ -48,8 +48,7 @@ def run_forked(argv: list[str], tmp: str, timeout: float, env: dict | None, answ
                 os.environ.clear()
                 os.environ.update(env)
             # as in `python train.py ARGV`: the command line, and the main module that spawned and
-            # forkserver workers import again (this script's imports: ~10 s more per LIBERO worker;
-            # the LIBERO smoke run took ~300 instead of ~260 s)
+            # forkserver workers import again (not this script, whose imports they do not need)
             sys.argv = [os.path.join(ROOT, "train.py"), *argv]
             sys.modules["__main__"] = train
             out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
