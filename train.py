@@ -47,11 +47,27 @@ def _one_line(message: str) -> str:
     return next((p for p in parts if _KIT_ERROR.fullmatch(p)), " ".join(message.split()))
 
 
+def _quiet_library_chatter() -> None:
+    """The console shows the kit's progress and results: Lightning's product tips and a torch
+    deprecation raised inside Lightning are dropped (nothing the user can act on)."""
+    import logging
+
+    class DropTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     evaluate = bool(argv) and argv[0] in ("test", "validate")
     if evaluate:
         argv = argv[1:]
+        # a checkpoint from another run's folder: ModelCheckpoint's notice that its paths moved
+        warnings.filterwarnings("ignore", message="The dirpath has changed")
     try:
         _check_mujoco_gl()
     except ValueError as err:
@@ -67,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from callbacks.task_boundary import ContinualMethod, with_method
     from datamodules.on_policy import OnPolicyDataModule
     from modules.crl_module import CRLModule
+
+    _quiet_library_chatter()
 
     class CLI(LightningCLI):
         def add_arguments_to_parser(self, parser):

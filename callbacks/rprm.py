@@ -143,7 +143,7 @@ class OnlineRPRM(Callback):
                         num_sanity_val_steps=0, default_root_dir=self.root)
         inner.fit(module, datamodule=data)
         ckpt = os.path.join(self.root, "rprm.ckpt")
-        inner.save_checkpoint(ckpt)
+        inner.save_checkpoint(ckpt, weights_only=False)
         self.trained, self.idle = True, True
         splits = index["splits"]
         metrics = {"rprm/episodes": float(self.episodes), "rprm/train_frames": float(splits["train"]["frames"]),

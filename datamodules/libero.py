@@ -3,7 +3,7 @@
 One process per env (``RobustEnvPool``: one MuJoCo sim and GL context each; crashed or hung
 workers are restarted and their episode counted as failed). Per worker one ``OpenVLALiberoEnv``:
 torchrl's ``LiberoEnv`` (VLA TensorDict schema, settle steps) with the kit's init-state choice
-(datamodules/libero_init_states.py) and OpenVLA's conventions inside its own step:
+(datamodules/libero_env.py) and OpenVLA's conventions inside its own step:
 
 * observations: the image as OpenVLA's evaluation computes it (rendered at ``render_size``,
   flipped 180 degrees, JPEG round-trip, TF's Lanczos3 resize to ``image_size``, 0.9-area centre
@@ -26,7 +26,7 @@ from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.envs import Transform, TransformedEnv
 
-from datamodules.libero_init_states import InitStateLiberoEnv
+from datamodules.libero_env import InitStateLiberoEnv
 from datamodules.libero_setup import SUITES, setup_libero
 from datamodules.openvla_image import jpeg_roundtrip, resize_and_crop
 from datamodules.robust_env import RobustEnvPool

@@ -13,7 +13,7 @@ callback (``remember_task``).
 
 VLA-RL's parts, both off by default: ``curriculum`` (datamodules/curriculum_resets.py) picks
 the initial state of every training reset and learns from the finished episodes;
-``reward_shaping`` (datamodules/rprm_shaping.py) adds the RPRM's score to each rollout's reward
+``reward_shaping`` (datamodules/reward_shaping.py) adds the RPRM's score to each rollout's reward
 before the advantages. Callbacks that define ``on_rollout(trainer, pl_module, rollout)`` see
 each raw rollout first (callbacks/rprm.py collects its successful episodes).
 """
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
 from datamodules.curriculum_resets import CurriculumResets
-from datamodules.rprm_shaping import RewardShaping
+from datamodules.reward_shaping import RewardShaping
 from datamodules.tasks import Task, check_joint, make_env, make_joint_env, parse_stream
 
 ANCHOR_SOURCES = ("relabel", "memory")
@@ -81,7 +81,7 @@ class OnPolicyDataModule(LightningDataModule):
             curriculum: VLA-RL's success curriculum over (task, initial state),
                 ``{window, target, temperature, floor}`` (datamodules/curriculum.py); null: uniform.
             reward_shaping: the RPRM's process reward, ``{rprm, checkpoint, scale, offset,
-                only_nonterminal, sparse_from_success, batch_size}`` (datamodules/rprm_shaping.py); null: none.
+                only_nonterminal, sparse_from_success, batch_size}`` (datamodules/reward_shaping.py); null: none.
         """
         super().__init__()
         self.tasks: list[Task] = parse_stream(stream)

@@ -94,7 +94,7 @@ def print_config(*args) -> str:
 
 
 class TrainForkServer:
-    """``tests/train_forks.py``, started at the session's first ``run_train`` and kept until its
+    """``tests/helpers/train_forks.py``, started at the session's first ``run_train`` and kept until its
     end: every run is a child forked after train.py's imports, not a new interpreter."""
 
     def __init__(self):
@@ -104,7 +104,7 @@ class TrainForkServer:
         if self.proc is None or self.proc.poll() is not None:  # not started yet, or ended
             self.close()
             self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (the server's stderr, open while it runs)
-            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_forks.py")], cwd=ROOT,
+            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "helpers", "train_forks.py")], cwd=ROOT,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                          env=train_env())
         self.proc.stdin.write(json.dumps({"argv": list(argv), "timeout": timeout, "env": train_env()}) + "\n")
@@ -112,7 +112,7 @@ class TrainForkServer:
         answer = self.proc.stdout.readline()
         if not answer:
             self.log.seek(0)
-            raise RuntimeError(f"tests/train_forks.py ended without answering: {self.log.read()[-3000:]}")
+            raise RuntimeError(f"tests/helpers/train_forks.py ended without answering: {self.log.read()[-3000:]}")
         return SimpleNamespace(**json.loads(answer))
 
     def close(self) -> None:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 from conftest import ROOT, run_train, small_config
-from test_videos import read_mp4
+from helpers.videos import read_mp4
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_a_missing_checkpoint_is_one_clear_line(tmp_path):
 def test_a_bare_openvla_checkpoint_folder_scores_on_libero(tmp_path):
     """An OpenVLA checkpoint folder (OpenVLA's on-disk format, tiny) loaded by the policy config,
     scored on a LIBERO task from its fixed initial states: no kit checkpoint, no training."""
-    from test_openvla import write_checkpoint
+    from helpers.openvla_checkpoint import write_checkpoint
 
     folder = tmp_path / "openvla-tiny"
     folder.mkdir()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, print_config, run_train, run_train_cases, small_config
-from test_videos import read_mp4
+from helpers.videos import read_mp4
 
 BAD = [
     ("--data.stream=[]", "data.stream"),
@@ -108,7 +108,7 @@ def test_ddp_two_processes(tmp_path):
     # a task may end early on the rollout success pooled over both ranks (every rank must end
     # it at the same iteration, or the collectives of the next iteration mismatch)
     cfg = small_config(tmp_path, "ddp", tasks=2, iterations=3, extra_callbacks=[
-        {"class_path": "tests.weight_checksum.WeightChecksum", "init_args": {"out_dir": str(sums)}}],
+        {"class_path": "tests.helpers.weight_checksum.WeightChecksum", "init_args": {"out_dir": str(sums)}}],
         switch={"success_threshold": 0.05, "success_window": 2})
     res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp", fresh=True)
     assert res.returncode == 0, res.stderr[-3000:]
