@@ -40,11 +40,49 @@ def _check_mujoco_gl() -> None:
 _KIT_ERROR = re.compile(r"[A-Za-z_][\w.\[\]]*=\S.*?: \S.*")
 
 
+# jsonargparse's report on a typed knob (a class or a dataclass inside a class): the nested keys,
+# the classes between them, and either an option it does not take or a value of the wrong type
+_NESTED = re.compile(r'Parser key "([^"]+)"|class_path \'([^\']+)\'|Option \'([^\']+)\' is not accepted')
+_WRONG_TYPE = re.compile(r"Expected a <class '([\w.]+)'>\. Got value: (\S+)")
+
+
+def _is_dataclass(path: str) -> bool:
+    import dataclasses
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError):
+        return False
+
+
+def _typed_knob_error(message: str) -> str | None:
+    """``key.path: unknown key`` or ``key.path=value: expected <type>`` from such a report."""
+    path, between = [], None
+    for key, cls, option in _NESTED.findall(message):
+        if cls:
+            between = cls
+            continue
+        if path and between and not _is_dataclass(between):
+            path.append("init_args")  # a class's arguments sit under init_args in the YAML
+        path.append(key or option)
+        between = None
+        if option:
+            return f"{'.'.join(path)}: unknown key"
+    wrong = _WRONG_TYPE.search(message)
+    if len(path) > 1 and wrong:
+        return f"{'.'.join(path)}={wrong[2]}: expected {wrong[1]}"
+    return None
+
+
 def _one_line(message: str) -> str:
     """jsonargparse wraps an error raised while it validates a class in a union or a list (e.g. a
-    callback's) in a paragraph of alternatives: keep the kit's own message if there is one."""
+    callback's) in a paragraph of alternatives: keep the kit's own message if there is one, else
+    name the typed knob's key in full."""
     parts = [" ".join(p.split()) for p in re.split(r"\s- ", message)]
-    return next((p for p in parts if _KIT_ERROR.fullmatch(p)), " ".join(message.split()))
+    own = next((p for p in parts if _KIT_ERROR.fullmatch(p)), None)
+    return own or _typed_knob_error(message) or " ".join(message.split())
 
 
 def _quiet_library_chatter() -> None:

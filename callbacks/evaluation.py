@@ -196,7 +196,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         _atomic_write(path, json.dumps(res, indent=2))
         mode = "greedy" if self.greedy else f"sampled at temperature {self.temperature or 'of training'}"
         width = max(len(t) for t in tasks)
-        lines = [f"Success over {self.episodes} episodes per task ({mode}; {trainer.ckpt_path or 'weights of the config'})"]
+        source = trainer.ckpt_path or "weights of the config"
+        lines = [f"Success over {self.episodes} episodes per task ({mode}; {source})"]
         lines += [f"  task {i}  {t:<{width}}  {v:.3f}" for i, (t, v) in enumerate(zip(tasks, success))]
         lines += [f"  mean    {'':<{width}}  {res['mean_success']:.3f}", f"wrote {path}"]
         print("\n".join(lines), flush=True)

@@ -101,7 +101,8 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
             self.finished = True
             trainer.should_stop = True
         if self.save_checkpoints and log_dir:
-            trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"), weights_only=False)  # full state: exact resume
+            # the full state (optimisers, callbacks, RNG): an exact resume
+            trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"), weights_only=False)
         if not self.finished:
             announce(trainer, pl_module, "on_task_start", k + 1)
 

@@ -27,7 +27,7 @@ from tensordict import TensorDict
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
-from datamodules.curriculum_resets import CurriculumResets
+from datamodules.curriculum_resets import Curriculum, CurriculumResets
 from datamodules.reward_shaping import RewardShaping
 from datamodules.tasks import Task, check_joint, make_env, make_joint_env, parse_stream
 
@@ -60,7 +60,7 @@ class OnPolicyDataModule(LightningDataModule):
         memory_per_task: int = 512,
         joint: bool = False,
         seed: int = 0,
-        curriculum: dict | None = None,
+        curriculum: Curriculum | None = None,
         reward_shaping: dict | None = None,
     ):
         """The task stream and its rollouts: one PPO iteration's minibatches per Lightning epoch.
@@ -79,7 +79,7 @@ class OnPolicyDataModule(LightningDataModule):
             joint: collect every task of the stream in every rollout (env i: task i mod K).
             seed: seed of the envs and of the anchor sampling.
             curriculum: VLA-RL's success curriculum over (task, initial state),
-                ``{window, target, temperature, floor}`` (datamodules/curriculum.py); null: uniform.
+                ``{window, target, temperature, floor}``; null: uniform draws.
             reward_shaping: the RPRM's process reward, ``{rprm, checkpoint, scale, offset,
                 only_nonterminal, sparse_from_success, batch_size}`` (datamodules/reward_shaping.py); null: none.
         """
@@ -119,7 +119,7 @@ class OnPolicyDataModule(LightningDataModule):
         self._collector_key = None
         self.env_version = 0  # +1 per training env built (episodes do not continue across envs)
         # VLA-RL: the curriculum over (task, initial state) and the RPRM's reward shaping
-        self.curriculum = None if curriculum is None else CurriculumResets(dict(curriculum), self.tasks, seed)
+        self.curriculum = None if curriculum is None else CurriculumResets(curriculum, self.tasks, seed)
         self.reward_shaping = None if reward_shaping is None else RewardShaping(dict(reward_shaping))
 
     # -- the stream ----------------------------------------------------------------------

@@ -8,11 +8,34 @@ Adapters are saved in PEFT's own format (``PeftModel.from_pretrained`` loads the
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 TRAIN_ADAPTER, OLD_ADAPTER = "default", "old"
+
+
+@dataclass
+class LoRA:
+    """PEFT LoRA adapters on a backbone; the base weights stay frozen.
+
+    Args:
+        r: rank of each adapter's update B A.
+        alpha: scaling of the update (alpha / r * B A).
+        dropout: dropout on the adapters' input.
+        target_modules: the linear layers adapted, by name, or ``all-linear``.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def lora_kwargs(lora: LoRA | dict) -> dict:
+    """``apply_lora``'s keyword arguments from a ``LoRA`` (the CLI's) or a plain mapping."""
+    return asdict(lora) if is_dataclass(lora) else dict(lora)
 
 
 def apply_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,

@@ -48,7 +48,8 @@ from modules.policy.laplace import (
     laplace_log_prob,
     laplace_sample,
 )
-from modules.policy.lora import OLD_ADAPTER, TRAIN_ADAPTER, active_adapter, apply_lora, snapshot_adapter
+from modules.policy.lora import (OLD_ADAPTER, TRAIN_ADAPTER, LoRA, active_adapter, apply_lora, lora_kwargs,
+                                 snapshot_adapter)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class OFTPolicy(VLAPolicy):
     def __init__(self, backbone: VLMBackbone, chunk_size: int = 8, action_dim: int = 7,
                  head_hidden: int = 256, head_blocks: int = 2, init_scale: float = 0.1,
                  learned_slots: bool = True, action_low: float | list[float] = -1.0,
-                 action_high: float | list[float] = 1.0, temperature: float = 1.0, lora: dict | None = None,
+                 action_high: float | list[float] = 1.0, temperature: float = 1.0, lora: LoRA | None = None,
                  norm_stats: str | None = None, unnorm_key: str | None = None):
         """
         Args:
@@ -109,7 +110,7 @@ class OFTPolicy(VLAPolicy):
         self.backbone = backbone
         self.uses_lora = lora is not None
         if self.uses_lora:
-            backbone.model = apply_lora(backbone.model, **lora)
+            backbone.model = apply_lora(backbone.model, **lora_kwargs(lora))
         self.adapter_routes: dict[str, str] = {}  # PerTaskAdapters: not supported (the head is shared)
         self.chunk_size, self.action_dim = chunk_size, action_dim
         # the LM head is never read (no token logits); frozen so that DDP sees no unused

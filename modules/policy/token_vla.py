@@ -41,7 +41,7 @@ from modules.critics import frozen_copy
 from modules.policy.action_codec import make_action_codec
 from modules.policy.base import VLAPolicy
 from modules.policy.backbone import EncodedPrompts, VLMBackbone, positions_from_mask
-from modules.policy.lora import TRAIN_ADAPTER, AdapterPolicy, apply_lora, snapshot_adapter
+from modules.policy.lora import TRAIN_ADAPTER, AdapterPolicy, LoRA, apply_lora, lora_kwargs, snapshot_adapter
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class TokenVLAPolicy(VLAPolicy):
     def __init__(self, backbone: VLMBackbone, action_tokens: int = 1, action_bins: int = 3,
-                 temperature: float = 1.0, lora: dict | None = None,
+                 temperature: float = 1.0, lora: LoRA | None = None,
                  norm_stats: str | None = None, unnorm_key: str | None = None,
                  decoding: str = "dynamic", compile_decode: bool = False, gradient_checkpointing: bool = False,
                  feature_pooling: str = "image_mean"):
@@ -119,7 +119,7 @@ class TokenVLAPolicy(VLAPolicy):
         self.backbone = backbone
         self.uses_lora = lora is not None
         if self.uses_lora:
-            backbone.model = apply_lora(backbone.model, **lora)
+            backbone.model = apply_lora(backbone.model, **lora_kwargs(lora))
         # instruction -> LoRA adapter used when acting on it (per-task adapters); others: default
         self.adapter_routes: dict[str, str] = {}
         self.action_tokens, self.action_bins, self.temperature = action_tokens, action_bins, temperature
