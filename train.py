@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
+    from callbacks.iteration_timing import IterationTiming
     from datamodules.on_policy import OnPolicyDataModule
     from modules.crl_module import CRLModule
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="resume from this Lightning checkpoint")
             parser.add_argument("--seed", type=int, default=0, help="global seed (seed_everything)")
+            # every run logs its per-iteration timing breakdown (``timing:`` in YAML configures it)
+            parser.add_lightning_class_args(IterationTiming, "timing")
 
         def before_instantiate_classes(self):
             from lightning.pytorch import seed_everything
