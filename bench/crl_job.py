@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import yaml
@@ -110,6 +111,7 @@ def config(args, method: str) -> str:
                                 max_steps=args.eval_steps, videos_per_task=0)
         cbs.append(cb)
     cfg.trainer.callbacks = cbs
+    cfg.trainer.enable_checkpointing = args.checkpoints  # else Lightning adds a ModelCheckpoint of its own
     cfg.data.stream[0].task_ids = args.tasks
     if args.render is not None:
         cfg.data.stream[0].render_size = args.render
@@ -121,23 +123,51 @@ def config(args, method: str) -> str:
     return path
 
 
+class GpuMemoryPoll:
+    """The largest GPU memory in use by all processes (nvidia-smi every 2 s): the training process
+    and its EGL env workers together, which ``torch.cuda.max_memory_allocated`` does not see."""
+
+    def __init__(self):
+        self.peak_mib, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.wait(2.0):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout.split()
+                self.peak_mib = max([self.peak_mib] + [int(x) for x in out])
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+
 def run(args, method: str) -> dict:
     path = config(args, method)
     log(f"{method} ({args.variant}): python train.py --config {path}")
+    poll = GpuMemoryPoll().__enter__()
     start = time.perf_counter()
-    with open(os.path.join(args.runs, f"{method}_{args.variant}{args.tag}.log"), "w") as out:
+    with open(os.path.join(args.logs or args.runs, f"{method}_{args.variant}{args.tag}.log"), "w") as out:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", path], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             out.write(line)
-            if line.startswith(("task ", "error", "Traceback", "[")) or "Error" in line:
+            if (line.startswith(("task ", "error", "Traceback", "[")) or "Error" in line) \
+                    and not line.startswith(("[robosuite", "[info]")):
                 print("   ", line.rstrip()[:300], flush=True)
         rc = proc.wait()
     wall = time.perf_counter() - start
+    poll.__exit__()
     files = sorted(glob.glob(os.path.join(args.runs, f"{method}_{args.variant}{args.tag}", "version_*", "timings.json")))
     rows = json.load(open(files[-1])) if files else []
     return {"method": method, "variant": args.variant + args.tag, "overrides": args.set, "returncode": rc,
-            "wall_s": wall, "rows": rows}
+            "wall_s": wall, "gpu_mem_used_peak_gib": poll.peak_mib / 1024, "rows": rows}
 
 
 def steady(result: dict, iterations: int) -> dict:
@@ -204,10 +234,12 @@ def main() -> None:
     ap.add_argument("--checkpoints", action="store_true", help="keep the config's checkpoints")
     ap.add_argument("--tag", default="", help="suffix of the run names (several invocations, one run dir)")
     ap.add_argument("--runs", default=None, help="run directory (default: a temporary one)")
+    ap.add_argument("--logs", default=None, help="where each run's console log goes (default: --runs)")
     args = ap.parse_args()
     import torch
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.runs = args.runs or tempfile.mkdtemp(prefix="crl_job_")
+    os.makedirs(args.runs, exist_ok=True)
     args.ckpt = args.ckpt or os.path.join(tempfile.gettempdir(), f"openvla-{args.size}-random")
     if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
         from random_openvla_checkpoint import write
@@ -251,6 +283,8 @@ def print_table(results: dict) -> None:
         if all(v is None for v in vals):
             continue
         print(f"| {k} | " + " | ".join("" if v is None else f"{v:.3g}" for v in vals) + " |")
+    print("| GPU memory in use, all processes (GiB) | "
+          + " | ".join(f"{r['gpu_mem_used_peak_gib']:.1f}" for r in runs) + " |")
     print("| return code, wall s | " + " | ".join(f"{r['returncode']}, {r['wall_s']:.0f}" for r in runs) + " |")
 
 
