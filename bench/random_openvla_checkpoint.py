@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modules.policy.openvla.checkpoint import BLOCK, EMBED, LAYER, QKV, TOWERS  # noqa: E402
+from modules.policy.openvla.checkpoint import BLOCK, EMBED, LAYER, LEGACY_DINO, QKV, TOWERS  # noqa: E402
 from modules.policy.openvla.config import TIMM_TOWERS  # noqa: E402
 from modules.policy.openvla.tiny import TINY_DEFAULTS, tiny_openvla  # noqa: E402
 
@@ -42,8 +42,20 @@ NORM_STATS = {UNNORM_KEY: {"action": {"q01": [-0.75, -0.75, -0.9, -0.1, -0.15, -
                                       "mask": [True] * 6 + [False]}}}
 
 
+class _LegacyNames(dict):
+    """Tower tensors by the kit's names, also where older transformers name DINOv2's attention
+    ``attention.attention.query`` etc. (``LEGACY_DINO``)."""
+
+    def __missing__(self, key):
+        for new, old in LEGACY_DINO.items():
+            if new in key:
+                return self[key.replace(new, old)]
+        raise KeyError(key)
+
+
 def _inverse_tower(kit: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]:
     """The kit's transformers-named tower tensors -> timm's names (one tower)."""
+    kit = _LegacyNames(kit)
     kind, out = spec.kind, {}
     for timm, name in EMBED[kind].items():
         out[timm] = kit[name]
