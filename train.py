@@ -45,6 +45,9 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the caching allocator grows segments instead of keeping many fixed ones: the update's micro-batches,
+    # the decode caches and evaluation interleave tensors of many sizes (set the variable to override)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         _check_mujoco_gl()
     except ValueError as err:
