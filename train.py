@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
         # a checkpoint from another run's folder: ModelCheckpoint's notice that its paths moved
         warnings.filterwarnings("ignore", message="The dirpath has changed")
+    # the caching allocator grows segments instead of keeping many fixed ones: the update's micro-batches,
+    # the decode caches and evaluation interleave tensors of many sizes (set the variable to override)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         _check_mujoco_gl()
     except ValueError as err:
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
+    from callbacks.iteration_timing import IterationTiming
     from callbacks.task_boundary import ContinualMethod, with_method
     from datamodules.on_policy import OnPolicyDataModule
     from modules.crl_module import CRLModule
@@ -133,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                                 help="the continual-learning method, a callback that acts at task boundaries "
                                      "(callbacks.anchor.AnchorCriticFreeze: CRL-VLA; callbacks.ewc.OnlineEWC; "
                                      "callbacks.adapters.PerTaskAdapters); null: sequential fine-tuning")
+            # every run logs its per-iteration timing breakdown (``timing:`` in YAML configures it)
+            parser.add_lightning_class_args(IterationTiming, "timing")
 
         def before_instantiate_classes(self):
             from lightning.pytorch import seed_everything
