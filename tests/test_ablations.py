@@ -48,8 +48,12 @@ def test_ablation_changes_only_its_own_keys(base_configs, base, ablation):
         own = leaves(yaml.safe_load(f))
     before, after = base_configs[base], printed(base, f"ablations/{ablation}")
 
-    def owned(path):  # under one of the ablation's keys, or above one (a subtree it replaces)
-        return any(path[:len(p)] == p or p[:len(path)] == path for p in own)
+    def owned(path):  # under one of the ablation's keys, above one (a subtree it replaces), or a
+        # default field of a typed subtree the ablation creates where the base has null
+        if any(path[:len(p)] == p or p[:len(path)] == path for p in own):
+            return True
+        parent = path[:-1]
+        return before.get(parent, "<absent>") in (None, "<absent>") and any(p[:len(parent)] == parent for p in own)
 
     changed = {p for p in set(before) | set(after) if before.get(p, "<absent>") != after.get(p, "<absent>")}
     assert {p for p in changed if not owned(p)} == set(), f"{ablation} on {base} changed other keys"
