@@ -7,8 +7,8 @@ later change is measured the same way. Overrides: the random-weight checkpoint (
 missing, bench/random_openvla_checkpoint.py), 2 tasks (LIBERO-Goal 8 and 1), ``--iterations`` per
 task, ``--frames`` per iteration (minibatches of 64), a short evaluation (``--eval_episodes``
 episodes of at most ``--eval_steps`` steps per task, no videos), no periodic checkpoints. Method
-``seq_ft`` drops AnchorCriticFreeze. Variant ``before`` sets the speed knobs back to what
-crl.yaml shipped before they existed (float32 LoRA branches, gradient checkpointing, the whole
+``seq_ft`` runs no continual-learning method (no anchor critic). Variant ``before`` sets the speed
+knobs back to what crl.yaml shipped before they existed (float32 LoRA branches, gradient checkpointing, the whole
 minibatch in one forward) with anchor targets in chunks of 64 (the earlier default of 1024 ran out
 of memory); ``shipped`` runs the config as it is; ``--set KEY=VALUE`` overrides more keys.
 
@@ -111,6 +111,8 @@ def config(args, method: str) -> str:
                                 max_steps=args.eval_steps, videos_per_task=0)
         cbs.append(cb)
     cfg.trainer.callbacks = cbs
+    if method == "seq_ft" and "method" in cfg:  # the continual-learning method as one key: none
+        cfg.method = None
     cfg.trainer.enable_checkpointing = args.checkpoints  # else Lightning adds a ModelCheckpoint of its own
     cfg.data.stream[0].task_ids = args.tasks
     if args.render is not None:
