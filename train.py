@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     from datamodules.on_policy import OnPolicyDataModule
+    from modules.checkpoint_io import KitCheckpointIO
     from modules.crl_module import CRLModule
 
     class CLI(LightningCLI):
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="resume from this Lightning checkpoint")
             parser.add_argument("--seed", type=int, default=0, help="global seed (seed_everything)")
+            parser.add_argument("--trust_checkpoint", type=bool, default=False,
+                                help="load --ckpt_path with full pickle, which can run code stored in the file: "
+                                     "only for a legacy checkpoint you wrote (docs/reliability.md)")
 
         def before_instantiate_classes(self):
             from lightning.pytorch import seed_everything
@@ -78,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=argv,
                   parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                   save_config_kwargs={"overwrite": True}, seed_everything_default=False)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path,
-                        weights_only=False)  # our own checkpoints hold RNG and datamodule state
+        # atomic checkpoint writes; --ckpt_path loaded with weights_only=True (modules/checkpoint_io.py)
+        cli.trainer.strategy.checkpoint_io = KitCheckpointIO(trust=cli.config.trust_checkpoint)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     except (ValueError, FileNotFoundError, MisconfigurationException, ArgumentError) as err:
         print("error: " + _one_line(str(err)), file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from torchrl.envs.utils import step_mdp
 from callbacks.metrics import continual_metrics, heatmap_image
 from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.videos import EpisodeRecorder, add_tensorboard_video, write_mp4
+from modules.checkpoint_io import atomic_write_text
 
 
 class PerTaskEvaluation(Callback, TaskBoundaryHooks):
@@ -184,11 +185,11 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         rank_zero_info(f"[{self.scalar_prefix}] {label}: " + " ".join(f"{v:.2f}" for v in row))
         os.makedirs(log_dir, exist_ok=True)
         res = self.results(trainer.datamodule.tasks)
-        _atomic_write(os.path.join(log_dir, self.metrics_file), json.dumps(res, indent=2))
+        atomic_write_text(os.path.join(log_dir, self.metrics_file), json.dumps(res, indent=2))
         rows = ["row," + ",".join(res["tasks"]), "before," + ",".join(f"{v:.4f}" for v in self.b)]
         rows += [f"after_task{j}," + ",".join(f"{v:.4f}" for v in r)
                  for j, r in enumerate(self.R) if r is not None]
-        _atomic_write(os.path.join(log_dir, self.r_file), "\n".join(rows) + "\n")
+        atomic_write_text(os.path.join(log_dir, self.r_file), "\n".join(rows) + "\n")
         if res["complete"]:
             self._final_report(trainer, res, log_dir)
 
@@ -218,9 +219,3 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def load_state_dict(self, state):
         self.b, self.R, self.curves = state["b"], state["R"], state["curves"]
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

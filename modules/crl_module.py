@@ -13,14 +13,12 @@ Task boundaries are not known here: callbacks call ``freeze_anchor()``.
 """
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 from lightning import LightningModule
 from tensordict import TensorDict
 
 from datamodules.tasks import instructions_of
+from modules.checkpoint_io import rng_state, set_rng_state
 from modules.critics import frozen_copy, make_critic
 from modules.losses import crl_loss
 from modules.policy.backbone import EncodedPrompts, cat_prompts
@@ -298,8 +296,7 @@ class CRLModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["crl"] = {
             "has_anchor": self.has_anchor, "critic_age": self.critic_age,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate()},
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -310,8 +307,5 @@ class CRLModule(LightningModule):
             self.anchor_critic = frozen_copy(self.critic)
             self.old_policy = self.policy.snapshot()
         self.critic_age = state.get("critic_age", 0)
-        rng = state.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+        if state.get("rng"):
+            set_rng_state(state["rng"])

@@ -21,6 +21,7 @@ from lightning.pytorch.cli import instantiate_class  # noqa: E402
 
 from datamodules.babyai import BabyAIEnv  # noqa: E402
 from datamodules.tasks import parse_stream  # noqa: E402
+from modules.checkpoint_io import safe_load  # noqa: E402
 from modules.policy import TokenVLAPolicy  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def load_policy(run: str) -> TokenVLAPolicy:
     policy = TokenVLAPolicy(**{**args, "backbone": instantiate_class((), args["backbone"])})
     ends = sorted(glob.glob(os.path.join(run, "checkpoints", "task*_end.ckpt")))
     path = ends[-1] if ends else os.path.join(run, "checkpoints", "last.ckpt")
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = safe_load(path, "checkpoint")["state_dict"]
     policy.load_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")})
     return policy.eval(), cfg, path
 
