@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 import warnings
 
 
@@ -45,18 +46,29 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one ``error:`` line), 3 stopped before the end of the
+    stream (trainer.max_epochs and the like), 128 + N after signal N (SIGINT 130, SIGTERM 143)."""
     try:
         _check_mujoco_gl()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _run(argv, tmp)
+
+
+def _run(argv: list[str], tmp: str) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
+    from callbacks.interrupt import RunInterrupted, StopOnSignal, resume_command
+    from callbacks.task_switch import TaskSwitch
     from datamodules.on_policy import OnPolicyDataModule
+    from modules import run_checks
     from modules.checkpoint_io import KitCheckpointIO
     from modules.crl_module import CRLModule
 
@@ -72,22 +84,43 @@ def main(argv: list[str] | None = None) -> int:
         def before_instantiate_classes(self):
             from lightning.pytorch import seed_everything
 
+            config = self.config.as_dict()
+            run_checks.check_finite(config)
+            run_checks.check_devices(config["trainer"].get("devices", "auto"))
+            run_checks.check_output_dirs(config["trainer"])
             seed_everything(self.config.seed, workers=True, verbose=False)
             ckpt = self.config.ckpt_path
             if ckpt is not None and not os.path.isfile(ckpt):
                 raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such checkpoint file")
 
     _threads_per_process()
+    cli = None
     try:
-        cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=argv,
+        run_checks.check_config_files(argv)
+        cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=run_checks.nested_nulls_as_config(argv, tmp),
                   parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                   save_config_kwargs={"overwrite": True}, seed_everything_default=False)
         # atomic checkpoint writes; --ckpt_path loaded with weights_only=True (modules/checkpoint_io.py)
         cli.trainer.strategy.checkpoint_io = KitCheckpointIO(trust=cli.config.trust_checkpoint)
+        cli.trainer.callbacks.append(StopOnSignal(argv))  # SIGINT/SIGTERM: checkpoint, resume command, exit 128+N
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    except RunInterrupted as stop:
+        print(str(stop), file=sys.stderr, flush=True)
+        return 128 + stop.signum
     except (ValueError, FileNotFoundError, MisconfigurationException, ArgumentError) as err:
+        if cli is not None and cli.trainer.is_global_zero:
+            run_checks.remove_failed_run(cli.trainer.log_dir)
         print("error: " + _one_line(str(err)), file=sys.stderr)
         return 2
+    switch = next((cb for cb in cli.trainer.callbacks if isinstance(cb, TaskSwitch)), None)
+    if switch is not None and not switch.finished:
+        dm = cli.datamodule
+        last = cli.trainer.strategy.checkpoint_io.last_saved
+        print(f"error: trainer.max_epochs={cli.trainer.max_epochs}: training stopped after {cli.trainer.current_epoch} "
+              f"iterations, in task {dm.task_index + 1} of {dm.num_tasks}: the results are incomplete "
+              "(metrics.json: complete false)" + (f"; go on with: {resume_command(argv, last[0])} "
+                                                  "--trainer.max_epochs -1" if last else ""), file=sys.stderr)
+        return 3
     return 0
 
 

@@ -25,7 +25,6 @@ import pickle
 import random
 import re
 import zipfile
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -164,14 +163,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@contextmanager
-def global_rng_unchanged():
-    """Run a block without moving the global RNGs (its draws are undone after it)."""
-    saved = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(saved)
+def check_fits(module: torch.nn.Module, state_dict: dict) -> None:
+    """One line when a checkpoint's weights do not fit ``module`` (another model size, critic width,
+    adapter set, ...), instead of Lightning's list of every mismatched tensor."""
+    mine = module.state_dict()
+    wrong = [k for k in state_dict if k in mine and tuple(getattr(state_dict[k], "shape", ())) != tuple(mine[k].shape)]
+    missing = [k for k in mine if k not in state_dict]
+    extra = [k for k in state_dict if k not in mine]
+    if wrong:
+        k = wrong[0]
+        what = (f"{k} is {list(state_dict[k].shape)} in the checkpoint and {list(mine[k].shape)} in the configured "
+                f"model ({len(wrong)} tensors differ)")
+    elif missing or extra:
+        what = (f"{len(missing)} of the model's tensors are not in the checkpoint (e.g. {missing[:1]}) and "
+                f"{len(extra)} of its tensors are not in the model (e.g. {extra[:1]})")
+    else:
+        return
+    raise CheckpointError(f"ckpt_path: the checkpoint does not fit the configured model: {what}; resume with the "
+                          "model.* settings it was trained with (its run's config.yaml)")
 
 
 class KitCheckpointIO(TorchCheckpointIO):

@@ -167,6 +167,7 @@ class HFVisionLanguageBackbone(VLMBackbone):
     def __init__(self, pretrained: str | None = None, config: dict | None = None, dtype: str = "float32",
                  attention: str | None = None, prompt_template: str | None = None, seed: int | None = None):
         super().__init__()
+        self.source = pretrained
         if (pretrained is None) == (config is None):
             raise ValueError(f"{KEY}: give exactly one of pretrained (a local directory) or config "
                              f"(a tiny model), got pretrained={pretrained!r}, config={config!r}")

@@ -48,6 +48,7 @@ class TinyLlava(VLMBackbone):
         without actions); its weights replace the random ones, and every init arg it stores must
         equal the one given here (``seed`` aside)."""
         super().__init__()
+        self.source = checkpoint
         # what a checkpoint must agree with (the vocabulary as a set of words)
         self.init_args = init_args = dict(
             words=sorted({w for s in words for w in s.lower().split()}), action_bins=action_bins,
