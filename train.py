@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str], tmp: str) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")  # we pass sys.argv on
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
@@ -108,15 +109,18 @@ def _run(argv: list[str], tmp: str) -> int:
         print(str(stop), file=sys.stderr, flush=True)
         return 128 + stop.signum
     except (ValueError, FileNotFoundError, MisconfigurationException, ArgumentError) as err:
-        if cli is not None and cli.trainer.is_global_zero:
-            run_checks.remove_failed_run(cli.trainer.log_dir)
+        if cli is not None and cli.trainer.is_global_zero and cli.trainer.logger is not None:
+            run_checks.remove_failed_run(cli.trainer.logger.log_dir)  # the logger's: trainer.log_dir broadcasts
         print("error: " + _one_line(str(err)), file=sys.stderr)
         return 2
     switch = next((cb for cb in cli.trainer.callbacks if isinstance(cb, TaskSwitch)), None)
     if switch is not None and not switch.finished:
         dm = cli.datamodule
         last = cli.trainer.strategy.checkpoint_io.last_saved
-        print(f"error: trainer.max_epochs={cli.trainer.max_epochs}: training stopped after {cli.trainer.current_epoch} "
+        t = cli.trainer
+        limit = (f"trainer.max_epochs={t.max_epochs}" if t.max_epochs not in (None, -1) and t.current_epoch >= t.max_epochs
+                 else f"trainer.max_steps={t.max_steps} or trainer.max_time")
+        print(f"error: {limit}: training stopped after {t.current_epoch} "
               f"iterations, in task {dm.task_index + 1} of {dm.num_tasks}: the results are incomplete "
               "(metrics.json: complete false)" + (f"; go on with: {resume_command(argv, last[0])} "
                                                   "--trainer.max_epochs -1" if last else ""), file=sys.stderr)

@@ -151,10 +151,10 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             self.R = [None] * K
             self._record(trainer, "before", self.b)
 
-    def on_task_results(self, trainer, pl_module, task_index):
+    def on_task_results(self, trainer, pl_module, task_index, iterations):
         row = self.evaluate_all(trainer, pl_module, f"after_task{task_index}")
         self.R[task_index] = row
-        self.curves.append({"iteration": trainer.current_epoch + 1, "task_trained": task_index,
+        self.curves.append({"iteration": iterations, "task_trained": task_index,
                             "success": row, "task_end": True})
         self._record(trainer, f"after task {task_index}", row)
 

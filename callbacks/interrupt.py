@@ -17,7 +17,6 @@ import signal
 import sys
 
 from lightning import Callback
-from lightning.pytorch.utilities import rank_zero_info
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -103,6 +102,5 @@ class StopOnSignal(Callback):
     def _message(self, name: str, saved) -> str:
         if saved is None:
             return f"[{name}] stopped before the first iteration ended: nothing to resume; run the same command again"
-        rank_zero_info(f"[{name}] stopped")
         return (f"[{name}] stopped; the last checkpoint is {saved[0]} (after iteration {saved[1]}); resume with:\n"
                 f"{resume_command(self.argv, saved[0])}")

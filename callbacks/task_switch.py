@@ -44,7 +44,7 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         self.recent_success: list[float] = []  # this task's last success_window rollout successes
         self.finished = False
         self.task_started = False  # on_task_start announced for the current task
-        self.pending_results: int | None = None  # set in the task-end checkpoint: its results are not done
+        self.pending_results: tuple | None = None  # in the task-end checkpoint: (task, iterations), not evaluated yet
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         callbacks = trainer.callbacks
@@ -53,8 +53,8 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
 
     def on_train_start(self, trainer, pl_module):
         if self.pending_results is not None:  # resumed from a task-end checkpoint: the evaluation again
-            k, self.pending_results = self.pending_results, None
-            announce(trainer, pl_module, "on_task_results", k)
+            (k, iterations), self.pending_results = self.pending_results, None
+            announce(trainer, pl_module, "on_task_results", k, iterations)
         if self.finished:
             trainer.should_stop = True
         elif not self.task_started:
@@ -112,11 +112,12 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         else:
             self.finished = True
             trainer.should_stop = True
+        iterations = trainer.current_epoch + 1
         if self.save_checkpoints and log_dir:  # before the evaluation: a kill there loses nothing
-            self.pending_results = k
+            self.pending_results = (k, iterations)
             trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"), weights_only=False)
             self.pending_results = None
-        announce(trainer, pl_module, "on_task_results", k)
+        announce(trainer, pl_module, "on_task_results", k, iterations)
         if not self.finished:
             self._start_task(trainer, pl_module, k + 1)
 

@@ -294,7 +294,9 @@ class OnPolicyDataModule(LightningDataModule):
         if self.reward_shaping is not None and state.get("reward_shaping") is not None:
             self.reward_shaping.load_state_dict(state["reward_shaping"])
         self._restarts_closed = dict(state.get("worker_restarts", self._restarts_closed))
-        if state.get("env_log") is not None:  # older checkpoints: the env starts afresh
+        # older checkpoints: the env starts afresh; under DDP the checkpoint holds rank 0's log,
+        # so the other ranks' envs start afresh too (exact resume is for single-process runs)
+        if state.get("env_log") is not None and self.rank == 0:
             self.env_log.load_state_dict(state["env_log"])
             self._replay = bool(self.env_log)
 
