@@ -118,8 +118,8 @@ def _run(argv: list[str], tmp: str) -> int:
         dm = cli.datamodule
         last = cli.trainer.strategy.checkpoint_io.last_saved
         t = cli.trainer
-        limit = (f"trainer.max_epochs={t.max_epochs}" if t.max_epochs not in (None, -1) and t.current_epoch >= t.max_epochs
-                 else f"trainer.max_steps={t.max_steps} or trainer.max_time")
+        by_epochs = t.max_epochs not in (None, -1) and t.current_epoch >= t.max_epochs
+        limit = f"trainer.max_epochs={t.max_epochs}" if by_epochs else f"trainer.max_steps={t.max_steps} or trainer.max_time"
         print(f"error: {limit}: training stopped after {t.current_epoch} "
               f"iterations, in task {dm.task_index + 1} of {dm.num_tasks}: the results are incomplete "
               "(metrics.json: complete false)" + (f"; go on with: {resume_command(argv, last[0])} "

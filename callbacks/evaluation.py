@@ -197,7 +197,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         os.makedirs(log_dir, exist_ok=True)
         res = self.results(trainer.datamodule.tasks)
         training = getattr(trainer.datamodule, "worker_restarts", None)
-        res["env_worker_restarts"] = {"training": training() if training else None, "evaluation": self.worker_restarts}
+        res["env_worker_restarts"] = {"training": training() if training else None,
+                                      "evaluation": self.worker_restarts}
         atomic_write_text(os.path.join(log_dir, self.metrics_file), json.dumps(res, indent=2))
         rows = ["row," + ",".join(res["tasks"]), "before," + ",".join(f"{v:.4f}" for v in self.b)]
         rows += [f"after_task{j}," + ",".join(f"{v:.4f}" for v in r)
@@ -213,7 +214,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                  "          " + " ".join(f"task{i:<3d}" for i in range(len(R))),
                  "before    " + " ".join(f"{v:7.2f}" for v in res["b"])]
         lines += [f"after {j:<3d} " + " ".join(f"{v:7.2f}" for v in r) for j, r in enumerate(R)]
-        lines.append("  ".join(f"{k}={v:+.3f}" if v is not None else f"{k}=undefined" for k, v in res["metrics"].items()))
+        lines.append("  ".join(f"{k}={v:+.3f}" if v is not None else f"{k}=undefined"
+                               for k, v in res["metrics"].items()))
         lines.append(f"wrote {os.path.join(log_dir, self.metrics_file)} and {os.path.join(log_dir, self.r_file)}")
         print("\n".join(lines), flush=True)
         exp = getattr(trainer.logger, "experiment", None)

@@ -67,8 +67,7 @@ class StopOnSignal(Callback):
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)  # e.g. Lightning's SIGTERM notifier (DDP launchers)
         name = signal.Signals(signum).name
-        saved = self._saved()
-        done = -1 if self.completed is None else self.completed
+        saved, done = self._saved(), self._done()
         if self.pending is not None or saved is None or saved[1] >= done:
             raise RunInterrupted(signum, self._message(name, saved))
         self.pending = signum
@@ -76,12 +75,6 @@ class StopOnSignal(Callback):
               "now)", file=sys.stderr, flush=True)
 
     # -- the end of each iteration -------------------------------------------------------------
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.completed = trainer.current_epoch - 1
-        io = trainer.strategy.checkpoint_io
-        if trainer.ckpt_path and getattr(io, "last_saved", 0) is None:  # resumed: that file is the latest
-            io.last_saved = (os.path.abspath(trainer.ckpt_path), self.completed)
-
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         """Runs after every other callback (train.py appends it last), ModelCheckpoint included."""
         self.completed = trainer.current_epoch
@@ -96,11 +89,25 @@ class StopOnSignal(Callback):
         raise RunInterrupted(self.pending, self._message(signal.Signals(self.pending).name, self._saved()))
 
     # -----------------------------------------------------------------------------------------
+    def _done(self) -> int:
+        """The last iteration whose end-of-iteration work is done (-1: none)."""
+        if self.completed is not None:
+            return self.completed
+        return self._trainer.current_epoch - 1 if self._trainer is not None else -1  # a resumed run's start
+
     def _saved(self) -> tuple[str, int] | None:
-        return getattr(self._trainer.strategy.checkpoint_io, "last_saved", None) if self._trainer else None
+        """(path, iteration) of the latest checkpoint on disk: written by this run, else resumed from."""
+        t = self._trainer
+        if t is None:
+            return None
+        saved = getattr(t.strategy.checkpoint_io, "last_saved", None)
+        if saved is None and t.ckpt_path:
+            saved = (os.path.abspath(t.ckpt_path), t.current_epoch - 1)
+        return saved
 
     def _message(self, name: str, saved) -> str:
         if saved is None:
             return f"[{name}] stopped before the first iteration ended: nothing to resume; run the same command again"
-        return (f"[{name}] stopped; the last checkpoint is {saved[0]} (after iteration {saved[1]}); resume with:\n"
+        return (f"[{name}] stopped; the last checkpoint is {saved[0]} (after {saved[1] + 1} iterations); "
+                "resume with:\n"
                 f"{resume_command(self.argv, saved[0])}")

@@ -49,7 +49,8 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
     def setup(self, trainer, pl_module, stage: str) -> None:
         callbacks = trainer.callbacks
         callbacks.remove(self)
-        callbacks.insert(next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks)), self)
+        first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
+        callbacks.insert(first_checkpoint, self)
 
     def on_train_start(self, trainer, pl_module):
         if self.pending_results is not None:  # resumed from a task-end checkpoint: the evaluation again

@@ -7,6 +7,9 @@ this module yields ``ppo_epochs`` x shuffled minibatches, and the rollout is dro
 No buffer feeds the policy gradient. The only stored data is the optional bounded memory
 of old-task states for the anchor terms (``anchor_source: memory``).
 
+A checkpoint holds the datamodule's state, including the training env's replay log
+(datamodules/env_replay.py): a resumed run's env continues the episodes it was in.
+
 The datamodule knows the stream and the current task; *when* the task changes is decided
 by the TaskSwitch callback (``set_task``), and old goals are registered by the anchor
 callback (``remember_task``).
@@ -231,7 +234,8 @@ class OnPolicyDataModule(LightningDataModule):
             rollout, self.anchor_goals, self.anchor_fraction,
             self.memory if self.anchor_source == "memory" else None)
         restarts = self.worker_restarts()
-        extra.update({"env/worker_restarts": float(restarts["step"]), "env/worker_start_restarts": float(restarts["start"])})
+        extra.update({"env/worker_restarts": float(restarts["step"]),
+                      "env/worker_start_restarts": float(restarts["start"])})
         module.rollout_stats = {**stats, **extra}
         self._last_samples = samples
         del rollout

@@ -168,7 +168,8 @@ def check_fits(module: torch.nn.Module, state_dict: dict) -> None:
     """One line when a checkpoint's weights do not fit ``module`` (another model size, critic width,
     adapter set, ...), instead of Lightning's list of every mismatched tensor."""
     mine = module.state_dict()
-    wrong = [k for k in state_dict if k in mine and tuple(getattr(state_dict[k], "shape", ())) != tuple(mine[k].shape)]
+    wrong = [k for k in state_dict
+             if k in mine and tuple(getattr(state_dict[k], "shape", ())) != tuple(mine[k].shape)]
     missing = [k for k in mine if k not in state_dict]
     extra = [k for k in state_dict if k not in mine]
     if wrong:

@@ -88,8 +88,8 @@ class CRLModule(LightningModule):
         if gamma < MIN_GAMMA_LAMBDA:
             raise ValueError(f"model.gamma={gamma!r}: must be >= {MIN_GAMMA_LAMBDA:g} (torchrl's GAE fails below)")
         if gamma * gae_lambda < MIN_GAMMA_LAMBDA:
-            raise ValueError(f"model.gae_lambda={gae_lambda!r}: gamma * gae_lambda = {gamma * gae_lambda:.3g} must be "
-                             f">= {MIN_GAMMA_LAMBDA:g} (torchrl's GAE fails below)")
+            raise ValueError(f"model.gae_lambda={gae_lambda!r}: gamma * gae_lambda = {gamma * gae_lambda:.3g} "
+                             f"must be >= {MIN_GAMMA_LAMBDA:g} (torchrl's GAE fails below)")
         if any(not isinstance(h, int) or h <= 0 for h in critic_hidden_sizes):
             raise ValueError(f"model.critic_hidden_sizes={list(critic_hidden_sizes)!r}: layer widths must be > 0")
         if value_target not in ("mc", "gae"):

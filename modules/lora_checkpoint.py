@@ -54,11 +54,16 @@ def base_record(module: torch.nn.Module, keys: list[str]) -> dict:
 
 
 def drop_frozen_base(module: torch.nn.Module, checkpoint: dict) -> None:
-    """on_save_checkpoint: the base's tensors out of the state dict, its record in."""
+    """on_save_checkpoint: the base's tensors out of the state dict, its record in (computed once
+    per run: the base does not change)."""
     keys = frozen_base_keys(module)
     for k in keys:
         checkpoint["state_dict"].pop(k, None)
-    checkpoint["frozen_base"] = base_record(module, keys)
+    cached = getattr(module, "_frozen_base_record", None)
+    if cached is None or cached[0] != keys:
+        cached = (keys, base_record(module, keys))
+        module._frozen_base_record = cached
+    checkpoint["frozen_base"] = cached[1]
 
 
 def restore_frozen_base(module: torch.nn.Module, checkpoint: dict) -> None:
@@ -66,8 +71,8 @@ def restore_frozen_base(module: torch.nn.Module, checkpoint: dict) -> None:
     saved = checkpoint["frozen_base"]
     keys = frozen_base_keys(module)
     mine = base_record(module, keys)
-    where = (f"model.policy.init_args.backbone (source {mine['source']!r}): the checkpoint (--ckpt_path) holds a LoRA "
-             f"run's trainable state for the base {saved['source']!r}")
+    where = (f"model.policy.init_args.backbone (source {mine['source']!r}): the checkpoint (--ckpt_path) holds "
+             f"a LoRA run's trainable state for the base {saved['source']!r}")
     if set(saved["tensors"]) != set(mine["tensors"]):
         raise CheckpointError(f"{where}, whose frozen weights are other tensors ({len(saved['tensors'])} vs "
                               f"{len(mine['tensors'])} here): resume with the same model.policy settings")

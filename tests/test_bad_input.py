@@ -145,9 +145,9 @@ def test_max_epochs_before_the_end_of_the_stream_is_not_success(stopped_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["critic", "longer", "other", "empty", "text", "truncated", "malicious"])
+@pytest.mark.parametrize("case", ["critic", "longer", "shorter", "other", "empty", "text", "truncated", "malicious"])
 def test_checkpoint_that_does_not_fit(stopped_run, tmp_path, case):
-    """A checkpoint of another critic width, of another stream (longer, or as long with other tasks),
+    """A checkpoint of another critic width, of another stream (longer, shorter, or as long with other tasks),
     a broken file, or one that would run code while it loads."""
     _, _, last = stopped_run
     assert last is not None
@@ -156,10 +156,12 @@ def test_checkpoint_that_does_not_fit(stopped_run, tmp_path, case):
     if case == "critic":
         args.append("--model.critic_hidden_sizes=[32,32]")
         words = ("does not fit", "critic.")
-    elif case in ("longer", "other"):
-        stream = ("[{env: babyai, level: GoToObjectRoom, target: red ball}, {env: babyai, level: GoToObjectRoom, "
-                  + ("target: green key}, {env: babyai, level: GoToObjectRoom, target: blue box}]" if case == "longer"
-                     else "target: blue box}]"))
+    elif case in ("longer", "shorter", "other"):
+        first = "{env: babyai, level: GoToObjectRoom, target: red ball}"
+        stream = {"longer": f"[{first}, {{env: babyai, level: GoToObjectRoom, target: green key}}, "
+                            "{env: babyai, level: GoToObjectRoom, target: blue box}]",
+                  "shorter": f"[{first}]",
+                  "other": f"[{first}, {{env: babyai, level: GoToObjectRoom, target: blue box}}]"}[case]
         args.append(f"--data.stream={stream}")
         key, words = "data.stream", ("trained on the stream",)
     elif case in ("empty", "text", "truncated"):
