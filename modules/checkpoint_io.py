@@ -9,7 +9,7 @@ the next write of the same name overwrites it). Lightning's own writer goes thro
 file of fsspec's, which may live on another filesystem, where the final "rename" is a copy.
 
 Loads (``safe_load``): ``torch.load(weights_only=True)``: tensors, containers and numbers only,
-plus the few array types older kit checkpoints hold (``SAFE_GLOBALS``); a file that asks to run
+plus the few other types kit checkpoints hold (``safe_globals``); a file that asks to run
 anything else while it is unpickled is refused with one line, before it runs. ``trust=True``
 (``train.py --trust_checkpoint``) loads with full pickle, for a legacy file *you* wrote.
 Unreadable files (empty, truncated, text) are one line too.
@@ -36,9 +36,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or written; the message is one line for the user."""
 
 
-# older kit checkpoints stored numpy's RNG state as an array (uint32 keys)
-SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)),
-                getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+def safe_globals() -> list:
+    """What a kit checkpoint may hold besides tensors, containers and numbers: numpy arrays (older
+    checkpoints store numpy's RNG state as one) and the RPRM data's labelling rule (a dataclass of
+    numbers, in an RPRM checkpoint's datamodule hyperparameters)."""
+    from modules.vla_rl.pseudo_labels import PseudoLabeler
+
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)),
+            getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, PseudoLabeler]
 
 
 def _fsync_dir(directory: str) -> None:
@@ -119,7 +124,7 @@ def safe_load(path: str, key: str, trust: bool = False, map_location="cpu"):
     try:
         if trust:
             return torch.load(path, map_location=map_location, weights_only=False)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         message = str(err)

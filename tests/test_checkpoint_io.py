@@ -106,3 +106,14 @@ def test_legacy_numpy_rng_state_loads(tmp_path):
     torch.save({"rng": np.random.get_state()}, str(path))
     state = safe_load(str(path), "ckpt_path")["rng"]
     assert np.array_equal(state[1], np.random.get_state()[1])
+
+
+def test_kit_types_in_checkpoints_load(tmp_path):
+    """An RPRM checkpoint's datamodule hyperparameters hold the labelling rule (a kit dataclass)."""
+    from modules.vla_rl.pseudo_labels import PseudoLabeler
+
+    path = tmp_path / "rprm.ckpt"
+    torch.save({"state_dict": {}, "datamodule_hyper_parameters": {"labeler": PseudoLabeler(final_k=7)}}, str(path))
+    assert safe_load(str(path), "data.reward_shaping.checkpoint")["datamodule_hyper_parameters"]["labeler"] == \
+        PseudoLabeler(final_k=7)
+
