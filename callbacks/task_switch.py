@@ -47,10 +47,10 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         self.pending_results: tuple | None = None  # in the task-end checkpoint: (task, iterations), not evaluated yet
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        callbacks = trainer.callbacks
-        callbacks.remove(self)
-        first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
-        callbacks.insert(first_checkpoint, self)
+        others = [c for c in trainer.callbacks if c is not self]
+        first_checkpoint = next((i for i, c in enumerate(others) if isinstance(c, Checkpoint)), len(others))
+        # a new list: Lightning's loop over the callbacks' setup in progress goes on over the old one
+        trainer.callbacks = others[:first_checkpoint] + [self] + others[first_checkpoint:]
 
     def on_train_start(self, trainer, pl_module):
         if self.pending_results is not None:  # resumed from a task-end checkpoint: the evaluation again
