@@ -11,6 +11,10 @@ episodes of every task before training and at each task end are saved as
 TensorBoard (``callbacks/videos.py``). ``env_worker_restarts`` in metrics.json counts the env
 workers restarted (datamodules/robust_env.py) in training and in evaluation.
 
+``python train.py test --config X [--ckpt_path Y]`` scores a checkpoint without training: each
+evaluation runs every task once and writes ``evaluation.json`` (per-task success and its mean)
+and the videos of that evaluation under ``videos/evaluation/``.
+
 Several evaluations can run side by side (e.g. the policy as trained, sampled, and its
 greedy decoding): each extra one gets a ``tag`` and writes ``metrics_<tag>.json``,
 ``R_<tag>.csv``, ``videos_<tag>/`` and TensorBoard scalars under ``eval_<tag>/``; the untagged
@@ -38,6 +42,7 @@ from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.videos import EpisodeRecorder, add_tensorboard_video, write_mp4
 from datamodules.robust_env import worker_restarts
 from modules.checkpoint_io import atomic_write_text
+from modules.timing import phase
 
 
 class PerTaskEvaluation(Callback, TaskBoundaryHooks):
@@ -45,9 +50,21 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
                  temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10,
                  tag: str = ""):
-        """``greedy``: argmax actions; else sampled at ``temperature`` (None: the policy's
-        training temperature; VLA-RL trains at 1.5-1.7 and evaluates greedily). ``tag``: names
-        a second evaluation's files and scalars (module docstring); empty for the main one."""
+        """
+        Args:
+            episodes_per_task: episodes per task and evaluation (LIBERO: episode e starts from the
+                task's fixed initial state e; 50 is LIBERO's protocol).
+            num_envs: envs run at once per rank.
+            greedy: argmax actions; else sampled at ``temperature``.
+            every_n_iterations: also evaluate every N iterations (success curves; 0: task ends only).
+            seed: seed of the evaluation episodes and of their sampled actions.
+            max_steps: step limit of an evaluation episode (the env's own limit applies first).
+            temperature: sampling temperature (null: the policy's training temperature).
+            videos_per_task: episodes of every task saved as MP4 at each evaluation.
+            video_fps: frames per second of the videos.
+            tag: names a second evaluation's files and scalars (``metrics_<tag>.json``); empty
+                for the main one.
+        """
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
         if num_envs <= 0:
@@ -132,7 +149,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         video_dir = None
         if label is not None and self.videos > 0:
             video_dir = os.path.join(trainer.log_dir or ".", self.video_folder, label)  # every rank asks (broadcast)
-        return [self.success_rate(trainer, pl_module, i, video_dir) for i in range(trainer.datamodule.num_tasks)]
+        with phase("evaluation"):
+            return [self.success_rate(trainer, pl_module, i, video_dir) for i in range(trainer.datamodule.num_tasks)]
 
     def _save_videos(self, trainer, recorder, task_index, video_dir, episode_ids):
         exp = getattr(trainer.logger, "experiment", None)
@@ -168,6 +186,35 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                                 "task_trained": self._task_trained,
                                 "success": row, "task_end": False})
             self._log_row(trainer, row)
+
+    # -- a checkpoint's score, without training (train.py test) ------------------------------
+    def on_test_epoch_end(self, trainer, pl_module):
+        self.score(trainer, pl_module)
+
+    def score(self, trainer, pl_module) -> list[float]:
+        """Every task of the stream once: prints the per-task success, logs it, writes
+        ``evaluation<_tag>.json`` and the first ``videos_per_task`` episodes of each task as
+        ``videos<_tag>/evaluation/task<i>_ep<e>.mp4`` in the run's log dir."""
+        success = self.evaluate_all(trainer, pl_module, "evaluation")
+        self._log_row(trainer, success)
+        log_dir = trainer.log_dir or "."  # a broadcast under DDP: every rank must ask
+        if trainer.global_rank != 0:
+            return success
+        tasks = [t.name for t in trainer.datamodule.tasks]
+        res = {"checkpoint": trainer.ckpt_path, "tasks": tasks, "episodes_per_task": self.episodes,
+               "greedy": self.greedy, "temperature": self.temperature, "success": success,
+               "mean_success": float(np.mean(success))}
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, self.metrics_file.replace("metrics", "evaluation", 1))
+        atomic_write_text(path, json.dumps(res, indent=2))
+        mode = "greedy" if self.greedy else f"sampled at temperature {self.temperature or 'of training'}"
+        width = max(len(t) for t in tasks)
+        source = trainer.ckpt_path or "weights of the config"
+        lines = [f"Success over {self.episodes} episodes per task ({mode}; {source})"]
+        lines += [f"  task {i}  {t:<{width}}  {v:.3f}" for i, (t, v) in enumerate(zip(tasks, success))]
+        lines += [f"  mean    {'':<{width}}  {res['mean_success']:.3f}", f"wrote {path}"]
+        print("\n".join(lines), flush=True)
+        return success
 
     # -- results ----------------------------------------------------------------------------
     def results(self, tasks) -> dict:

@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the success matrix (specs/CRL-VLA.md).
+"""Continual-learning metrics from the success matrix (docs/method.md, "Metrics").
 
 R[j, i] = success on task i after training through task j (0-based here), b[i] = success of
 the starting model. CRL-VLA's FAR, BWT, FT, F and LIBERO's (Liu et al. 2023) FWT, NBT, AUC.

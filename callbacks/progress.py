@@ -1,4 +1,5 @@
-"""A progress bar that shows the task k/K, the PPO iteration and the recent success.
+"""A progress bar that shows the task k/K, the PPO iteration, the recent success and where the
+iteration's time went (collection, anchor targets, update; ``callbacks/iteration_timing.py``).
 
 On a terminal it is Lightning's tqdm bar; when the output is not a terminal (a log file,
 CI, a sweep) it prints one line per iteration instead of a redrawn bar per minibatch.
@@ -11,10 +12,20 @@ import time
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from modules.timing import TIMER
+
 
 class TaskProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False,
                  line_per_iteration: bool | None = None):
+        """
+        Args:
+            refresh_rate: tqdm's refresh rate in minibatches (on a terminal).
+            process_position: tqdm's bar position (several bars at once).
+            leave: keep the finished bar on screen.
+            line_per_iteration: one printed line per PPO iteration instead of a bar (null: when
+                stderr is not a terminal).
+        """
         self.line_per_iteration = (not sys.stderr.isatty()) if line_per_iteration is None else line_per_iteration
         super().__init__(refresh_rate=0 if self.line_per_iteration else refresh_rate,
                          process_position=process_position, leave=leave)
@@ -45,5 +56,11 @@ class TaskProgressBar(TQDMProgressBar):
         for key, label in (("rollout/success", "success"), ("rollout/explained_variance", "ev")):
             if key in stats:
                 parts.append(f"{label} {float(stats[key]):.3f}")
+        seconds = TIMER.peek()  # this iteration's phases so far (callbacks/iteration_timing.py logs all)
+        update = sum(v for k, v in seconds.items() if k.startswith("update/"))
+        for label, value in (("collect", seconds.get("collection")), ("anchors", seconds.get("anchor_targets")),
+                             ("update", update or None)):
+            if value is not None:
+                parts.append(f"{label} {value:.1f}s")
         parts.append(f"{time.time() - self._epoch_start:.1f}s")
         rank_zero_info("  ".join(parts))

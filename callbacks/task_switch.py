@@ -27,6 +27,15 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
 
     def __init__(self, iterations_per_task: int = 20, success_threshold: float | None = None,
                  min_iterations: int = 1, success_window: int = 1, save_checkpoints: bool = True):
+        """
+        Args:
+            iterations_per_task: PPO iterations after which a task ends (its budget).
+            success_threshold: end a task earlier once the rollout success, averaged over the last
+                ``success_window`` iterations and all ranks, reaches it (null: budget only).
+            min_iterations: iterations a task runs before the threshold may end it.
+            success_window: iterations averaged for the threshold.
+            save_checkpoints: save ``task{k}_end.ckpt`` (and LoRA adapters) at every task end.
+        """
         if iterations_per_task <= 0:
             raise ValueError(f"TaskSwitch.iterations_per_task={iterations_per_task!r}: must be > 0")
         if success_threshold is not None and not 0 < success_threshold <= 1:
@@ -114,7 +123,7 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
             self.finished = True
             trainer.should_stop = True
         iterations = trainer.current_epoch + 1
-        if self.save_checkpoints and log_dir:  # before the evaluation: a kill there loses nothing
+        if self.save_checkpoints and log_dir:  # the full state, before the evaluation: a kill there loses nothing
             self.pending_results = (k, iterations)
             trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"), weights_only=False)
             self.pending_results = None

@@ -12,6 +12,8 @@ sampling generator) is part of the datamodule's ``state_dict``, so it survives a
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, is_dataclass
+
 import torch
 
 from datamodules.curriculum import SuccessCurriculum
@@ -22,9 +24,26 @@ from datamodules.tasks import Task, init_state_count
 KNOBS = ("window", "target", "temperature", "floor")
 
 
+@dataclass
+class Curriculum:
+    """``data.curriculum``: which initial state each training reset uses (datamodules/curriculum.py).
+
+    Args:
+        window: last outcomes of a (task, initial state) averaged into its success p_k.
+        target: the success the sampling prefers (VLA-RL: 0.5).
+        temperature: width of the preference, P(k) ~ max(floor, exp(-|p_k - target| / temperature)).
+        floor: the least weight of a (task, initial state): every one is revisited.
+    """
+
+    window: int = 20
+    target: float = 0.5
+    temperature: float = 0.2
+    floor: float = 0.05
+
+
 class CurriculumResets:
-    def __init__(self, config: dict, tasks: list[Task], seed: int = 0):
-        config = read_knobs(config, KNOBS, "data.curriculum")
+    def __init__(self, config: Curriculum | dict, tasks: list[Task], seed: int = 0):
+        config = asdict(config) if is_dataclass(config) else read_knobs(config, KNOBS, "data.curriculum")
         try:
             self.curriculum = SuccessCurriculum(**config)
         except ValueError as err:

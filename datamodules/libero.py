@@ -3,7 +3,7 @@
 One process per env (``RobustEnvPool``: one MuJoCo sim and GL context each; crashed or hung
 workers are restarted and their episode counted as failed). Per worker one ``OpenVLALiberoEnv``:
 torchrl's ``LiberoEnv`` (VLA TensorDict schema, settle steps) with the kit's init-state choice
-(datamodules/libero_init_states.py) and OpenVLA's conventions inside its own step:
+(datamodules/libero_env.py) and OpenVLA's conventions inside its own step:
 
 * observations: the image as OpenVLA's evaluation computes it (rendered at ``render_size``,
   flipped 180 degrees, JPEG round-trip, TF's Lanczos3 resize to ``image_size``, 0.9-area centre
@@ -26,7 +26,7 @@ from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.envs import Transform, TransformedEnv
 
-from datamodules.libero_init_states import InitStateLiberoEnv
+from datamodules.libero_env import InitStateLiberoEnv
 from datamodules.libero_setup import SUITES, setup_libero
 from datamodules.openvla_image import jpeg_roundtrip, resize_and_crop
 from datamodules.robust_env import RobustEnvPool
@@ -85,8 +85,8 @@ def libero_action(action: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
 class OpenVLAObservation(Transform):
     """The main process's half of the pipeline when the LIBERO option ``image_device`` is set:
     ``openvla_stages`` on the batched images of all envs (default ``stages``: the whole pipeline).
-    On one H200 with 16 lock-step envs that was not faster than resizing in the workers (286 vs
-    294 env steps/s: the workers wait while the main process works; docs/benchmarks.md)."""
+    In lock-step stepping it does not beat resizing in the workers, which wait while the main
+    process works (docs/benchmarks.md)."""
 
     def __init__(self, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
                  in_keys=(("observation", "image"),), stages=("jpeg", "resize"), device=None):
@@ -117,10 +117,9 @@ class OpenVLALiberoEnv(InitStateLiberoEnv):
     shape); the action spec is OpenVLA's (gripper in [0, 1]) and each step's action is mapped
     to LIBERO's by ``libero_action``.
 
-    Done here rather than as torchrl ``Transform``s in a ``TransformedEnv`` around the env (as
-    until 8e30676): that plumbing cost 0.44 ms of a 4.3 ms simulation-free worker step on the
-    2-core machine, about as much as the Lanczos3 resize, on every step of every worker; on the
-    H200 machine it was within noise (bench/libero_env_breakdown.py, docs/benchmarks.md)."""
+    Done here rather than as torchrl ``Transform``s in a ``TransformedEnv`` around the env: that
+    plumbing costs about as much as the Lanczos3 resize on every step of every worker on a small
+    CPU (bench/libero_env_breakdown.py, docs/benchmarks.md)."""
 
     def __init__(self, *args, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
                  image_stages=("jpeg", "resize"), binarize_gripper: bool = True, **kwargs):
@@ -155,7 +154,7 @@ def worker_env(suite: str, task_id: int, *, seed: int, max_steps: int, init_stat
     env = OpenVLALiberoEnv(
         suite, task_id, num_workers=1, camera_height=options["render_size"],
         camera_width=options["render_size"], render_gpu_device_id=render_gpu,
-        env_kwargs={"camera_names": cameras},  # render only what is read (software GL: ~90 ms a camera)
+        env_kwargs={"camera_names": cameras},  # render only what is read: each camera is a full render
         wrist_camera="robot0_eye_in_hand" if options["wrist_camera"] else None,
         # episode ids beyond the suite's 50 states wrap around; training: the curriculum's queue or uniform
         pinned_init_state=init_state_id, init_state_queues=init_state_queues, worker_index=worker_index,

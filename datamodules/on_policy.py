@@ -16,7 +16,7 @@ callback (``remember_task``).
 
 VLA-RL's parts, both off by default: ``curriculum`` (datamodules/curriculum_resets.py) picks
 the initial state of every training reset and learns from the finished episodes;
-``reward_shaping`` (datamodules/rprm_shaping.py) adds the RPRM's score to each rollout's reward
+``reward_shaping`` (datamodules/reward_shaping.py) adds the RPRM's score to each rollout's reward
 before the advantages. Callbacks that define ``on_rollout(trainer, pl_module, rollout)`` see
 each raw rollout first (callbacks/rprm.py collects its successful episodes).
 """
@@ -30,12 +30,13 @@ from tensordict import TensorDict
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
-from datamodules.curriculum_resets import CurriculumResets
+from datamodules.curriculum_resets import Curriculum, CurriculumResets
 from datamodules.env_replay import EnvReplayLog
+from datamodules.reward_shaping import RewardShaping
 from datamodules.robust_env import worker_restarts
-from datamodules.rprm_shaping import RewardShaping
 from datamodules.tasks import Task, check_joint, make_env, make_joint_env, parse_stream
 from modules.checkpoint_io import CheckpointError, rng_state, set_rng_state
+from modules.timing import phase
 
 ANCHOR_SOURCES = ("relabel", "memory")
 
@@ -66,12 +67,29 @@ class OnPolicyDataModule(LightningDataModule):
         memory_per_task: int = 512,
         joint: bool = False,
         seed: int = 0,
-        curriculum: dict | None = None,
+        curriculum: Curriculum | None = None,
         reward_shaping: dict | None = None,
     ):
-        """``curriculum``: {window, target, temperature, floor} (datamodules/curriculum.py) or
-        null; ``reward_shaping``: {rprm, checkpoint, scale, offset, only_nonterminal,
-        sparse_from_success, batch_size} (datamodules/rprm_shaping.py) or null."""
+        """The task stream and its rollouts: one PPO iteration's minibatches per Lightning epoch.
+
+        Args:
+            stream: the tasks in order, one mapping per entry: ``{env: babyai, level, target}`` or
+                ``{env: libero, suite, task_id | task_ids, ...}`` (datamodules/tasks.py lists the options).
+            num_envs: vectorised envs collecting each rollout (per DDP rank).
+            frames_per_batch: env steps per rollout, over all envs (a multiple of ``num_envs``).
+            ppo_epochs: passes over each rollout.
+            num_minibatches: minibatches per pass.
+            anchor_source: where anchor states come from: ``relabel`` (current states with old
+                instructions) or ``memory`` (stored states of old tasks).
+            anchor_fraction: anchor samples per current sample (``relabel``).
+            memory_per_task: states kept per finished task (``memory``).
+            joint: collect every task of the stream in every rollout (env i: task i mod K).
+            seed: seed of the envs and of the anchor sampling.
+            curriculum: VLA-RL's success curriculum over (task, initial state),
+                ``{window, target, temperature, floor}``; null: uniform draws.
+            reward_shaping: the RPRM's process reward, ``{rprm, checkpoint, scale, offset,
+                only_nonterminal, sparse_from_success, batch_size}`` (datamodules/reward_shaping.py); null: none.
+        """
         super().__init__()
         self.tasks: list[Task] = parse_stream(stream)
         if num_envs <= 0:
@@ -114,7 +132,7 @@ class OnPolicyDataModule(LightningDataModule):
         self._replay = False  # a resumed run: the next env built replays env_log
         self._restarts_closed = {"step": 0, "start": 0}  # env workers restarted in the closed envs
         # VLA-RL: the curriculum over (task, initial state) and the RPRM's reward shaping
-        self.curriculum = None if curriculum is None else CurriculumResets(dict(curriculum), self.tasks, seed)
+        self.curriculum = None if curriculum is None else CurriculumResets(curriculum, self.tasks, seed)
         self.reward_shaping = None if reward_shaping is None else RewardShaping(dict(reward_shaping))
 
     # -- the stream ----------------------------------------------------------------------
@@ -173,35 +191,39 @@ class OnPolicyDataModule(LightningDataModule):
     def _collector_for(self, module):
         key = (self.task_index,)
         if self._collector is None or self._collector_key != key:
-            self._close_collector()
-            # a resumed run rebuilds its env where the checkpoint left it (datamodules/env_replay.py),
-            # without moving the RNGs the checkpoint restored (building draws: the collector's probe)
-            replay, self._replay = self._replay, False
-            rng = rng_state() if replay else None
-            # each rank its own envs and seeds; a new seed block per task
-            seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
-            queues = None
-            if self.curriculum is not None:  # at most frames_per_env + 1 resets per env and rollout
-                queues = self.curriculum.new_env(self.env_tasks(), self.frames_per_batch // self.num_envs + 1,
-                                                 draw=not replay)
-            env = (make_joint_env(self.tasks, self.num_envs, seed, queues) if self.joint
-                   else self.make_env(self.task, self.num_envs, seed, None, queues))
-            self.env_version += 1
-            # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
-            acting = module.acting_policy()
-            self._collector = Collector(env, acting, frames_per_batch=self.frames_per_batch,
-                                        total_frames=-1, env_device=env.device,
-                                        policy_device=module.device, storing_device=module.device,
-                                        # the policy is stateless (no InitTracker/recurrent state)
-                                        auto_register_policy_transforms=False)
-            self._collector_iter = iter(self._collector)
-            self._collector_key = key
-            if replay:
-                self.env_log.replay(self._collector_iter, acting, self.curriculum)
-                set_rng_state(rng)
-            else:
-                self.env_log.record_build(self.curriculum)
+            with phase("env_start"):
+                self._new_collector(module, key)
         return self._collector_iter
+
+    def _new_collector(self, module, key) -> None:
+        self._close_collector()
+        # a resumed run rebuilds its env where the checkpoint left it (datamodules/env_replay.py),
+        # without moving the RNGs the checkpoint restored (building draws: the collector's probe)
+        replay, self._replay = self._replay, False
+        rng = rng_state() if replay else None
+        # each rank its own envs and seeds; a new seed block per task
+        seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
+        queues = None
+        if self.curriculum is not None:  # at most frames_per_env + 1 resets per env and rollout
+            queues = self.curriculum.new_env(self.env_tasks(), self.frames_per_batch // self.num_envs + 1,
+                                             draw=not replay)
+        env = (make_joint_env(self.tasks, self.num_envs, seed, queues) if self.joint
+               else self.make_env(self.task, self.num_envs, seed, None, queues))
+        self.env_version += 1
+        # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
+        acting = module.acting_policy()
+        self._collector = Collector(env, acting, frames_per_batch=self.frames_per_batch,
+                                    total_frames=-1, env_device=env.device,
+                                    policy_device=module.device, storing_device=module.device,
+                                    # the policy is stateless (no InitTracker/recurrent state)
+                                    auto_register_policy_transforms=False)
+        self._collector_iter = iter(self._collector)
+        self._collector_key = key
+        if replay:
+            self.env_log.replay(self._collector_iter, acting, self.curriculum)
+            set_rng_state(rng)
+        else:
+            self.env_log.record_build(self.curriculum)
 
     def _close_collector(self) -> None:
         if self._collector is not None:
@@ -217,9 +239,9 @@ class OnPolicyDataModule(LightningDataModule):
 
     def iteration(self):
         module = self.trainer.lightning_module
-        module.eval()
-        rollout = next(self._collector_for(module)).to(module.device)
-        module.train()
+        module.eval()  # acting and the no-grad targets below run in eval mode (one decode graph)
+        with phase("collection"):
+            rollout = next(self._collector_for(module)).to(module.device)
         extra = {}
         if self.curriculum is not None:
             extra.update(self.curriculum.update(rollout, self.trainer))
@@ -233,6 +255,7 @@ class OnPolicyDataModule(LightningDataModule):
         samples, anchors, stats = module.process_rollout(
             rollout, self.anchor_goals, self.anchor_fraction,
             self.memory if self.anchor_source == "memory" else None)
+        module.train()
         restarts = self.worker_restarts()
         extra.update({"env/worker_restarts": float(restarts["step"]),
                       "env/worker_start_restarts": float(restarts["start"])})
@@ -272,6 +295,11 @@ class OnPolicyDataModule(LightningDataModule):
         return DataLoader(_RolloutMinibatches(self), batch_size=None, num_workers=0,
                           collate_fn=_identity)
 
+    def test_dataloader(self):
+        """One empty step: ``train.py test`` scores the stream's tasks in the evaluation
+        callbacks (callbacks/evaluation.py), not from batches."""
+        return DataLoader([0], batch_size=None, num_workers=0)
+
     def teardown(self, stage: str) -> None:
         self._close_collector()
 
@@ -286,7 +314,8 @@ class OnPolicyDataModule(LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         names = [t.name for t in self.tasks]
-        if state.get("stream", names) != names:  # R's rows and the anchors' goals belong to the stream
+        fitting = not self._trainer_ok() or self.trainer.state.fn == "fit"  # train.py test may score other tasks
+        if fitting and state.get("stream", names) != names:  # R's rows and the anchors' goals belong to the stream
             raise CheckpointError(f"data.stream={names}: the checkpoint (--ckpt_path) was trained on the stream "
                                   f"{state['stream']}; resume with the same data.stream")
         self.set_task(state["task_index"])
@@ -300,7 +329,7 @@ class OnPolicyDataModule(LightningDataModule):
         self._restarts_closed = dict(state.get("worker_restarts", self._restarts_closed))
         # older checkpoints: the env starts afresh; under DDP the checkpoint holds rank 0's log,
         # so the other ranks' envs start afresh too (exact resume is for single-process runs)
-        if state.get("env_log") is not None and self.rank == 0:
+        if fitting and state.get("env_log") is not None and self.rank == 0:
             self.env_log.load_state_dict(state["env_log"])
             self._replay = bool(self.env_log)
 

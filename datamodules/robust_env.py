@@ -35,9 +35,8 @@ FAILED_KEY = "env_failed"
 
 def _send(conn, obj) -> None:
     """Pickled by value. ``Connection.send`` goes through torch's ForkingPickler, which moves
-    every tensor into a shared-memory segment of its own and passes its fd over a socket: with
-    8 cheap workers a batched step took 38.8 ms that way, 10.8 ms this way (bench/env_pool_overhead.py,
-    with ``_to_wire``)."""
+    every tensor into a shared-memory segment of its own and passes its fd over a socket, a cost
+    per tensor per step (bench/env_pool_overhead.py, docs/benchmarks.md)."""
     conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -47,7 +46,7 @@ def _recv(conn):
 
 def _to_wire(td: TensorDictBase) -> dict:
     """A worker's transition as a flat {key tuple: numpy array or python object (strings)}:
-    3x cheaper to pickle than the TensorDict itself."""
+    cheaper to pickle than the TensorDict itself."""
     return _flatten(td.numpy())
 
 
@@ -62,10 +61,9 @@ def _flatten(data: dict, prefix: tuple = ()) -> dict:
 
 
 def _batch(rows: list[dict]) -> TensorDictBase:
-    """Workers' flat rows -> one TensorDict [n]: one ``np.stack`` per key. Building a TensorDict
-    per worker and ``torch.stack``-ing them cost ~30 ms per step with 16 LIBERO workers on an H200
-    (bench/libero_worker_profile.py), the main process then being the bottleneck; the assembly
-    alone: bench/env_pool_assembly.py."""
+    """Workers' flat rows -> one TensorDict [n]: one ``np.stack`` per key, instead of a
+    TensorDict per worker stacked with ``torch.stack``: in lock-step every worker waits while the
+    main process assembles the batch."""
     td = TensorDict(batch_size=[len(rows)])
     for key in rows[0]:
         values = [r[key] for r in rows]
@@ -284,7 +282,7 @@ class RobustEnvPool(EnvBase):
         pass  # each worker's maker carries its own seed
 
     def close(self, *, raise_if_closed: bool = True) -> None:
-        """All workers are told first, then awaited: each closes its sim and GL context (~0.3 s
+        """All workers are told first, then awaited: each closes its sim and GL context (slow
         for LIBERO) at the same time as the others, not one after another."""
         live = [i for i, conn in enumerate(self._conns) if conn is not None]
         for i in live:

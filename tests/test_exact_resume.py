@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import run_train, small_config
 
-# (point, iteration, signal, step): tests/kill_at.py; 2 tasks x 2 iterations = iterations 0-3
+# (point, iteration, signal, step): tests/helpers/kill_at.py; 2 tasks x 2 iterations = iterations 0-3
 STOPS = [("collection", 1, "SIGTERM", 3),  # last.ckpt of iteration 0 on disk: stops at once, exit 143
          ("evaluation", 1, "SIGKILL", 4),  # after the periodic one (2 batches), in task 0's end evaluation:
                                            # task0_end.ckpt is written before it, and resumed from
@@ -24,7 +24,7 @@ STOPS = [("collection", 1, "SIGTERM", 3),  # last.ckpt of iteration 0 on disk: s
 def config(tmp_path, stop=None) -> str:
     """2 tasks x 2 iterations, a periodic evaluation every 2 iterations (at each task's last one),
     every run of the chain in one folder (the logger's version fixed, as scripts/sweep.py does)."""
-    kill = [] if stop is None else [{"class_path": "tests.kill_at.KillAt", "init_args": dict(
+    kill = [] if stop is None else [{"class_path": "tests.helpers.kill_at.KillAt", "init_args": dict(
         point=stop[0], epoch=stop[1], signal_name=stop[2], step=stop[3])}]
     path = small_config(tmp_path, "exact", iterations=2, tasks=2, eval_episodes=2, extra_callbacks=kill)
     cfg = OmegaConf.load(path)

@@ -137,7 +137,7 @@ def test_crl_with_lora_saves_adapters_and_slim_checkpoints_that_resume_exactly(t
 
 @pytest.mark.slow
 def test_per_task_adapters_isolate_tasks_and_survive_resume(tmp_path):
-    cfg = small_config(tmp_path, "pta", iterations=2, tasks=2, ablation="per_task_adapters")
+    cfg = small_config(tmp_path, "pta", iterations=2, tasks=2, ablation=["lora", "per_task_adapters"])
     res = run_train("--config", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     log_dir = glob.glob(str(tmp_path / "runs" / "pta" / "version_*"))[0]

@@ -75,8 +75,8 @@ def test_workers_get_the_environment_of_when_they_start(start_method, monkeypatc
 
 def test_one_instruction_for_all_workers_is_one_non_tensor_value():
     """Workers that share an instruction give one ``NonTensorData`` for the batch (as BabyAIEnv
-    does; stacking 16 per-row values cost ~0.5 ms of the main process per step,
-    docs/benchmarks.md); ``instructions_of`` reads both forms. Different ones stay a stack."""
+    does; stacking per-row values costs the main process on every step, docs/benchmarks.md);
+    ``instructions_of`` reads both forms. Different ones stay a stack."""
     from tensordict import NonTensorData, NonTensorStack
     from torchrl.envs.utils import step_mdp
 

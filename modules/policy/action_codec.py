@@ -1,4 +1,4 @@
-"""Continuous actions <-> action tokens, as OpenVLA does it (specs/OPENVLA.md).
+"""Continuous actions <-> action tokens, as OpenVLA does it.
 
 The mapping is torchrl's ``VocabTailActionTokenizer`` (256 uniform bins on [-1, 1]; kit token
 index k = vocab tail offset, decoded to the centre of bin clip(255 - k, 0, 254); q01/q99

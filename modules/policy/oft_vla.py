@@ -1,5 +1,5 @@
 """An OpenVLA-OFT-style policy: parallel decoding of a continuous action chunk with an
-L1-regression (Laplace) head, for PPO (CRL-VLA fine-tunes OpenVLA-OFT; specs/CRL-VLA.md).
+L1-regression (Laplace) head, for PPO (CRL-VLA reports its results with OpenVLA-OFT).
 
 * One backbone forward over ``prompt + K * D`` action placeholder positions (OFT's parallel
   decoding, Kim et al. arXiv 2502.19645, Sec. 3). The placeholders' input embeddings are
@@ -48,7 +48,8 @@ from modules.policy.laplace import (
     laplace_log_prob,
     laplace_sample,
 )
-from modules.policy.lora import OLD_ADAPTER, TRAIN_ADAPTER, active_adapter, apply_lora, snapshot_adapter
+from modules.policy.lora import (OLD_ADAPTER, TRAIN_ADAPTER, LoRA, active_adapter, apply_lora, lora_kwargs,
+                                 snapshot_adapter)
 
 
 @dataclass
@@ -78,14 +79,25 @@ class OFTPolicy(VLAPolicy):
     def __init__(self, backbone: VLMBackbone, chunk_size: int = 8, action_dim: int = 7,
                  head_hidden: int = 256, head_blocks: int = 2, init_scale: float = 0.1,
                  learned_slots: bool = True, action_low: float | list[float] = -1.0,
-                 action_high: float | list[float] = 1.0, temperature: float = 1.0, lora: dict | None = None,
+                 action_high: float | list[float] = 1.0, temperature: float = 1.0, lora: LoRA | None = None,
                  norm_stats: str | None = None, unnorm_key: str | None = None):
-        """``chunk_size`` K actions of ``action_dim`` D per decision (OFT on LIBERO: K=8, D=7).
-        ``init_scale``: the Laplace scale b at the start; ``temperature`` T multiplies it (acting
-        and training alike, as a token VLA's logits / T). ``action_low/high``: the clip bounds
-        in the policy's (normalised) action space. ``lora``: PEFT LoRA on the backbone (the
-        head is trained fully); None: full fine-tuning. ``norm_stats``/``unnorm_key``: q01/q99
-        de-normalisation of the masked dimensions (an OpenVLA(-OFT) checkpoint's statistics)."""
+        """
+        Args:
+            backbone: the vision-language model whose hidden states feed the action head.
+            chunk_size: K, actions per decision (OFT on LIBERO: 8).
+            action_dim: D, dimensions per action (LIBERO: 7).
+            head_hidden: width of the action head's MLP blocks.
+            head_blocks: residual MLP blocks of the action head.
+            init_scale: the Laplace scale b at the start.
+            learned_slots: learn the action placeholders' input embeddings (else zeros).
+            action_low: lower clip bound(s) in the policy's normalised action space.
+            action_high: upper clip bound(s) in the policy's normalised action space.
+            temperature: multiplies b when acting and training (as a token VLA's logits / T).
+            lora: PEFT LoRA on the backbone, ``{r, alpha, dropout, target_modules}`` (the head
+                trains fully); null: full fine-tuning.
+            norm_stats: q01/q99 statistics (an OpenVLA(-OFT) checkpoint directory or JSON file).
+            unnorm_key: the dataset entry of ``norm_stats``.
+        """
         super().__init__()
         sizes = (("chunk_size", chunk_size), ("action_dim", action_dim), ("head_hidden", head_hidden))
         for name, value in sizes:
@@ -98,7 +110,7 @@ class OFTPolicy(VLAPolicy):
         self.backbone = backbone
         self.uses_lora = lora is not None
         if self.uses_lora:
-            backbone.model = apply_lora(backbone.model, **lora)
+            backbone.model = apply_lora(backbone.model, **lora_kwargs(lora))
         self.adapter_routes: dict[str, str] = {}  # PerTaskAdapters: not supported (the head is shared)
         self.chunk_size, self.action_dim = chunk_size, action_dim
         # the LM head is never read (no token logits); frozen so that DDP sees no unused

@@ -41,12 +41,25 @@ class TinyLlava(VLMBackbone):
                  vision_hidden_size: int = 64, vision_layers: int = 2, initializer_range: float = 0.02,
                  position_init_std: float | None = None, seed: int | None = None,
                  image_position: str = "first", checkpoint: str | None = None):
-        """``image_position``: ``first`` (OpenVLA's order: BOS, image, prompt) or
-        ``after_instruction`` (BOS, "In: ... <instruction>", image, "?\nOut:"; see
-        ``modules.policy.backbone.EncodedPrompts``).
-        ``checkpoint``: a file written by ``scripts/pretrain_tiny_vlm.py`` (a VLM pretrained
-        without actions); its weights replace the random ones, and every init arg it stores must
-        equal the one given here (``seed`` aside)."""
+        """
+        Args:
+            words: the vocabulary, as phrases whose words become tokens (the instructions').
+            action_bins: action tokens at the vocabulary's tail.
+            image_size: side of the (square) input image in pixels.
+            patch_size: side of a vision patch in pixels.
+            hidden_size: width of the language model.
+            layers: language-model layers.
+            heads: attention heads (vision and language).
+            vision_hidden_size: width of the vision tower.
+            vision_layers: vision-tower layers.
+            initializer_range: std of the random weights (0.1 lets attention learn from scratch).
+            position_init_std: std of the vision position embeddings (null: ``initializer_range``).
+            seed: seed of the random weights (null: the global RNG).
+            image_position: ``first`` (OpenVLA's order: BOS, image, prompt) or
+                ``after_instruction`` (BOS, "In: ... <instruction>", image, "?\nOut:").
+            checkpoint: a file from ``scripts/pretrain_tiny_vlm.py`` (a VLM pretrained without
+                actions); every architecture argument it stores must equal the one given here.
+        """
         super().__init__()
         self.source = checkpoint
         # what a checkpoint must agree with (the vocabulary as a set of words)

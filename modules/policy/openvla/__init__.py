@@ -1,5 +1,6 @@
 """The kit's own OpenVLA ("Prismatic") implementation on transformers parts, and its checkpoint
-loader (no remote code: specs/OPENVLA.md says why)."""
+loader. The kit does not run the checkpoint's remote code (``trust_remote_code``): that code
+pins old transformers versions and would execute whatever a checkpoint folder ships."""
 from modules.policy.openvla.backbone import OpenVLABackbone
 from modules.policy.openvla.checkpoint import load_checkpoint
 from modules.policy.openvla.config import PrismaticConfig, TowerSpec

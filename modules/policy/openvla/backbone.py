@@ -1,7 +1,7 @@
 """OpenVLA as a kit backbone (``VLMBackbone``): prompt, image preprocessing, and the model from a
 local checkpoint directory (``pretrained``) or a tiny random one (``config``).
 
-Contract (specs/OPENVLA.md):
+What OpenVLA's released checkpoints expect, and the kit reproduces:
 * prompt ``"In: What action should the robot take to {instruction.lower()}?\\nOut:"``, tokenized
   without special tokens, BOS (id 1) first, then token 29871 ("▁") appended; the kit puts the
   image placeholders right after BOS: [BOS, n_patches placeholders, prompt ids..., 29871];
@@ -56,9 +56,13 @@ class OpenVLABackbone(VLMBackbone):
     prompt_suffix_ids = (SPACE_ID,)  # OpenVLA's predict_action appends 29871 after "Out:"
 
     def __init__(self, pretrained: str | None = None, config: dict | None = None, dtype: str = "float32"):
-        """``pretrained``: a local OpenVLA checkpoint directory (config.json, *.safetensors,
-        tokenizer.json). ``config``: a tiny random model (modules/policy/openvla/tiny.py).
-        ``dtype``: float32 (default, CPU) or bfloat16 (GPU)."""
+        """
+        Args:
+            pretrained: a local OpenVLA checkpoint directory (config.json, *.safetensors,
+                tokenizer.json); nothing is downloaded.
+            config: a tiny random model instead (keys: modules/policy/openvla/tiny.py).
+            dtype: ``float32`` (CPU) or ``bfloat16`` (GPU).
+        """
         super().__init__()
         self.source = pretrained
         if (pretrained is None) == (config is None):

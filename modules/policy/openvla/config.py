@@ -1,4 +1,4 @@
-"""What an OpenVLA ("Prismatic") model is made of, as the kit builds it (specs/OPENVLA.md).
+"""What an OpenVLA ("Prismatic") model is made of, as the kit builds it.
 
 An OpenVLA checkpoint's config.json names its vision towers by timm model id only; the
 shapes below are those timm ids' (timm's ``vit_large_patch14_reg4_dinov2`` and

@@ -1,4 +1,4 @@
-"""OpenVLA's fused vision backbone on transformers' own towers (specs/OPENVLA.md, "Vision").
+"""OpenVLA's fused vision backbone on transformers' own towers.
 
 Contract points:
 * pixel_values [B, 6, S, S]: channels 0-2 go to DINOv2, channels 3-5 to SigLIP;
