@@ -1,8 +1,12 @@
 """Task boundaries as events between callbacks, and the continual-learning method's slot.
 
 ``TaskSwitch`` is the only place that decides when a task ends. It calls, on every
-callback that defines them, ``on_task_start(trainer, pl_module, task_index)`` and
-``on_task_end(trainer, pl_module, task_index)``.
+callback that defines them, ``on_task_start(trainer, pl_module, task_index)``,
+``on_task_end(trainer, pl_module, task_index)`` (what training carries into the next task:
+anchors, adapters, Fisher information) and then, after the task-end checkpoint is written,
+``on_task_results(trainer, pl_module, task_index, iterations)`` (work that changes no training
+state, such as the evaluation that fills R, after ``iterations`` iterations of the run: a run
+resumed from that checkpoint does it again).
 
 A run's continual-learning method (CRL-VLA's ``AnchorCriticFreeze``, ``OnlineEWC``,
 ``PerTaskAdapters``) is one ``ContinualMethod`` callback chosen by the top-level ``method:`` key
@@ -22,16 +26,19 @@ class TaskBoundaryHooks:
     def on_task_end(self, trainer, pl_module, task_index: int) -> None:
         pass
 
+    def on_task_results(self, trainer, pl_module, task_index: int, iterations: int) -> None:
+        pass
+
 
 class ContinualMethod(Callback, TaskBoundaryHooks):
     """A continual-learning method: the callback that changes what the module trains at task
     boundaries (freezes anchors, consolidates weights, stores adapters)."""
 
 
-def announce(trainer, pl_module, event: str, task_index: int) -> None:
+def announce(trainer, pl_module, event: str, task_index: int, *args) -> None:
     for cb in trainer.callbacks:
         if isinstance(cb, TaskBoundaryHooks):
-            getattr(cb, event)(trainer, pl_module, task_index)
+            getattr(cb, event)(trainer, pl_module, task_index, *args)
 
 
 def with_method(callbacks, method: ContinualMethod | None) -> list:

@@ -56,15 +56,22 @@ class CurriculumResets:
         self.env_tasks: list[int] = []
         self.last_queues: list[list[int]] = []  # the ids drawn for the current rollout (tests, logs)
 
-    def new_env(self, env_tasks: list[int], resets_per_rollout: int) -> InitStateQueues:
+    def new_env(self, env_tasks: list[int], resets_per_rollout: int, draw: bool = True) -> InitStateQueues:
         """The datamodule builds a training env whose env i pursues task ``env_tasks[i]``:
-        register those tasks' keys and return the queues (filled) to build the env with."""
+        register those tasks' keys and return the queues (filled, unless ``draw`` is false: a
+        resumed run sets them from its checkpoint) to build the env with."""
         self.env_tasks = list(env_tasks)
         for t in sorted(set(env_tasks)):
             self.curriculum.add_keys((t, s) for s in range(init_state_count(self.tasks[t])))
         self.queues = InitStateQueues(len(env_tasks), resets_per_rollout)
-        self.refill()
+        if draw:
+            self.refill()
         return self.queues
+
+    def set_queues(self, queues: list[list[int]]) -> None:
+        """Queues drawn earlier (a resumed run replaying its env), without a draw."""
+        self.queues.set(queues)
+        self.last_queues = queues
 
     def refill(self) -> None:
         """Draw every env's ids for the next rollout (among its task's initial states)."""

@@ -44,6 +44,8 @@ LIBERO_OPTIONS = {
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
     "step_timeout": 60.0,     # s; a worker that misses it is restarted (episode = failure)
     "reset_timeout": 600.0,   # s; includes building a fresh worker's env
+    "start_timeout": 300.0,   # s; a worker not ready by then (a hang while it builds its env) is started again
+    "start_retries": 2,       # start-up restarts of one worker in a row before the run stops with an error
     "start_method": "forkserver",  # env workers fork from one process that imported torch and
                                    # torchrl once ("spawn": each worker imports them again)
 }
@@ -200,7 +202,8 @@ def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: i
         render_gpu=(i % n_gpus) if n_gpus else None, options=options,
         init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs)]
     pool = RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"],
-                         start_method=options["start_method"])
+                         start_method=options["start_method"], start_timeout=options["start_timeout"],
+                         start_retries=options["start_retries"])
     if options["image_device"] is None:
         return pool
     keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])

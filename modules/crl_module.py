@@ -17,16 +17,16 @@ Each step is timed under a named phase (modules/timing.py; logged by callbacks/i
 from __future__ import annotations
 
 import math
-import random
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from lightning import LightningModule
 from tensordict import TensorDict
 
 from datamodules.tasks import instructions_of
+from modules.checkpoint_io import check_fits, rng_state, set_rng_state
 from modules.critics import frozen_copy, make_critic
+from modules.lora_checkpoint import drop_frozen_base, restore_frozen_base
 from modules.losses import crl_loss
 from modules.policy.backbone import EncodedPrompts, cat_prompts
 from modules.policy.base import VLAPolicy, act_in_chunks
@@ -35,6 +35,7 @@ from modules.returns import gae, mc_returns
 from modules.rollout_policy import RolloutPolicy
 from modules.timing import phase
 
+MIN_GAMMA_LAMBDA = 1e-6  # the smallest gamma and gamma * gae_lambda accepted (CRLModule.__init__)
 PROMPT_KEYS = ("input_ids", "attention_mask", "image_mask", "goal_mask")
 
 
@@ -48,7 +49,7 @@ def _prompts_from_td(td) -> EncodedPrompts:
 
 
 def _require(name: str, value: float, low: float = 0.0, strict: bool = False) -> None:
-    if value is None or value < low or (strict and value == low):
+    if value is None or not math.isfinite(value) or value < low or (strict and value == low):
         op = ">" if strict else ">="
         raise ValueError(f"model.{name}={value!r}: must be {op} {low}")
 
@@ -116,9 +117,19 @@ class CRLModule(LightningModule):
             _require(name, locals()[name], strict=True)
         for name in ("alpha", "beta_v", "eta", "entropy_coef", "critic_warmup_iterations"):
             _require(name, locals()[name])
+        _require("adam_eps", adam_eps, strict=True)
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= locals()[name] <= 1.0:
                 raise ValueError(f"model.{name}={locals()[name]!r}: must be in [0, 1]")
+        # torchrl's vectorised GAE fails (an IndexError) for gamma * lambda = 0 or below ~1e-7; the MC
+        # return is GAE with lambda = 1
+        if gamma < MIN_GAMMA_LAMBDA:
+            raise ValueError(f"model.gamma={gamma!r}: must be >= {MIN_GAMMA_LAMBDA:g} (torchrl's GAE fails below)")
+        if gamma * gae_lambda < MIN_GAMMA_LAMBDA:
+            raise ValueError(f"model.gae_lambda={gae_lambda!r}: gamma * gae_lambda = {gamma * gae_lambda:.3g} "
+                             f"must be >= {MIN_GAMMA_LAMBDA:g} (torchrl's GAE fails below)")
+        if any(not isinstance(h, int) or h <= 0 for h in critic_hidden_sizes):
+            raise ValueError(f"model.critic_hidden_sizes={list(critic_hidden_sizes)!r}: layer widths must be > 0")
         if value_target not in ("mc", "gae"):
             raise ValueError(f"model.value_target={value_target!r}: expected 'mc' or 'gae'")
         if q_advantage not in ("q", "gae"):
@@ -140,7 +151,7 @@ class CRLModule(LightningModule):
                                   goal_dim=policy.goal_dim)
         self.anchor_critic: torch.nn.Module | None = None
         self.old_policy = None  # TokenVLAPolicy (frozen copy) or AdapterPolicy (LoRA)
-        self.critic_age = 0  # iterations since the trainable critic was (re)initialised
+        self.critic_age = 0  # iterations started since the trainable critic was (re)initialised
         # extra loss terms registered by baseline callbacks (e.g. online EWC): name -> () -> scalar
         self.penalties: dict = {}
         self.rollout_stats: dict[str, float] = {}
@@ -300,7 +311,7 @@ class CRLModule(LightningModule):
             self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             self.clip_gradients(opt_critic, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             opt_critic.step()
-            warming_up = self.critic_age < hp.critic_warmup_iterations
+            warming_up = self.critic_age <= hp.critic_warmup_iterations
             if not warming_up:  # critic warm-up (VLA-RL): the policy stays frozen
                 opt_policy.step()
 
@@ -363,13 +374,15 @@ class CRLModule(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
+        # counted when the iteration starts: a checkpoint written at an iteration's end (by a callback,
+        # which Lightning runs before this module's epoch-end hook) holds the age the next one builds on
+        self.critic_age += 1
 
     def on_train_batch_start(self, batch, batch_idx):
         if self._stop_epoch:
             return -1  # approx-KL early stop: skip the remaining PPO minibatches
 
     def on_train_epoch_end(self) -> None:
-        self.critic_age += 1
         if self.rollout_stats:
             self.log_dict(self.rollout_stats, sync_dist=True, prog_bar=False)
             if "rollout/success" in self.rollout_stats:
@@ -391,9 +404,10 @@ class CRLModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["crl"] = {
             "has_anchor": self.has_anchor, "critic_age": self.critic_age,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate()},
+            "rng": rng_state(),
         }
+        if self.policy.uses_lora:  # the trainable state only; the frozen base is referenced
+            drop_frozen_base(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("crl", {})
@@ -402,9 +416,9 @@ class CRLModule(LightningModule):
         if state.get("has_anchor"):  # create the frozen modules so their weights load
             self.anchor_critic = frozen_copy(self.critic)
             self.old_policy = self.policy.snapshot()
+        if "frozen_base" in checkpoint:
+            restore_frozen_base(self, checkpoint)
+        check_fits(self, checkpoint["state_dict"])
         self.critic_age = state.get("critic_age", 0)
-        rng = state.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+        if state.get("rng"):
+            set_rng_state(state["rng"])

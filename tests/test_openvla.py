@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,24 @@ def test_pixel_values_six_channels_by_hand(backbone):
     flat = torch.full((1, 3, 56, 56), 200, dtype=torch.uint8)  # resized straight to 28 x 28
     out = backbone.preprocess(flat)
     assert out.shape == (1, 6, 28, 28) and torch.allclose(out[0, 3], torch.full((28, 28), 200 / 255 * 2 - 1))
+
+
+def test_resize_is_openvlas_processor(backbone):
+    """A frame that is not S x S: OpenVLA's processor resizes the PIL image (torchvision's resize on a
+    PIL image: Image.resize BICUBIC, two passes rounded to uint8 in between), then /255 and the two
+    towers' normalisations; a float bicubic resize rounded once differs from it."""
+    from PIL import Image
+
+    frame = torch.randint(0, 256, (1, 3, 61, 47), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    s = backbone.image_size
+    resized = np.asarray(Image.fromarray(frame[0].permute(1, 2, 0).numpy()).resize((s, s), Image.BICUBIC))
+    x = torch.from_numpy(resized).permute(2, 0, 1).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406, 0.5, 0.5, 0.5]).view(6, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225, 0.5, 0.5, 0.5]).view(6, 1, 1)
+    assert torch.allclose(backbone.preprocess(frame)[0], (torch.cat([x, x]) - mean) / std, atol=1e-6)
+    once = F.interpolate(frame.float(), size=(s, s), mode="bicubic", antialias=True,
+                         align_corners=False).round().clamp(0, 255)
+    assert (once[0] != torch.from_numpy(resized).permute(2, 0, 1).float()).any()
 
 
 def test_action_logits_are_at_minus_9_to_minus_2_and_denormalise(ckpt, backbone):

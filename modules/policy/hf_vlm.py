@@ -178,6 +178,7 @@ class HFVisionLanguageBackbone(VLMBackbone):
             seed: seed of a tiny model's random weights.
         """
         super().__init__()
+        self.source = pretrained
         if (pretrained is None) == (config is None):
             raise ValueError(f"{KEY}: give exactly one of pretrained (a local directory) or config "
                              f"(a tiny model), got pretrained={pretrained!r}, config={config!r}")

@@ -227,7 +227,7 @@ class OFTPolicy(VLAPolicy):
         if self.norm is None:
             return a
         q01, q99, mask = (t.to(a.device) for t in self.norm)
-        env = 0.5 * (a.double() + 1.0) * (q99 - q01 + 1e-8) + q01  # OpenVLA(-OFT)'s convention
+        env = 0.5 * (a.double() + 1.0) * (q99 - q01 + 1e-8) + q01  # OpenVLA-OFT's convention (OpenVLA's has no 1e-8)
         return torch.where(mask, env, a.double()).float()
 
     # -- the old policy and adapters ---------------------------------------------------------

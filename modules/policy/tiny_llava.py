@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers import PreTrainedTokenizerFast
 
+from modules.checkpoint_io import CheckpointError, require_keys, safe_load
 from modules.policy.backbone import VLMBackbone
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -60,6 +61,7 @@ class TinyLlava(VLMBackbone):
                 actions); every architecture argument it stores must equal the one given here.
         """
         super().__init__()
+        self.source = checkpoint
         # what a checkpoint must agree with (the vocabulary as a set of words)
         self.init_args = init_args = dict(
             words=sorted({w for s in words for w in s.lower().split()}), action_bins=action_bins,
@@ -116,7 +118,12 @@ class TinyLlava(VLMBackbone):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{key}.checkpoint={path!r}: no such file "
                                     "(scripts/pretrain_tiny_vlm.py writes one)")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = safe_load(path, f"{key}.checkpoint")
+        if isinstance(saved, dict) and "loops" in saved and "state_dict" in saved:
+            raise CheckpointError(f"{key}.checkpoint={path!r}: a train.py checkpoint, not a pretrained VLM "
+                                  "(scripts/pretrain_tiny_vlm.py writes those); to go on from it use --ckpt_path")
+        require_keys(saved, ("init_args", "state_dict"), f"{key}.checkpoint={path!r}",
+                     "a pretrained tiny VLM (scripts/pretrain_tiny_vlm.py)")
         for name, value in saved["init_args"].items():
             if init_args.get(name) != value:
                 raise ValueError(f"{key}.{name}={init_args.get(name)!r}: the checkpoint {path} "
