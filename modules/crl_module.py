@@ -207,7 +207,7 @@ class CRLModule(LightningModule):
         need &= ~terminated
         if need.any():
             nxt = rollout.get("next")[need]
-            nout = self._act_for_targets(self.policy.act, nxt.get(("observation", "image")),
+            nout = self._act_for_targets(self.policy.act, self.policy.observation(nxt),
                                          self.policy.encode(instructions_of(nxt)),
                                          greedy=True)  # greedy: the distribution is what counts, and no RNG draw
             next_value[need] = self.critic.state_value(nout.phi, nout.emb, nout.token_log_probs)
@@ -222,7 +222,7 @@ class CRLModule(LightningModule):
 
         prompts = self.policy.encode(instructions_of(flat))
         samples = TensorDict({
-            "image": flat.get(("observation", "image")),
+            "image": self.policy.observation(flat),
             "tokens": flat.get("action_tokens"),
             "log_prob": flat.get("sample_log_prob"),
             "advantage": advantage.reshape(-1),
