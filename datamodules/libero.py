@@ -10,7 +10,9 @@ torchrl's ``LiberoEnv`` (VLA TensorDict schema, settle steps) with the kit's ini
   crop: datamodules/openvla_image.py); with ``image_device`` the workers only JPEG, and the
   resize and crop run batched over all envs in the main process (``OpenVLAObservation``);
 * actions: the policy speaks OpenVLA's action convention, the sim LIBERO's
-  (``libero_action``).
+  (``libero_action``);
+* OpenVLA-OFT's observation (``wrist_camera: true``, ``proprio: axis_angle``): the wrist camera
+  through the same image pipeline, and the state as OFT's LIBERO evaluation builds it.
 
 Training resets draw init states at random; evaluation env ``i`` is pinned to init state
 ``init_state_ids[i]`` (the fixed-50-states protocol). On GPU machines each worker renders on
@@ -40,6 +42,8 @@ LIBERO_OPTIONS = {
     "image_device": None,     # None: the whole image pipeline in each env worker (CPU); a device
                               # ("cuda", "cpu"): workers JPEG, the main process resizes + crops all envs at once there
     "wrist_camera": False,    # also render robot0_eye_in_hand as ("observation", "wrist_image")
+    "proprio": "quat",        # ("observation", "state"): "quat" = eef pos, eef quaternion (xyzw), gripper qpos (9-D,
+                              # torchrl's); "axis_angle" = eef pos, axis-angle, gripper qpos (8-D, OpenVLA-OFT's)
     "settle_steps": 10,       # no-op steps after reset (OpenVLA protocol)
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
     "step_timeout": 60.0,     # s; a worker that misses it is restarted (episode = failure)
@@ -122,15 +126,27 @@ class OpenVLALiberoEnv(InitStateLiberoEnv):
     CPU (bench/libero_env_breakdown.py, docs/benchmarks.md)."""
 
     def __init__(self, *args, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
-                 image_stages=("jpeg", "resize"), binarize_gripper: bool = True, **kwargs):
+                 image_stages=("jpeg", "resize"), binarize_gripper: bool = True, proprio: str = "quat", **kwargs):
         # read by _make_specs, which LiberoEnv's constructor calls
         self._image = dict(stages=tuple(image_stages), image_size=image_size, jpeg_quality=jpeg_quality,
                            center_crop=center_crop)
         self.binarize_gripper = binarize_gripper
+        self.proprio = proprio
         super().__init__(*args, **kwargs)
 
     def _read_image(self, image: np.ndarray) -> torch.Tensor:
         return openvla_stages(super()._read_image(image), **self._image)
+
+    def _read_state(self, obs: dict) -> torch.Tensor:
+        """``proprio: axis_angle``: OpenVLA-OFT's LIBERO state, eef position, the eef quaternion
+        as axis-angle (robosuite's ``quat2axisangle``, as OFT's evaluation), gripper qpos."""
+        if self.proprio == "quat":
+            return super()._read_state(obs)
+        from robosuite.utils.transform_utils import quat2axisangle
+
+        parts = (obs["robot0_eef_pos"], quat2axisangle(np.array(obs["robot0_eef_quat"], dtype=np.float64)),
+                 obs["robot0_gripper_qpos"])
+        return torch.from_numpy(np.concatenate(parts)).to(torch.float32)
 
     def _make_specs(self, env) -> None:
         super()._make_specs(env)
@@ -161,7 +177,7 @@ def worker_env(suite: str, task_id: int, *, seed: int, max_steps: int, init_stat
         max_episode_steps=max_steps, settle_steps=options["settle_steps"],
         image_size=options["image_size"], jpeg_quality=options["jpeg_quality"], center_crop=options["center_crop"],
         image_stages=("jpeg",) if options["image_device"] is not None else ("jpeg", "resize"),
-        binarize_gripper=options["binarize_gripper"])
+        binarize_gripper=options["binarize_gripper"], proprio=options["proprio"])
     env.set_seed(seed)
     return env
 
@@ -180,6 +196,8 @@ def libero_options(params: dict, where: str = "data.stream[i]") -> dict:
             raise ValueError(f"{where}.image_device={device!r}: not a torch device (null, cpu, cuda, cuda:0)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{where}.image_device={options['image_device']!r}: no CUDA device on this machine")
+    if options["proprio"] not in ("quat", "axis_angle"):
+        raise ValueError(f"{where}.proprio={options['proprio']!r}: expected quat or axis_angle")
     if options["start_method"] not in ("forkserver", "spawn"):
         raise ValueError(f"{where}.start_method={options['start_method']!r}: expected forkserver or spawn")
     return options

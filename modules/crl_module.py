@@ -25,6 +25,7 @@ from tensordict import TensorDict
 
 from datamodules.tasks import instructions_of
 from modules.checkpoint_io import check_fits, rng_state, set_rng_state
+from modules.chunk_critic import ChunkQCritic
 from modules.critics import frozen_copy, make_critic
 from modules.lora_checkpoint import drop_frozen_base, restore_frozen_base
 from modules.losses import crl_loss
@@ -101,7 +102,8 @@ class CRLModule(LightningModule):
             max_grad_norm: gradient-norm clipping of each optimiser's parameters.
             critic_warmup_iterations: iterations after each critic (re)start with the policy frozen.
             critic_detach_features: the value losses train the critic head only, not phi(s) / emb(g).
-            critic_type: ``v`` for V(s, g) heads, ``q`` for Q(s, a, g) heads (CRL-VLA (Q)).
+            critic_type: ``v`` for V(s, g) heads, ``q`` for Q(s, a, g) heads (CRL-VLA (Q); a chunk
+                policy's: Q(s, chunk, g), modules/chunk_critic.py).
             q_advantage: with Q heads, ``q`` (Q(s, a) - E_pi Q(s, .)) or ``gae`` (GAE, baseline E_pi Q).
             target_chunk_size: rows per ``act`` call when targets are computed without gradient
                 (V(s') at truncations, the old policy on anchor samples). null: the acting batch
@@ -143,12 +145,13 @@ class CRLModule(LightningModule):
         self.automatic_optimization = False
         self.policy = policy
         # V(s, g), or Q(s, a, g) for CRL-VLA (Q): advantage Q(s, a) - E_{a'~pi} Q(s, a')
-        if critic_type == "q" and not getattr(policy, "token_actions", True):
-            raise ValueError(f"model.critic_type='q': not supported with {type(policy).__name__} (continuous "
-                             "action chunks; the Q head one-hot encodes action tokens): use 'v'")
-        self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
-                                  getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None),
-                                  goal_dim=policy.goal_dim)
+        if critic_type == "q" and not getattr(policy, "token_actions", True):  # continuous chunks (OFT)
+            self.critic = ChunkQCritic(policy.feature_dim, critic_hidden_sizes, policy.chunk_size, policy.action_dim,
+                                       policy.action_low, policy.action_high, goal_dim=policy.goal_dim)
+        else:
+            self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
+                                      getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None),
+                                      goal_dim=policy.goal_dim)
         self.anchor_critic: torch.nn.Module | None = None
         self.old_policy = None  # TokenVLAPolicy (frozen copy) or AdapterPolicy (LoRA)
         self.critic_age = 0  # iterations started since the trainable critic was (re)initialised
@@ -218,7 +221,7 @@ class CRLModule(LightningModule):
         need &= ~terminated
         if need.any():
             nxt = rollout.get("next")[need]
-            nout = self._act_for_targets(self.policy.act, nxt.get(("observation", "image")),
+            nout = self._act_for_targets(self.policy.act, self.policy.observation(nxt),
                                          self.policy.encode(instructions_of(nxt)),
                                          greedy=True)  # greedy: the distribution is what counts, and no RNG draw
             next_value[need] = self.critic.state_value(nout.phi, nout.emb, nout.token_log_probs)
@@ -233,7 +236,7 @@ class CRLModule(LightningModule):
 
         prompts = self.policy.encode(instructions_of(flat))
         samples = TensorDict({
-            "image": flat.get(("observation", "image")),
+            "image": self.policy.observation(flat),
             "tokens": flat.get("action_tokens"),
             "log_prob": flat.get("sample_log_prob"),
             "advantage": advantage.reshape(-1),

@@ -14,7 +14,8 @@ from modules.timing import phase
 
 
 class RolloutPolicy(TensorDictModuleBase):
-    """Reads ``("observation", "image")`` and ``language_instruction``; writes ``action``,
+    """Reads the policy's observation (``("observation", "image")``; ``VLAPolicy.observation``) and
+    ``language_instruction``; writes ``action``,
     the action tokens, their log-prob, the per-token action distribution and the features phi(s), emb(g) (kept in the rollout
     so values need no second forward)."""
 
@@ -52,7 +53,7 @@ class RolloutPolicy(TensorDictModuleBase):
         adapter = self.policy.routed_adapter(instructions)  # per-task adapters (callbacks/adapters.py)
         with active_adapter(self.policy.backbone.model, adapter) if adapter else nullcontext(), \
                 _temperature(self.policy, self.temperature), phase("acting"):
-            out = self.policy.act(td.get(("observation", "image")), prompts, greedy=self.greedy)
+            out = self.policy.act(self.policy.observation(td), prompts, greedy=self.greedy)
         td.set("action", self.policy.env_action(out.tokens))
         td.set("action_tokens", out.tokens)
         td.set("sample_log_prob", out.log_prob)

@@ -30,8 +30,7 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _local_dir(path: str) -> str:
-    key = f"{KEY}.pretrained"
+def _local_dir(path: str, key: str = f"{KEY}.pretrained") -> str:
     full = os.path.expanduser(path)
     if os.path.isdir(full):
         return full
@@ -55,13 +54,16 @@ def pil_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 class OpenVLABackbone(VLMBackbone):
     prompt_suffix_ids = (SPACE_ID,)  # OpenVLA's predict_action appends 29871 after "Out:"
 
-    def __init__(self, pretrained: str | None = None, config: dict | None = None, dtype: str = "float32"):
+    def __init__(self, pretrained: str | None = None, config: dict | None = None, dtype: str = "float32",
+                 adapter: str | None = None):
         """
         Args:
             pretrained: a local OpenVLA checkpoint directory (config.json, *.safetensors,
                 tokenizer.json); nothing is downloaded.
             config: a tiny random model instead (keys: modules/policy/openvla/tiny.py).
             dtype: ``float32`` (CPU) or ``bfloat16`` (GPU).
+            adapter: a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)
+                fine-tuned from ``pretrained``, merged into its weights at load; null: none.
         """
         super().__init__()
         self.source = pretrained
@@ -70,10 +72,13 @@ class OpenVLABackbone(VLMBackbone):
                              "checkpoint directory, or a tiny model's config)")
         if dtype not in DTYPES:
             raise ValueError(f"{KEY}.dtype={dtype!r}: one of {sorted(DTYPES)}")
+        if adapter is not None and pretrained is None:
+            raise ValueError(f"{KEY}.adapter={adapter!r}: needs {KEY}.pretrained (the weights it was trained from)")
         if pretrained is not None:
             path = _local_dir(pretrained)
+            adapter = None if adapter is None else _local_dir(adapter, f"{KEY}.adapter")
             self.tokenizer = load_tokenizer(path, f"{KEY}.pretrained")
-            self.model = load_checkpoint(path, f"{KEY}.pretrained", DTYPES[dtype])
+            self.model = load_checkpoint(path, f"{KEY}.pretrained", DTYPES[dtype], adapter, f"{KEY}.adapter")
         else:
             self.model, self.tokenizer = tiny_openvla(dict(config), f"{KEY}.config")
             self.model.to(DTYPES[dtype])

@@ -17,6 +17,7 @@ LLAMA_BASE_VOCAB = 32000  # Llama-2 tokenizer; the action tokens are its last 25
 PAD_TOKEN_ID = 32000  # OpenVLA's added <PAD>
 PAD_TO_MULTIPLE_OF = 64  # embedding rows 32000..32063: <PAD> and 63 rows never trained
 IMAGE_PLACEHOLDER_ID = 32001  # kit-only: a padding row the tokenizer never emits; its embedding is never read
+PROPRIO_PLACEHOLDER_ID = 32002  # kit-only, OpenVLA-OFT: the proprio token's position (its embedding is replaced)
 
 
 @dataclass(frozen=True)
