@@ -203,6 +203,19 @@ def libero_options(params: dict, where: str = "data.stream[i]") -> dict:
     return options
 
 
+def render_gpu_ids() -> list[int]:
+    """The GPUs the EGL env workers render on. Under multi-process training (DDP, one GPU per
+    rank, which Lightning makes the rank's current device) only the rank's own GPU, so that every
+    rank's renders and their GPU memory stay on its GPU; in one process every visible GPU,
+    round-robin over the workers. No CUDA: none (software rendering)."""
+    if not torch.cuda.is_available():
+        return []
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return [torch.cuda.current_device()]
+    return list(range(torch.cuda.device_count()))
+
+
 def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: int, max_steps: int | None = None,
                     init_state_ids: list[int] | None = None, options: dict | None = None,
                     init_state_queues=None):
@@ -212,12 +225,12 @@ def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: i
     renderer = setup_libero()
     options = libero_options(options or {})
     max_steps = max_steps or SUITES[suite][1]
-    n_gpus = torch.cuda.device_count() if renderer == "egl" else 0
+    gpus = render_gpu_ids() if renderer == "egl" else []
     makers = [functools.partial(
         worker_env, suite, task_id[i % len(task_id)] if isinstance(task_id, list) else task_id,
         seed=seed + 1_000 * i, max_steps=max_steps,
         init_state_id=None if init_state_ids is None else int(init_state_ids[i]),
-        render_gpu=(i % n_gpus) if n_gpus else None, options=options,
+        render_gpu=gpus[i % len(gpus)] if gpus else None, options=options,
         init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs)]
     pool = RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"],
                          start_method=options["start_method"], start_timeout=options["start_timeout"],

@@ -287,3 +287,21 @@ def test_libero_smoke_config_end_to_end(tmp_path):
     # an evaluation episode runs to its 32-step limit unless it succeeds; frames are 64 px
     assert 1 <= len(frames) <= 32 and frames[0].shape == (64, 64, 3)
     assert float(np.std(frames[0])) > 5  # a rendered scene, not a blank frame
+
+
+def test_render_gpus_are_the_ranks_own_under_ddp_and_all_gpus_in_one_process(monkeypatch):
+    """A 4-GPU host: one process renders round-robin on 0..3; DDP rank 2 (its current device 2)
+    renders on GPU 2 only; no CUDA: software rendering (no GPU id)."""
+    from datamodules.libero import render_gpu_ids
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert render_gpu_ids() == [0, 1, 2, 3]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    assert render_gpu_ids() == [2]
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    assert render_gpu_ids() == [0, 1, 2, 3]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert render_gpu_ids() == []
