@@ -102,13 +102,14 @@ def copy_bandwidth(dev, gib=4):
     return 2 * n * 2 / t
 
 
-def build(args, dev, dtype):
+def build(args, dev, dtype, cls=OpenVLABackbone, **kwargs):
+    """A random ``cls`` (an OpenVLA backbone) of ``FULL``'s (``--small``: ``SMALL``'s) shape."""
     cfg = SMALL if args.small else FULL
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in bf16 directly on the device: no fp32 copy, fast init
     try:
         with torch.device(dev):
-            backbone = OpenVLABackbone(config=dict(cfg), dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+            backbone = cls(config=dict(cfg), dtype="bfloat16" if dtype == torch.bfloat16 else "float32", **kwargs)
     finally:
         torch.set_default_dtype(old)
     return backbone
@@ -232,7 +233,8 @@ def ppo_step(policy, critic, opt, images, prompts, tokens):
 
 def crl_step(policy, old, critic, anchor_critic, opt, images, prompts, tokens, n_anchor):
     """CRLModule.training_step's work: the old adapter's targets for the anchors (old goals on the
-    current states), one evaluate over current + anchor samples, anchor critic, KL + value terms."""
+    current states), one evaluate over current + anchor samples, anchor critic, KL + value terms.
+    ``images``: a tensor or a TensorDict of views (OFT); ``tokens``: action tokens or chunks."""
     from modules.policy.backbone import cat_prompts
 
     n = len(tokens)
@@ -240,7 +242,7 @@ def crl_step(policy, old, critic, anchor_critic, opt, images, prompts, tokens, n
                                                          for i in range(n_anchor)])
     a_tok = tokens[:n_anchor]
     with torch.no_grad():
-        old_lp = old.evaluate(a_img, a_prompts, a_tok).token_log_probs  # pi_old(.|s, g_old)
+        old_lp = old.evaluate(a_img, a_prompts, a_tok).token_log_probs  # pi_old(.|s, g_old) (OFT: mu, log b)
     out = policy.evaluate(torch.cat([images, a_img]), cat_prompts(prompts, a_prompts), torch.cat([tokens, a_tok]))
     adv = torch.randn(n, device=tokens.device)
     loss, _ = crl_loss(log_prob=out.log_prob[:n], old_log_prob=out.log_prob[:n].detach() + 0.01 * adv, advantage=adv,
@@ -249,6 +251,7 @@ def crl_step(policy, old, critic, anchor_critic, opt, images, prompts, tokens, n
                        anchor_old_token_log_probs=old_lp,
                        anchor_value=anchor_critic(out.phi[n:], out.emb[n:]),
                        anchor_value_target=torch.randn(n_anchor, device=tokens.device),
+                       kl_fn=getattr(policy, "kl_to_old_policy", None),  # chunk policies: their own KL
                        clip_eps=0.2, alpha=1e-5, beta_v=1e-3, eta=1.0)
     loss.backward()
     opt.step()
