@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, run_train_cases, small_config
+from conftest import ROOT, run_train, run_train_cases, small_config
 
 WORDS = ["move to the green target", "reach the green marker"]
 K, D = 4, 2
@@ -447,3 +447,47 @@ def test_chunk_on_real_libero_executes_k_steps_and_stops_at_truncation():
     finally:
         env.close()
         ref.close()
+
+
+@pytest.mark.libero
+@pytest.mark.slow
+def test_oft_checkpoint_trains_on_real_libero(tmp_path):
+    """configs/libero_smoke.yaml with the policy of configs/crl_oft.yaml: the tiny OpenVLA-OFT
+    checkpoint (tests/data, written by OFT's own code) loaded natively, both cameras and the
+    8-D proprio state from real LIBERO, 8-step chunks; CRL over 2 tasks, 1 iteration each."""
+    pytest.importorskip("libero")
+    overlay = tmp_path / "oft_libero.yaml"
+    overlay.write_text(f"""
+trainer:
+  callbacks:
+    - {{class_path: callbacks.task_switch.TaskSwitch, init_args: {{iterations_per_task: 1}}}}
+    - {{class_path: callbacks.evaluation.PerTaskEvaluation, init_args: {{episodes_per_task: 2, num_envs: 2}}}}
+    - {{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{save_last: true}}}}
+model:
+  policy:
+    class_path: modules.policy.oft_vla.OFTPolicy
+    init_args:
+      backbone:
+        class_path: modules.policy.OFTOpenVLABackbone
+        init_args: {{pretrained: {os.path.join(ROOT, "tests", "data", "openvla_oft_tiny")}, num_images: 2}}
+      chunk_size: 8
+      action_dim: 7
+      init_scale: 0.05
+      unnorm_key: libero_goal_no_noops
+data:
+  stream:
+    - {{env: libero, suite: libero_goal, task_ids: [8, 1], max_steps: 32, render_size: 64, image_size: 28,
+       chunked: true, wrist_camera: true, proprio: axis_angle}}
+  frames_per_batch: 8
+""")
+    res = run_train("--config", os.path.join(ROOT, "configs", "libero_smoke.yaml"), "--config", str(overlay),
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "libero_smoke" / "version_*" / "metrics.json"))
+    with open(path) as f:
+        m = json.load(f)
+    assert m["complete"] and len(m["b"]) == 2 and [len(r) for r in m["R"]] == [2, 2]
+    (ckpt,) = glob.glob(os.path.join(os.path.dirname(path), "checkpoints", "last.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["policy.head.log_scale"].shape == (8, 7) and "policy.proprio.fc1.weight" in state
+    assert "old_policy.head.log_scale" in state  # CRL's frozen copy for the anchors (full fine-tuning)
