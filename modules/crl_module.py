@@ -1,12 +1,15 @@
 """CRLModule: the VLA policy, the trainable MC critic and (after the first task boundary)
-the frozen anchor critic and frozen old policy, trained with PPO and the CRL-VLA loss.
+the frozen anchor critics (one per finished stage) and frozen old policy, trained with PPO
+and the CRL-VLA loss.
 
 The algorithm, top to bottom (one Lightning epoch = one PPO iteration):
   1. the datamodule collects a rollout with ``acting_policy()`` (TorchRL Collector);
   2. ``process_rollout``: values V(s, g) from the acting features, GAE advantages, MC
-     returns, and the anchor samples (old goals) with their targets from the frozen models;
-  3. ``training_step`` on each minibatch: Eq. 8 (modules/losses.py), clipped gradients,
-     a policy step (skipped during critic warm-up) and a critic step;
+     returns, and the anchor samples (old goals) with their targets from the frozen models,
+     each old goal's from the head of the stage that trained on it;
+  3. ``training_step`` on each minibatch: Eq. 8 (modules/losses.py), plus ER's replay terms
+     when old-task transitions are replayed, clipped gradients, a policy step (skipped
+     during critic warm-up) and a critic step; the theory's quantities are logged (``theory/``);
   4. the approximate KL between the rollout policy and the current one stops the PPO
      epochs early when it exceeds ``target_kl``.
 Task boundaries are not known here: callbacks call ``freeze_anchor()``.
@@ -21,15 +24,17 @@ from lightning import LightningModule
 from tensordict import TensorDict
 
 from datamodules.tasks import instructions_of
-from modules.critics import frozen_copy, make_critic
-from modules.losses import crl_loss
+from modules.anchor_critics import AnchorCritics
+from modules.critics import CRITIC_TYPES, make_critic
+from modules.losses import crl_loss, experience_replay, kl_to_old_policy
 from modules.policy.backbone import EncodedPrompts, cat_prompts
 from modules.policy.lora import adapter_names
 from modules.policy.base import VLAPolicy
-from modules.returns import gae, mc_returns
+from modules.returns import RunningStd, gae, mc_returns
 from modules.rollout_policy import RolloutPolicy
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "image_mask", "goal_mask")
+ADVANTAGE_SCALINGS = ("minibatch", "return_std", "none")
 
 
 def _prompts_to_td(prompts: EncodedPrompts) -> dict:
@@ -48,6 +53,34 @@ def _require(name: str, value: float, low: float = 0.0, strict: bool = False) ->
 
 
 class CRLModule(LightningModule):
+    """Args (``model.*``):
+        policy: the VLA (modules/policy): TokenVLAPolicy or OFTPolicy.
+        critic_hidden_sizes: hidden widths of every critic head's MLP.
+        policy_lr, critic_lr, adam_eps: AdamW for the policy's trainable weights and the critic.
+        clip_eps: PPO's ratio clip.
+        alpha: weight of L_KL, KL(pi_old || pi) on old-goal samples.
+        beta_v: weight of L_GCV, the anchor critics' value consistency (V heads).
+        beta_q: weight of L_GCV with Q heads (critic_type q or q_dueling), instead of beta_v.
+        eta: weight of L_MC, the trainable critic's regression on the returns.
+        entropy_coef: entropy bonus.
+        gamma, gae_lambda: discount and GAE's lambda.
+        value_target: the trainable critic's target: mc (discounted returns) or gae.
+        advantage_scaling: minibatch (standardise each minibatch), return_std (divide by the
+            running std of the returns) or none.
+        target_kl: stop an iteration's PPO epochs once the approximate KL exceeds it (null: never).
+        max_grad_norm: gradient clipping, per optimiser.
+        critic_warmup_iterations: after every (re)initialisation of the critic, this many
+            iterations train only the critic (VLA-RL's warm-up).
+        critic_detach_features: stop L_MC's gradient at phi(s), emb(g).
+        critic_type: v, q (one-hot action input) or q_dueling (V + A - E_pi A, A zero-initialised).
+        q_advantage: Q heads' PPO advantage: q (Q(s, a) - E_pi Q(s, .)) or gae (GAE with V = E_pi Q).
+        critic_init: the trainable critic at a new stage: fresh (re-initialised) or anchor (a
+            copy of the head just frozen, a dueling head's A set to 0).
+        replay_pg_coef, replay_bc_coef: ER's weights on replayed old-task transitions
+            (clipped surrogate, behaviour cloning; modules/losses.py); 0: no replay.
+        anchor_chunk_size: anchor states per frozen-model forward.
+    """
+
     def __init__(
         self,
         policy: VLAPolicy,
@@ -58,24 +91,29 @@ class CRLModule(LightningModule):
         clip_eps: float = 0.2,
         alpha: float = 1e-5,
         beta_v: float = 1e-3,
+        beta_q: float = 1e-2,
         eta: float = 1.0,
         entropy_coef: float = 0.0,
         gamma: float = 0.99,
         gae_lambda: float = 0.95,
         value_target: str = "mc",
-        normalize_advantage: bool = True,
+        advantage_scaling: str = "minibatch",
         target_kl: float | None = None,
         max_grad_norm: float = 1.0,
         critic_warmup_iterations: int = 0,
         critic_detach_features: bool = False,
         critic_type: str = "v",
         q_advantage: str = "q",
+        critic_init: str = "fresh",
+        replay_pg_coef: float = 0.0,
+        replay_bc_coef: float = 0.0,
         anchor_chunk_size: int = 1024,
     ):
         super().__init__()
         for name in ("policy_lr", "critic_lr", "clip_eps", "max_grad_norm"):
             _require(name, locals()[name], strict=True)
-        for name in ("alpha", "beta_v", "eta", "entropy_coef", "critic_warmup_iterations"):
+        for name in ("alpha", "beta_v", "beta_q", "eta", "entropy_coef", "critic_warmup_iterations",
+                     "replay_pg_coef", "replay_bc_coef"):
             _require(name, locals()[name])
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= locals()[name] <= 1.0:
@@ -84,19 +122,26 @@ class CRLModule(LightningModule):
             raise ValueError(f"model.value_target={value_target!r}: expected 'mc' or 'gae'")
         if q_advantage not in ("q", "gae"):
             raise ValueError(f"model.q_advantage={q_advantage!r}: expected 'q' or 'gae'")
+        if critic_type not in CRITIC_TYPES:
+            raise ValueError(f"model.critic_type={critic_type!r}: expected one of {list(CRITIC_TYPES)}")
+        if advantage_scaling not in ADVANTAGE_SCALINGS:
+            raise ValueError(f"model.advantage_scaling={advantage_scaling!r}: expected one of {list(ADVANTAGE_SCALINGS)}")
+        if critic_init not in ("fresh", "anchor"):
+            raise ValueError(f"model.critic_init={critic_init!r}: expected 'fresh' or 'anchor'")
         if target_kl is not None:
             _require("target_kl", target_kl, strict=True)
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
         # V(s, g), or Q(s, a, g) for CRL-VLA (Q): advantage Q(s, a) - E_{a'~pi} Q(s, a')
-        if critic_type == "q" and not getattr(policy, "token_actions", True):
-            raise ValueError(f"model.critic_type='q': not supported with {type(policy).__name__} (continuous "
-                             "action chunks; the Q head one-hot encodes action tokens): use 'v'")
+        if critic_type != "v" and not getattr(policy, "token_actions", True):
+            raise ValueError(f"model.critic_type={critic_type!r}: not supported with {type(policy).__name__} "
+                             "(continuous action chunks; Q heads are over action-token bins): use 'v'")
         self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
                                   getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None),
                                   goal_dim=policy.goal_dim)
-        self.anchor_critic: torch.nn.Module | None = None
+        self.anchor_critics = AnchorCritics()  # one frozen head per finished stage
+        self.return_std = RunningStd()  # advantage_scaling: return_std
         self.old_policy = None  # TokenVLAPolicy (frozen copy) or AdapterPolicy (LoRA)
         self.critic_age = 0  # iterations since the trainable critic was (re)initialised
         # extra loss terms registered by baseline callbacks (e.g. online EWC): name -> () -> scalar
@@ -113,30 +158,48 @@ class CRLModule(LightningModule):
     # -- anchors (called by callbacks at task boundaries) ------------------------------
     @property
     def has_anchor(self) -> bool:
-        return self.anchor_critic is not None
+        return len(self.anchor_critics) > 0
 
-    def freeze_anchor(self) -> None:
-        """Trainable critic -> frozen anchor critic; policy -> frozen old policy;
-        a fresh trainable critic (and fresh optimiser state) for the next task."""
-        self.anchor_critic = frozen_copy(self.critic)
+    @property
+    def beta_anchor(self) -> float:
+        """L_GCV's weight: beta_Q for Q heads, beta_V for V heads (the paper's two coefficients)."""
+        return self.hparams.beta_v if self.hparams.critic_type == "v" else self.hparams.beta_q
+
+    @property
+    def replays(self) -> bool:
+        """Whether ER's replay terms are on (datamodules/on_policy.py then sends replay samples)."""
+        return self.hparams.replay_pg_coef > 0 or self.hparams.replay_bc_coef > 0
+
+    def freeze_anchor(self) -> int:
+        """Trainable critic -> a new frozen anchor head (returned: its index); policy -> frozen
+        old policy; the trainable critic for the next stage (``critic_init``: fresh, or kept as
+        the anchor's copy with a dueling head's A reset to 0) with fresh optimiser state."""
+        head = self.anchor_critics.add(self.critic)
         self.old_policy = self.policy.snapshot()
-        self.critic.reset_parameters()
+        if self.hparams.critic_init == "fresh":
+            self.critic.reset_parameters()
+        elif hasattr(self.critic, "reset_advantage"):
+            self.critic.reset_advantage()
         if self._trainer is not None and self.trainer.optimizers:
             self.trainer.optimizers[1].state.clear()
         self.critic_age = 0
+        return head
 
     # -- rollout -> training samples (no grad) ----------------------------------------
     @torch.no_grad()
     def process_rollout(self, rollout: TensorDict, anchor_goals: list[str],
-                        anchor_fraction: float = 1.0, anchor_memory: TensorDict | None = None):
-        """[envs, T] rollout -> (samples, anchor samples or None, stats)."""
+                        anchor_fraction: float = 1.0, anchor_memory: TensorDict | None = None,
+                        anchor_heads: list[int] | None = None):
+        """[envs, T] rollout -> (samples, anchor samples or None, stats). ``anchor_heads[i]``:
+        the anchor head of old goal ``anchor_goals[i]`` (None or -1: the newest head)."""
         hp = self.hparams
         n_env, T = rollout.batch_size
         flat = rollout.reshape(-1)
         phi, emb, tokens = flat.get("phi"), flat.get("emb"), flat.get("action_tokens")
         # V(s, g) (for a Q critic: E_{a~pi} Q(s, a, g)) and the critic's own prediction
-        value = self.critic.state_value(phi, emb, flat.get("token_log_probs")).view(n_env, T)
-        prediction = self.critic(phi, emb, tokens).view(n_env, T)
+        token_log_probs = flat.get("token_log_probs")
+        value = self.critic.state_value(phi, emb, token_log_probs).view(n_env, T)
+        prediction = self.critic(phi, emb, tokens, token_log_probs).view(n_env, T)
         done = rollout.get(("next", "done")).squeeze(-1)
         terminated = rollout.get(("next", "terminated")).squeeze(-1)
         # V(s'): the next step's value where the episode goes on; one act() on the real next
@@ -157,8 +220,10 @@ class CRLModule(LightningModule):
             target = mc_returns(reward, value, next_value, done, terminated, hp.gamma)
         else:
             target = gae_target
-        if hp.critic_type == "q" and hp.q_advantage == "q":  # the paper's A(s, a) = Q(s, a, g) - E_{a'~pi} Q(s, a', g)
+        if hp.critic_type != "v" and hp.q_advantage == "q":  # the paper's A(s, a) = Q(s, a, g) - E_{a'~pi} Q(s, a', g)
             advantage = prediction - value  # (q_advantage "gae": GAE on the rewards with V = E_{a'~pi} Q)
+        if hp.advantage_scaling == "return_std":
+            self.return_std.update(target)
 
         prompts = self.policy.encode(instructions_of(flat))
         samples = TensorDict({
@@ -177,42 +242,66 @@ class CRLModule(LightningModule):
                 1 - (target - prediction).var() / target.var().clamp_min(1e-8)),
             "rollout/value_mean": float(value.mean()),
             "rollout/reward_mean": float(reward.mean()),
+            # the bound's M_new (Theorem 4.1): the advantage's size on current-task samples
+            "theory/adv_abs_current": float(advantage.abs().mean()),
         }
         if ended:
             stats["rollout/success"] = rollout.get(("next", "success")).sum().item() / ended
         anchors = None
-        if self.has_anchor and (hp.alpha > 0 or hp.beta_v > 0):
-            anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory)
+        if self.has_anchor and (hp.alpha > 0 or self.beta_anchor > 0):
+            anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory, anchor_heads)
         return samples, anchors, stats
 
-    def _anchor_samples(self, samples, anchor_goals, fraction, memory):
+    def _anchor_samples(self, samples, anchor_goals, fraction, memory, anchor_heads=None):
         """States with old goals and the frozen models' targets pi_old(.|s,g), V_old(s,g).
         Replay-free (default): current states relabelled with an earlier task's instruction.
-        Memory: stored old-task states with their own instructions (the paper's setting)."""
+        Memory: stored old-task states with their own instructions (the paper's setting).
+        Each sample keeps its goal (index into ``anchor_goals``) and that goal's head."""
         if memory is not None and memory.numel():
             # the memory lives on the CPU; a TensorDict built from parts can have device None
-            images, goals = memory.get("image").to(self.device), memory.get("goal")
-            texts = [anchor_goals[i] for i in goals.tolist()]
+            images, goals = memory.get("image").to(self.device), memory.get("goal").cpu()
         elif anchor_goals:
             n = max(1, int(round(fraction * samples.numel())))
             idx = torch.randperm(samples.numel(), device=samples.device)[:n]
             images = samples.get("image")[idx]
-            choice = torch.randint(len(anchor_goals), (n,)).tolist()
-            texts = [anchor_goals[i] for i in choice]
+            goals = torch.randint(len(anchor_goals), (n,))
         else:
             return None
-        prompts = self.policy.encode(texts)
-        chunks = []
-        for s in range(0, len(texts), self.hparams.anchor_chunk_size):
-            sl = slice(s, s + self.hparams.anchor_chunk_size)
-            p = prompts.index(sl)
-            old = self.old_policy.act(images[sl], p)
-            chunks.append(TensorDict({
-                "tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
-                "value_target": self.anchor_critic(old.phi, old.emb, old.tokens)}, batch_size=[len(old.tokens)]))
-        out = torch.cat(chunks)
-        out.update({"image": images, **_prompts_to_td(prompts)})
+        heads, newest = anchor_heads or [], len(self.anchor_critics) - 1  # a goal without a head (-1): the newest
+        head = torch.tensor([heads[i] if i < len(heads) and heads[i] >= 0 else newest for i in goals.tolist()],
+                            device=self.device)
+        prompts = self.policy.encode([anchor_goals[i] for i in goals.tolist()])
+        size = self.hparams.anchor_chunk_size
+        out = torch.cat([self._anchor_chunk(images[s:s + size], prompts.index(slice(s, s + size)), head[s:s + size])
+                         for s in range(0, len(head), size)])
+        out.update({"image": images, "goal": goals.to(self.device), "head": head, **_prompts_to_td(prompts)})
         return out
+
+    def _anchor_chunk(self, images, prompts: EncodedPrompts, head: torch.Tensor) -> TensorDict:
+        """One chunk of anchor states: the frozen old policy's action and per-token
+        distribution, and the target V_old(s, g) (Q heads: Q_old(s, a_old, g)) from the head
+        of each state's own goal, on the old policy's features."""
+        old = self.old_policy.act(images, prompts)
+        target = self.anchor_critics(old.phi, old.emb, old.tokens, head, old.token_log_probs)
+        return TensorDict({"tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
+                           "value_target": target}, batch_size=[len(old.tokens)])
+
+    @torch.no_grad()
+    def replay_samples(self, memory: TensorDict, goals: list[str]) -> TensorDict:
+        """ER: stored old-task transitions as samples with their own instructions (the
+        behaviour log-prob and the advantage as they were when stored)."""
+        prompts = self.policy.encode([goals[i] for i in memory.get("goal").tolist()])
+        return TensorDict({"image": memory.get("image").to(self.device),
+                           **{k: memory.get(k).to(self.device) for k in ("tokens", "log_prob", "advantage")},
+                           **_prompts_to_td(prompts)}, batch_size=[memory.numel()])
+
+    def _scale_advantage(self, advantage: torch.Tensor) -> torch.Tensor:
+        scaling = self.hparams.advantage_scaling
+        if scaling == "minibatch" and advantage.numel() > 1:
+            return (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+        if scaling == "return_std":
+            return advantage / self.return_std.std.clamp_min(1e-2).to(advantage.dtype)
+        return advantage
 
     def action_log_prob(self, samples: TensorDict) -> torch.Tensor:
         """log pi(a | s, g) of the samples' actions under the current policy (with grad)."""
@@ -222,37 +311,46 @@ class CRLModule(LightningModule):
     # -- one PPO minibatch -------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         hp = self.hparams
-        cur, anc = batch["cur"], batch.get("anchor")
-        prompts, images, tokens = _prompts_from_td(cur), cur.get("image"), cur.get("tokens")
-        if anc is not None:
-            prompts = cat_prompts(prompts, _prompts_from_td(anc))
-            images = torch.cat([images, anc.get("image")])
-            tokens = torch.cat([tokens, anc.get("tokens")])
-        out = self.policy.evaluate(images, prompts, tokens)
+        cur, anc, rep = batch["cur"], batch.get("anchor"), batch.get("replay")
+        parts = [p for p in (cur, anc, rep) if p is not None]  # one policy forward for all samples
+        prompts = _prompts_from_td(parts[0])
+        for p in parts[1:]:
+            prompts = cat_prompts(prompts, _prompts_from_td(p))
+        out = self.policy.evaluate(torch.cat([p.get("image") for p in parts]), prompts,
+                                   torch.cat([p.get("tokens") for p in parts]))
         n = cur.batch_size[0]
+        a = slice(n, n + (anc.batch_size[0] if anc is not None else 0))  # anchor rows
         phi, emb = out.phi[:n], out.emb[:n]
         if hp.critic_detach_features:
             phi, emb = phi.detach(), emb.detach()
-        advantage = cur.get("advantage")
-        if hp.normalize_advantage and advantage.numel() > 1:
-            advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         anchor_terms = {}
         if anc is not None:
             anchor_terms = dict(
-                anchor_token_log_probs=out.token_log_probs[n:],
+                anchor_token_log_probs=out.token_log_probs[a],
                 kl_fn=getattr(self.policy, "kl_to_old_policy", None),  # OFTPolicy: Laplace KL
                 anchor_old_token_log_probs=anc.get("old_token_log_probs"),
-                anchor_value=self.anchor_critic(out.phi[n:], out.emb[n:], anc.get("tokens")),
+                anchor_value=self.anchor_critics(out.phi[a], out.emb[a], anc.get("tokens"), anc.get("head"),
+                                                 anc.get("old_token_log_probs")),
                 anchor_value_target=anc.get("value_target"))
         loss, terms = crl_loss(
-            log_prob=out.log_prob[:n], old_log_prob=cur.get("log_prob"), advantage=advantage,
-            value=self.critic(phi, emb, cur.get("tokens")), value_target=cur.get("value_target"),
-            entropy=out.entropy[:n], clip_eps=hp.clip_eps, alpha=hp.alpha, beta_v=hp.beta_v,
-            eta=hp.eta, entropy_coef=hp.entropy_coef, **anchor_terms)
+            log_prob=out.log_prob[:n], old_log_prob=cur.get("log_prob"),
+            advantage=self._scale_advantage(cur.get("advantage")),
+            value=self.critic(phi, emb, cur.get("tokens"), out.token_log_probs[:n]),
+            value_target=cur.get("value_target"), entropy=out.entropy[:n], clip_eps=hp.clip_eps, alpha=hp.alpha,
+            beta_v=self.beta_anchor, eta=hp.eta, entropy_coef=hp.entropy_coef, **anchor_terms)
+        if rep is not None:  # ER: old-task transitions through the policy's own losses
+            r = slice(a.stop, None)
+            replay, replay_terms = experience_replay(
+                out.log_prob[r], rep.get("log_prob"), self._scale_advantage(rep.get("advantage")), hp.clip_eps,
+                hp.replay_pg_coef, hp.replay_bc_coef)
+            loss = loss + replay
+            terms.update(replay_terms)
         for name, penalty in self.penalties.items():  # baselines' terms (callbacks/ewc.py)
             value = penalty()
             loss = loss + value
             terms[name] = value.detach()
+        if anc is not None:
+            terms.update(self._old_goal_theory(out, a, anc, anchor_terms["anchor_value"]))
 
         opt_policy, opt_critic = self.optimizers()
         opt_policy.zero_grad()
@@ -268,9 +366,26 @@ class CRLModule(LightningModule):
         approx_kl = self.all_gather(terms["approx_kl"]).mean()  # same decision on every rank
         if hp.target_kl is not None and approx_kl > hp.target_kl:
             self._stop_epoch = True
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True,
-                      sync_dist=True, batch_size=n)
+        self.log_dict({(k if "/" in k else f"train/{k}"): v for k, v in terms.items()}, on_step=False,
+                      on_epoch=True, sync_dist=True, batch_size=n)
         return loss
+
+    @torch.no_grad()
+    def _old_goal_theory(self, out, rows: slice, anc: TensorDict, anchor_value: torch.Tensor) -> dict:
+        """Theorem 4.1's old-task quantities on the anchor (old-goal) samples:
+        ``theory/kl_pi_old_anchor`` = E[KL(pi || pi_old)] (D_old = sqrt(2 x it));
+        ``theory/adv_abs_anchor`` = E|A_old(s, a_old, g)|, the anchor Q head's advantage of the
+        old policy's action on the current features (M_old; Q heads only: a V head has no
+        action value on these states); ``theory/value_drift_anchor`` = E|V_head(phi_now) -
+        V_old|, the critic error on old goals that bounds M_old (every head type)."""
+        kl_fn = getattr(self.policy, "kl_to_old_policy", None) or kl_to_old_policy
+        old = anc.get("old_token_log_probs")
+        stats = {"theory/kl_pi_old_anchor": kl_fn(out.token_log_probs[rows], old),  # arguments swapped: KL(pi || pi_old)
+                 "theory/value_drift_anchor": (anchor_value - anc.get("value_target")).abs().mean()}
+        adv = self.anchor_critics.advantage(out.phi[rows], out.emb[rows], anc.get("tokens"), anc.get("head"), old)
+        if adv is not None:
+            stats["theory/adv_abs_anchor"] = adv.abs().mean()
+        return stats
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
@@ -306,8 +421,9 @@ class CRLModule(LightningModule):
         state = checkpoint.get("crl", {})
         if self.policy.uses_lora:  # adapters made at task boundaries (old, per-task) must exist
             self.policy.ensure_adapters(adapter_names(checkpoint["state_dict"]))
-        if state.get("has_anchor"):  # create the frozen modules so their weights load
-            self.anchor_critic = frozen_copy(self.critic)
+        # create the frozen modules so their weights load: every anchor head, the old policy
+        self.anchor_critics.ensure(AnchorCritics.count_in(checkpoint["state_dict"]), self.critic)
+        if state.get("has_anchor"):
             self.old_policy = self.policy.snapshot()
         self.critic_age = state.get("critic_age", 0)
         rng = state.get("rng")
