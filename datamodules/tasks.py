@@ -54,7 +54,10 @@ class Task:
 
     @property
     def instruction(self) -> str | None:
-        """The goal text when the task fixes it (used to relabel states for anchors)."""
+        """The goal text when the task fixes it (used to relabel states for anchors); None for
+        a multi-task stage (``instructions``: one per task)."""
+        if self.subtasks:
+            return None
         if self.env == "babyai" and self.level == "GoToObjectRoom":
             return f"go to the {self.target}"
         if self.env == "libero":
