@@ -134,7 +134,9 @@ def test_ddp_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
-    cfg = small_config(tmp_path, "resume", iterations=2, tasks=3)
+    """Resume at a task boundary with memory anchors: every anchor head and the memory come back."""
+    cfg = small_config(tmp_path, "resume", iterations=2, tasks=3,
+                       extra={"data.anchor_source": "memory", "data.memory_per_task": 16})
     res = run_train("--config", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     full, log_dir = _metrics(tmp_path, "resume")
@@ -158,14 +160,20 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
     r2 = torch.load(os.path.join(log_dir2, "checkpoints", "task1_end.ckpt"), weights_only=False)
     r1 = torch.load(os.path.join(ckpts, "task1_end.ckpt"), weights_only=False)
     assert r2["epoch"] == r1["epoch"]  # same iteration count at the same boundary
-    # the anchor critic restored from the checkpoint is the one frozen at the end of task 0
-    a_mid = {k: v for k, v in state["state_dict"].items() if k.startswith("anchor_critic.")}
-    a_r2 = {k: v for k, v in r2["state_dict"].items() if k.startswith("anchor_critic.")}
-    a_r1 = {k: v for k, v in r1["state_dict"].items() if k.startswith("anchor_critic.")}
-    assert a_mid and set(a_mid) == set(a_r2)
-    # after task 1 the anchor is re-frozen from the task-1 critic: differs from the task-0 one
-    assert any((a_mid[k] - a_r2[k]).abs().max() > 0 for k in a_mid)
-    assert set(a_r1) == set(a_r2)
+
+    def heads(ckpt):
+        return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("anchor_critics.")}
+
+    # head 0 restored from the checkpoint is the one frozen at the end of task 0; task 1 adds head 1
+    a_mid, a_r2, a_r1 = heads(state), heads(r2), heads(r1)
+    assert a_mid and {k.split(".")[1] for k in a_mid} == {"0"} and set(a_r2) == set(a_r1)
+    assert {k.split(".")[1] for k in a_r2} == {"0", "1"}
+    assert all(torch.equal(a_mid[k], a_r2[k]) for k in a_mid)
+    assert any((a_r2[k] - a_r2[k.replace(".0.", ".1.", 1)]).abs().max() > 0 for k in a_mid)
+    memory_mid, memory_r2 = state["OnPolicyDataModule"]["memory"], r2["OnPolicyDataModule"]["memory"]
+    assert memory_mid["task"].tolist() == [0] * 16 and memory_r2["task"].tolist() == [0] * 16 + [1] * 16
+    assert torch.equal(memory_r2["image"][:16], memory_mid["image"])  # the stored states came back
+    assert r2["OnPolicyDataModule"]["anchor_heads"] == [0, 1]
 
 
 @pytest.mark.parametrize("configs", [["configs/quickstart.yaml"], ["configs/crl.yaml"],
@@ -176,6 +184,13 @@ def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
                                      ["configs/quickstart.yaml", "configs/ablations/crl_q_gae.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/mtl.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/er.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/lwf_memory.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_memory.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_anchor_only.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_q_dueling.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/paper_weights.yaml",
+                                      "configs/ablations/lwf.yaml"],
+                                     ["configs/quickstart.yaml", "configs/streams/babyai_multitask.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/per_task_adapters.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml",
                                       "configs/ablations/lora.yaml"],
@@ -186,16 +201,21 @@ def test_configs_parse_and_print(configs):
     assert "model:" in out and "data:" in out and "stream:" in out
     has_anchor = "AnchorCriticFreeze" in out
     no_anchor = ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml", "configs/ablations/mtl.yaml",
-                 "configs/ablations/per_task_adapters.yaml")
+                 "configs/ablations/per_task_adapters.yaml", "configs/ablations/er.yaml")
     assert has_anchor == (not any(c in configs for c in no_anchor))
     lora_on = any(c in configs for c in ("configs/ablations/lora.yaml", "configs/ablations/per_task_adapters.yaml"))
     assert ("lora:" in out and ("r: 8" in out)) == lora_on
     assert ("q_advantage: gae" in out) == ("configs/ablations/crl_q_gae.yaml" in configs)
+    assert ("ExperienceReplay" in out) == ("configs/ablations/er.yaml" in configs)
+    assert ("anchor_source: memory" in out) == any(c in configs for c in (
+        "configs/ablations/lwf_memory.yaml", "configs/ablations/crl_memory.yaml"))
+    if "configs/ablations/paper_weights.yaml" in configs:  # lwf.yaml after it still switches beta_V off
+        assert "alpha: 1.0e-05" in out and "beta_v: 0.0" in out and "eta: 1.0" in out
 
 
 # ablations that replace the quickstart's callback list (a YAML list is replaced whole when
 # merged), and the callbacks each one swaps in for AnchorCriticFreeze
-LIST_REPLACING = {"seq_ft": [], "ewc": ["callbacks.ewc.OnlineEWC"], "mtl": [],
+LIST_REPLACING = {"seq_ft": [], "ewc": ["callbacks.ewc.OnlineEWC"], "mtl": [], "er": ["callbacks.replay.ExperienceReplay"],
                   "per_task_adapters": ["callbacks.adapters.PerTaskAdapters"]}
 
 
@@ -214,7 +234,7 @@ def test_ablation_callbacks_are_the_quickstart_ones_minus_the_anchor(ablation):
     assert [c.class_path for c in ablation_cbs if c.class_path in LIST_REPLACING[ablation]] == LIST_REPLACING[ablation]
 
 
-ABLATIONS = ["seq_ft", "ewc", "lwf", "crl_q", "crl_q_gae", "mtl", "er"]
+ABLATIONS = ["seq_ft", "ewc", "lwf", "crl_q", "crl_q_gae", "mtl", "er", "lwf_memory", "crl_memory", "crl_q_dueling"]
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +254,16 @@ def test_each_ablation_runs_one_iteration_per_task(ablation_runs, ablation):
     m = json.load(open(path))
     assert m["complete"] and len(m["R"]) == 2 and len(m["R"][1]) == 2
     ckpt = torch.load(os.path.join(os.path.dirname(path), "checkpoints", "task1_end.ckpt"), weights_only=False)
-    critic_in = ckpt["state_dict"]["critic.net.0.weight"].shape[1]  # [phi; emb] (+ onehot(a) for Q)
-    assert critic_in == 2 * 32 + (3 if ablation.startswith("crl_q") else 0)
-    assert ckpt["crl"]["has_anchor"] == (ablation in ("lwf", "crl_q", "crl_q_gae", "er"))
-    if ablation == "er":  # the bounded memory of task 0's states went into the checkpoint
-        memory = next(v for k, v in ckpt["datamodule_hyper_parameters"].items() if k == "anchor_source")
-        assert memory == "memory"
+    first = "critic.trunk.0.weight" if ablation == "crl_q_dueling" else "critic.net.0.weight"
+    critic_in = ckpt["state_dict"][first].shape[1]  # [phi; emb] (+ onehot(a) for Q)
+    assert critic_in == 2 * 32 + (3 if ablation in ("crl_q", "crl_q_gae") else 0)
+    anchored = ("lwf", "crl_q", "crl_q_gae", "lwf_memory", "crl_memory", "crl_q_dueling")
+    assert ckpt["crl"]["has_anchor"] == (ablation in anchored)
+    heads = {k.split(".")[1] for k in ckpt["state_dict"] if k.startswith("anchor_critics.")}
+    assert heads == ({"0"} if ablation in anchored else set())  # one head after one boundary
+    if ablation in ("er", "lwf_memory", "crl_memory"):  # the bounded memory of task 0's samples went into the checkpoint
         stored = ckpt["OnPolicyDataModule"]["memory"] if "OnPolicyDataModule" in ckpt else None
-        assert stored is not None and len(stored["goal"]) > 0 and set(stored["goal"].tolist()) == {0}
+        assert stored is not None and len(stored["goal"]) > 0 and set(stored["task"].tolist()) == {0}
 
 
 @pytest.mark.slow
