@@ -8,15 +8,20 @@ The algorithm, top to bottom (one Lightning epoch = one PPO iteration):
      returns, and the anchor samples (old goals) with their targets from the frozen models,
      each old goal's from the head of the stage that trained on it;
   3. ``training_step`` on each minibatch: Eq. 8 (modules/losses.py), plus ER's replay terms
-     when old-task transitions are replayed, clipped gradients, a policy step (skipped
-     during critic warm-up) and a critic step; the theory's quantities are logged (``theory/``);
+     when old-task transitions are replayed, clipped gradients, a policy step (skipped during
+     critic warm-up) and a critic step; with ``micro_batch_size`` the minibatch's
+     forward/backward runs in slices whose gradients add up to the whole minibatch's; the
+     theory's quantities are logged (``theory/``);
   4. the approximate KL between the rollout policy and the current one stops the PPO
      epochs early when it exceeds ``target_kl``.
 Task boundaries are not known here: callbacks call ``freeze_anchor()``.
+Each step is timed under a named phase (modules/timing.py; logged by callbacks/iteration_timing.py).
 """
 from __future__ import annotations
 
+import math
 import random
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -28,10 +33,11 @@ from modules.anchor_critics import AnchorCritics
 from modules.critics import CRITIC_TYPES, make_critic
 from modules.losses import crl_loss, experience_replay, kl_to_old_policy
 from modules.policy.backbone import EncodedPrompts, cat_prompts
+from modules.policy.base import VLAPolicy, act_in_chunks
 from modules.policy.lora import adapter_names
-from modules.policy.base import VLAPolicy
 from modules.returns import RunningStd, gae, mc_returns
 from modules.rollout_policy import RolloutPolicy
+from modules.timing import phase
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "image_mask", "goal_mask")
 ADVANTAGE_SCALINGS = ("minibatch", "return_std", "none")
@@ -53,34 +59,6 @@ def _require(name: str, value: float, low: float = 0.0, strict: bool = False) ->
 
 
 class CRLModule(LightningModule):
-    """Args (``model.*``):
-        policy: the VLA (modules/policy): TokenVLAPolicy or OFTPolicy.
-        critic_hidden_sizes: hidden widths of every critic head's MLP.
-        policy_lr, critic_lr, adam_eps: AdamW for the policy's trainable weights and the critic.
-        clip_eps: PPO's ratio clip.
-        alpha: weight of L_KL, KL(pi_old || pi) on old-goal samples.
-        beta_v: weight of L_GCV, the anchor critics' value consistency (V heads).
-        beta_q: weight of L_GCV with Q heads (critic_type q or q_dueling), instead of beta_v.
-        eta: weight of L_MC, the trainable critic's regression on the returns.
-        entropy_coef: entropy bonus.
-        gamma, gae_lambda: discount and GAE's lambda.
-        value_target: the trainable critic's target: mc (discounted returns) or gae.
-        advantage_scaling: minibatch (standardise each minibatch), return_std (divide by the
-            running std of the returns) or none.
-        target_kl: stop an iteration's PPO epochs once the approximate KL exceeds it (null: never).
-        max_grad_norm: gradient clipping, per optimiser.
-        critic_warmup_iterations: after every (re)initialisation of the critic, this many
-            iterations train only the critic (VLA-RL's warm-up).
-        critic_detach_features: stop L_MC's gradient at phi(s), emb(g).
-        critic_type: v, q (one-hot action input) or q_dueling (V + A - E_pi A, A zero-initialised).
-        q_advantage: Q heads' PPO advantage: q (Q(s, a) - E_pi Q(s, .)) or gae (GAE with V = E_pi Q).
-        critic_init: the trainable critic at a new stage: fresh (re-initialised) or anchor (a
-            copy of the head just frozen, a dueling head's A set to 0).
-        replay_pg_coef, replay_bc_coef: ER's weights on replayed old-task transitions
-            (clipped surrogate, behaviour cloning; modules/losses.py); 0: no replay.
-        anchor_chunk_size: anchor states per frozen-model forward.
-    """
-
     def __init__(
         self,
         policy: VLAPolicy,
@@ -107,8 +85,43 @@ class CRLModule(LightningModule):
         critic_init: str = "fresh",
         replay_pg_coef: float = 0.0,
         replay_bc_coef: float = 0.0,
-        anchor_chunk_size: int = 1024,
+        target_chunk_size: int | None = None,
+        micro_batch_size: int | None = None,
     ):
+        """Args (the loss's coefficients are Eq. 8's, ``modules/losses.py``):
+            policy: the VLA (``TokenVLAPolicy`` or ``OFTPolicy``).
+            critic_hidden_sizes: hidden widths of the critics' MLP on [phi(s); emb(g)].
+            policy_lr, critic_lr, adam_eps: AdamW (no weight decay) for the policy and the critic.
+            clip_eps: PPO's ratio clip.
+            alpha: weight of L_KL, the KL to the old policy on old goals.
+            beta_v: weight of L_GCV, the anchor critics' value consistency on old goals (V heads).
+            beta_q: weight of L_GCV with Q heads (critic_type q or q_dueling), instead of beta_v.
+            eta: weight of L_MC, the trainable critic's regression on the returns.
+            entropy_coef: entropy bonus (0: none).
+            gamma, gae_lambda: discount and GAE's lambda.
+            value_target: the critic's target, ``mc`` (Monte-Carlo returns) or ``gae`` (GAE's returns).
+            advantage_scaling: ``minibatch`` (standardise each minibatch), ``return_std`` (divide by
+                the running std of the returns) or ``none``.
+            target_kl: stop the iteration's PPO epochs once the approximate KL exceeds it (null: never).
+            max_grad_norm: gradient-norm clip, per optimiser.
+            critic_warmup_iterations: iterations at the start of each task that train the critic only.
+            critic_detach_features: the critic's loss does not reach the policy's features.
+            critic_type: ``v`` (V(s, g)), ``q`` (Q(s, a, g), one-hot action input) or ``q_dueling``
+                (V + A - E_pi A, A zero-initialised); Q heads: token policies only.
+            q_advantage: with Q heads, ``q`` (Q(s, a) - E_pi Q(s, .)) or ``gae``.
+            critic_init: the trainable critic at a new stage: ``fresh`` (re-initialised) or ``anchor``
+                (a copy of the head just frozen, a dueling head's A set to 0).
+            replay_pg_coef, replay_bc_coef: ER's weights on replayed old-task transitions (clipped
+                surrogate, behaviour cloning; ``modules/losses.py``); 0: no replay.
+            target_chunk_size: rows per ``act`` call when targets are computed without gradient
+                (V(s') at truncations, the old policy on anchor samples). null: the acting batch
+                when the policy keeps a static decode cache (those passes then reuse its cache
+                and CUDA graphs and allocate nothing larger), else 1024.
+            micro_batch_size: rows (current + anchor + replay samples) per forward/backward inside a
+                minibatch; the slices' gradients add up to the minibatch's. null: the whole
+                minibatch at once. Smaller slices need less activation memory (so gradient
+                checkpointing can stay off) at the same result.
+        """
         super().__init__()
         for name in ("policy_lr", "critic_lr", "clip_eps", "max_grad_norm"):
             _require(name, locals()[name], strict=True)
@@ -130,6 +143,9 @@ class CRLModule(LightningModule):
             raise ValueError(f"model.critic_init={critic_init!r}: expected 'fresh' or 'anchor'")
         if target_kl is not None:
             _require("target_kl", target_kl, strict=True)
+        for name in ("target_chunk_size", "micro_batch_size"):
+            if locals()[name] is not None:
+                _require(name, locals()[name], low=1)
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
@@ -147,6 +163,7 @@ class CRLModule(LightningModule):
         # extra loss terms registered by baseline callbacks (e.g. online EWC): name -> () -> scalar
         self.penalties: dict = {}
         self.rollout_stats: dict[str, float] = {}
+        self.update_rows = 0  # samples (current + anchor) through the update since last read (timing)
         self._stop_epoch = False
 
     # -- acting -------------------------------------------------------------------------
@@ -192,6 +209,22 @@ class CRLModule(LightningModule):
                         anchor_heads: list[int] | None = None):
         """[envs, T] rollout -> (samples, anchor samples or None, stats). ``anchor_heads[i]``:
         the anchor head of old goal ``anchor_goals[i]`` (None or -1: the newest head)."""
+        with phase("rollout_targets"):
+            samples, stats = self._rollout_targets(rollout)
+        anchors = None
+        if self.has_anchor and (self.hparams.alpha > 0 or self.beta_anchor > 0):
+            with phase("anchor_targets"):
+                anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory, anchor_heads)
+        return samples, anchors, stats
+
+    def _act_for_targets(self, act, images, prompts, greedy: bool):
+        """``act`` without gradient over many rows, in chunks (``target_chunk_size``)."""
+        hint = self.policy.act_batch_hint()
+        chunk = self.hparams.target_chunk_size or hint or 1024
+        return act_in_chunks(act, images, prompts, chunk, pad=hint is not None, greedy=greedy)
+
+    def _rollout_targets(self, rollout: TensorDict):
+        """Values, V(s') where needed, advantages and value targets of the rollout's samples."""
         hp = self.hparams
         n_env, T = rollout.batch_size
         flat = rollout.reshape(-1)
@@ -211,8 +244,9 @@ class CRLModule(LightningModule):
         need &= ~terminated
         if need.any():
             nxt = rollout.get("next")[need]
-            nout = self.policy.act(nxt.get(("observation", "image")), self.policy.encode(instructions_of(nxt)),
-                                   greedy=True)  # greedy: the distribution is what counts, and no RNG draw
+            nout = self._act_for_targets(self.policy.act, nxt.get(("observation", "image")),
+                                         self.policy.encode(instructions_of(nxt)),
+                                         greedy=True)  # greedy: the distribution is what counts, and no RNG draw
             next_value[need] = self.critic.state_value(nout.phi, nout.emb, nout.token_log_probs)
         reward = rollout.get(("next", "reward")).squeeze(-1)
         advantage, gae_target = gae(reward, value, next_value, done, terminated, hp.gamma, hp.gae_lambda)
@@ -247,16 +281,14 @@ class CRLModule(LightningModule):
         }
         if ended:
             stats["rollout/success"] = rollout.get(("next", "success")).sum().item() / ended
-        anchors = None
-        if self.has_anchor and (hp.alpha > 0 or self.beta_anchor > 0):
-            anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory, anchor_heads)
-        return samples, anchors, stats
+        return samples, stats
 
     def _anchor_samples(self, samples, anchor_goals, fraction, memory, anchor_heads=None):
         """States with old goals and the frozen models' targets pi_old(.|s,g), V_old(s,g).
         Replay-free (default): current states relabelled with an earlier task's instruction.
         Memory: stored old-task states with their own instructions (the paper's setting).
-        Each sample keeps its goal (index into ``anchor_goals``) and that goal's head."""
+        Each sample keeps its goal (index into ``anchor_goals``) and the head of that goal,
+        which gives its target V_old(s, g) (Q heads: Q_old(s, a_old, g)) on the old policy's features."""
         if memory is not None and memory.numel():
             # the memory lives on the CPU; a TensorDict built from parts can have device None
             images, goals = memory.get("image").to(self.device), memory.get("goal").cpu()
@@ -271,20 +303,12 @@ class CRLModule(LightningModule):
         head = torch.tensor([heads[i] if i < len(heads) and heads[i] >= 0 else newest for i in goals.tolist()],
                             device=self.device)
         prompts = self.policy.encode([anchor_goals[i] for i in goals.tolist()])
-        size = self.hparams.anchor_chunk_size
-        out = torch.cat([self._anchor_chunk(images[s:s + size], prompts.index(slice(s, s + size)), head[s:s + size])
-                         for s in range(0, len(head), size)])
-        out.update({"image": images, "goal": goals.to(self.device), "head": head, **_prompts_to_td(prompts)})
-        return out
-
-    def _anchor_chunk(self, images, prompts: EncodedPrompts, head: torch.Tensor) -> TensorDict:
-        """One chunk of anchor states: the frozen old policy's action and per-token
-        distribution, and the target V_old(s, g) (Q heads: Q_old(s, a_old, g)) from the head
-        of each state's own goal, on the old policy's features."""
-        old = self.old_policy.act(images, prompts)
-        target = self.anchor_critics(old.phi, old.emb, old.tokens, head, old.token_log_probs)
-        return TensorDict({"tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
-                           "value_target": target}, batch_size=[len(old.tokens)])
+        old = self._act_for_targets(self.old_policy.act, images, prompts, greedy=False)
+        return TensorDict({
+            "tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
+            "value_target": self.anchor_critics(old.phi, old.emb, old.tokens, head, old.token_log_probs),
+            "goal": goals.to(self.device), "head": head,
+            "image": images, **_prompts_to_td(prompts)}, batch_size=[len(old.tokens)])
 
     @torch.no_grad()
     def replay_samples(self, memory: TensorDict, goals: list[str]) -> TensorDict:
@@ -296,6 +320,7 @@ class CRLModule(LightningModule):
                            **_prompts_to_td(prompts)}, batch_size=[memory.numel()])
 
     def _scale_advantage(self, advantage: torch.Tensor) -> torch.Tensor:
+        """``advantage_scaling`` over the whole minibatch's advantages."""
         scaling = self.hparams.advantage_scaling
         if scaling == "minibatch" and advantage.numel() > 1:
             return (advantage - advantage.mean()) / (advantage.std() + 1e-8)
@@ -312,19 +337,77 @@ class CRLModule(LightningModule):
     def training_step(self, batch, batch_idx):
         hp = self.hparams
         cur, anc, rep = batch["cur"], batch.get("anchor"), batch.get("replay")
-        parts = [p for p in (cur, anc, rep) if p is not None]  # one policy forward for all samples
+        n, na, nr = (0 if x is None else x.batch_size[0] for x in (cur, anc, rep))
+        advantage = self._scale_advantage(cur.get("advantage"))  # over the whole minibatch
+        replay_advantage = None if rep is None else self._scale_advantage(rep.get("advantage"))
+        opt_policy, opt_critic = self.optimizers()
+        opt_policy.zero_grad()
+        opt_critic.zero_grad()
+        terms: dict[str, torch.Tensor] = {}
+        self.update_rows += n + na + nr
+        slices = self._slices(n, na, nr)
+        for k, (cs, ans, rs) in enumerate(slices):
+            sync = self.trainer.strategy.block_backward_sync() \
+                if k + 1 < len(slices) and hasattr(self.trainer.strategy, "block_backward_sync") else nullcontext()
+            with sync:
+                with phase("update/forward"):
+                    loss, part = self._slice_loss(
+                        cur[cs], advantage[cs], None if anc is None else anc[ans],
+                        None if rep is None else (rep[rs], replay_advantage[rs]),
+                        [(x.stop - x.start) / m if m else 0.0 for x, m in ((cs, n), (ans, na), (rs, nr))],
+                        first=k == 0)
+                with phase("update/backward"):
+                    self.manual_backward(loss)
+            for name, value in part.items():
+                terms[name] = terms.get(name, 0.0) + value
+        with phase("update/optimizer"):
+            self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_gradients(opt_critic, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            opt_critic.step()
+            warming_up = self.critic_age < hp.critic_warmup_iterations
+            if not warming_up:  # critic warm-up (VLA-RL): the policy stays frozen
+                opt_policy.step()
+
+        approx_kl = self.all_gather(terms["approx_kl"]).mean()  # same decision on every rank
+        if hp.target_kl is not None and approx_kl > hp.target_kl:
+            self._stop_epoch = True
+        self.log_dict({(k if "/" in k else f"train/{k}"): v for k, v in terms.items()}, on_step=False,
+                      on_epoch=True, sync_dist=True, batch_size=n)
+        return terms["loss"]
+
+    def _slices(self, n: int, na: int, nr: int = 0) -> list[tuple[slice, slice, slice]]:
+        """The current, anchor and replay rows of each slice (``micro_batch_size``): every kind
+        spread evenly over the slices."""
+        size = self.hparams.micro_batch_size
+        k = 1 if size is None else min(n, max(1, math.ceil((n + na + nr) / size)))
+
+        def bounds(m):  # k contiguous, near-equal parts of range(m), as torch.tensor_split cuts
+            edges = [m * i // k for i in range(k + 1)]
+            return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+        return list(zip(bounds(n), bounds(na), bounds(nr)))
+
+    def _slice_loss(self, cur, advantage, anc, replay, shares: list[float], first: bool):
+        """Eq. 8 (and ER's terms) on one slice of a minibatch: one backbone forward over its
+        current, anchor and replay samples, each kind's terms weighted by the slice's share of
+        that kind (``shares``: current, anchor, replay); the baselines' penalties once."""
+        hp = self.hparams
+        current_weight, anchor_weight, replay_weight = shares
+        has_anchors = anc is not None and anc.batch_size[0] > 0
+        rep, replay_advantage = replay if replay is not None and replay[0].batch_size[0] > 0 else (None, None)
+        parts = [cur] + ([anc] if has_anchors else []) + ([rep] if rep is not None else [])
         prompts = _prompts_from_td(parts[0])
         for p in parts[1:]:
             prompts = cat_prompts(prompts, _prompts_from_td(p))
         out = self.policy.evaluate(torch.cat([p.get("image") for p in parts]), prompts,
                                    torch.cat([p.get("tokens") for p in parts]))
         n = cur.batch_size[0]
-        a = slice(n, n + (anc.batch_size[0] if anc is not None else 0))  # anchor rows
+        a = slice(n, n + (anc.batch_size[0] if has_anchors else 0))  # anchor rows; replay rows after them
         phi, emb = out.phi[:n], out.emb[:n]
         if hp.critic_detach_features:
             phi, emb = phi.detach(), emb.detach()
         anchor_terms = {}
-        if anc is not None:
+        if has_anchors:
             anchor_terms = dict(
                 anchor_token_log_probs=out.token_log_probs[a],
                 kl_fn=getattr(self.policy, "kl_to_old_policy", None),  # OFTPolicy: Laplace KL
@@ -333,42 +416,29 @@ class CRLModule(LightningModule):
                                                  anc.get("old_token_log_probs")),
                 anchor_value_target=anc.get("value_target"))
         loss, terms = crl_loss(
-            log_prob=out.log_prob[:n], old_log_prob=cur.get("log_prob"),
-            advantage=self._scale_advantage(cur.get("advantage")),
+            log_prob=out.log_prob[:n], old_log_prob=cur.get("log_prob"), advantage=advantage,
             value=self.critic(phi, emb, cur.get("tokens"), out.token_log_probs[:n]),
             value_target=cur.get("value_target"), entropy=out.entropy[:n], clip_eps=hp.clip_eps, alpha=hp.alpha,
-            beta_v=self.beta_anchor, eta=hp.eta, entropy_coef=hp.entropy_coef, **anchor_terms)
+            beta_v=self.beta_anchor, eta=hp.eta, entropy_coef=hp.entropy_coef, current_weight=current_weight,
+            anchor_weight=anchor_weight, **anchor_terms)
+        weights = {"kl_old": anchor_weight, "gcv": anchor_weight, "loss": 1.0}
+        terms = {k: v * weights.get(k, current_weight) for k, v in terms.items()}
+        if has_anchors:
+            theory = self._old_goal_theory(out, a, anc, anchor_terms["anchor_value"])
+            terms.update({k: v * anchor_weight for k, v in theory.items()})
         if rep is not None:  # ER: old-task transitions through the policy's own losses
-            r = slice(a.stop, None)
-            replay, replay_terms = experience_replay(
-                out.log_prob[r], rep.get("log_prob"), self._scale_advantage(rep.get("advantage")), hp.clip_eps,
+            replayed, replay_terms = experience_replay(
+                out.log_prob[a.stop:], rep.get("log_prob"), replay_advantage, hp.clip_eps,
                 hp.replay_pg_coef, hp.replay_bc_coef)
-            loss = loss + replay
-            terms.update(replay_terms)
-        for name, penalty in self.penalties.items():  # baselines' terms (callbacks/ewc.py)
-            value = penalty()
-            loss = loss + value
-            terms[name] = value.detach()
-        if anc is not None:
-            terms.update(self._old_goal_theory(out, a, anc, anchor_terms["anchor_value"]))
-
-        opt_policy, opt_critic = self.optimizers()
-        opt_policy.zero_grad()
-        opt_critic.zero_grad()
-        self.manual_backward(loss)
-        self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-        self.clip_gradients(opt_critic, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-        opt_critic.step()
-        warming_up = self.critic_age < hp.critic_warmup_iterations
-        if not warming_up:  # critic warm-up (VLA-RL): the policy stays frozen
-            opt_policy.step()
-
-        approx_kl = self.all_gather(terms["approx_kl"]).mean()  # same decision on every rank
-        if hp.target_kl is not None and approx_kl > hp.target_kl:
-            self._stop_epoch = True
-        self.log_dict({(k if "/" in k else f"train/{k}"): v for k, v in terms.items()}, on_step=False,
-                      on_epoch=True, sync_dist=True, batch_size=n)
-        return loss
+            loss = loss + replay_weight * replayed
+            terms["loss"] = terms["loss"] + replay_weight * replayed.detach()
+            terms.update({k: v * replay_weight for k, v in replay_terms.items()})
+        if first:
+            for name, penalty in self.penalties.items():  # baselines' terms (callbacks/ewc.py)
+                value = penalty()
+                loss = loss + value
+                terms[name] = value.detach()
+        return loss, terms
 
     @torch.no_grad()
     def _old_goal_theory(self, out, rows: slice, anc: TensorDict, anchor_value: torch.Tensor) -> dict:
