@@ -6,23 +6,21 @@ datamodule's bounded CPU memory (``data.memory_size``; checkpointed with the dat
 From then on every PPO minibatch carries a share of the stored transitions, which the module
 trains on with ER's terms (modules/losses.py ``experience_replay``: the clipped surrogate with
 the stored advantage, ``model.replay_pg_coef``, and behaviour cloning of the stored actions,
-``model.replay_bc_coef``). Use it instead of AnchorCriticFreeze (``configs/ablations/er.yaml``);
-with it, CRL also replays (CRL + ER).
+``model.replay_bc_coef``). It is the run's continual-learning method (``method:``,
+``configs/ablations/er.yaml``), in place of AnchorCriticFreeze.
 
 This is experience replay as continual RL defines it (old data through the policy's own
 learning loss), not the KL-to-old-policy on stored states of ``configs/ablations/lwf_memory.yaml``.
 """
 from __future__ import annotations
 
-from lightning import Callback
-
-from callbacks.task_boundary import TaskBoundaryHooks
+from callbacks.task_boundary import ContinualMethod
 
 
-class ExperienceReplay(Callback, TaskBoundaryHooks):
+class ExperienceReplay(ContinualMethod):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not pl_module.replays:
-            raise ValueError("trainer.callbacks ExperienceReplay: needs model.replay_pg_coef or "
+            raise ValueError("method=callbacks.replay.ExperienceReplay: needs model.replay_pg_coef or "
                              "model.replay_bc_coef > 0 (nothing would replay the memory)")
         if trainer.datamodule.memory_per_task <= 0:
             raise ValueError(f"data.memory_per_task={trainer.datamodule.memory_per_task!r}: "

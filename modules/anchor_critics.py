@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 
-from modules.critics import frozen_copy
+from modules.critics import GoalConditionedCritic, frozen_copy
 
 
 class AnchorCritics(nn.ModuleList):
@@ -43,6 +43,13 @@ class AnchorCritics(nn.ModuleList):
         found = [int(m.group(1)) for k in state_dict_keys if (m := pattern.match(k))]
         return max(found) + 1 if found else 0
 
+    @staticmethod
+    def rename_single_anchor(state_dict: dict) -> None:
+        """A checkpoint with one ``anchor_critic`` (written before heads were kept per stage):
+        its head becomes head 0, in place."""
+        for k in [k for k in state_dict if k.startswith("anchor_critic.")]:
+            state_dict["anchor_critics.0." + k[len("anchor_critic."):]] = state_dict.pop(k)
+
     def _per_head(self, fn, head: torch.Tensor, n: int, *args) -> torch.Tensor:
         """``fn(head_module, *args[rows])`` for the rows of each head, scattered back in order."""
         out = None
@@ -60,8 +67,8 @@ class AnchorCritics(nn.ModuleList):
 
     def advantage(self, phi, emb, tokens, head: torch.Tensor, token_log_probs) -> torch.Tensor | None:
         """A_old(s, a, g) = Q_head(s, a, g) - E_{a'~pi} Q_head(s, a', g) with pi the given
-        per-token distribution (Q heads); None for V heads (no action, so no advantage)."""
-        if not len(self) or not getattr(self[0], "action_bins", None):
+        distribution (Q heads: token, dueling or chunk); None for V heads (no action, so no advantage)."""
+        if not len(self) or type(self[0]) is GoalConditionedCritic:
             return None
         return self._per_head(lambda m, p, e, t, lp: m(p, e, t, lp) - m.state_value(p, e, lp),
                               head, len(phi), phi, emb, tokens, token_log_probs)
