@@ -523,6 +523,8 @@ class CRLModule(LightningModule):
             self.policy.ensure_adapters(adapter_names(checkpoint["state_dict"]))
         # create the frozen modules so their weights load: every anchor head, the old policy
         AnchorCritics.rename_single_anchor(checkpoint["state_dict"])
+        for k, v in self.return_std.state_dict(prefix="return_std.").items():  # none in older checkpoints:
+            checkpoint["state_dict"].setdefault(k, torch.zeros_like(v))       # the running std starts empty
         self.anchor_critics.ensure(AnchorCritics.count_in(checkpoint["state_dict"]), self.critic)
         if state.get("has_anchor"):
             self.old_policy = self.policy.snapshot()

@@ -1,14 +1,16 @@
 """One frozen anchor head per finished stage: on a 4-task stream every old goal's anchor target
-comes from the head trained on that goal, and checkpoints carry every head."""
+comes from the head trained on that goal, and checkpoints carry every head (safe loading)."""
 import pytest
 import torch
 from lightning import Callback, Trainer
+from tensordict import TensorDict
 
 from callbacks.anchor import AnchorCriticFreeze
 from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.task_switch import TaskSwitch
 from datamodules.on_policy import OnPolicyDataModule
 from modules.anchor_critics import AnchorCritics
+from modules.checkpoint_io import atomic_save, safe_load
 from modules.crl_module import CRLModule
 from modules.policy.backbone import EncodedPrompts
 
@@ -71,23 +73,59 @@ def test_four_task_stream_each_old_goal_gets_the_head_trained_on_it(tiny_policy,
                 assert (per_head[rows, j] - target[rows]).abs().max() > 1e-3
 
 
-def test_checkpoint_round_trip_restores_every_head(tiny_policy):
+def test_checkpoint_round_trip_restores_every_head_and_the_memory(tiny_policy, tmp_path):
+    """Every head, the running return std and the datamodule's memory go through a checkpoint file
+    written atomically and read back with weights_only=True (the kit's safe load)."""
     torch.manual_seed(0)
-    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16])
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16], advantage_scaling="return_std")
     for _ in range(3):
         with torch.no_grad():
             for p in module.critic.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         module.freeze_anchor()
-    state = module.state_dict()
-    assert AnchorCritics.count_in(state) == 3
-    fresh = CRLModule(tiny_policy(seed=1), critic_hidden_sizes=[16])
-    fresh.on_load_checkpoint({"state_dict": state, "crl": {"has_anchor": True}})
-    fresh.load_state_dict(state)  # strict: every head created
+    module.return_std.update(torch.randn(50))
+    dm = OnPolicyDataModule(STREAM4, num_envs=4, frames_per_batch=32, anchor_source="memory", memory_per_task=4)
+    for k in range(3):
+        n = 8
+        dm._last_samples = TensorDict({"image": torch.randint(0, 255, (n, 3, 8, 8), dtype=torch.uint8),
+                                       "tokens": torch.randint(3, (n, 1)), "log_prob": -torch.rand(n),
+                                       "advantage": torch.randn(n)}, batch_size=[n])
+        dm._last_instructions = [f"go to the {FOUR[k]}"] * n
+        dm.remember_task(k, head=k)
+    checkpoint = {"state_dict": module.state_dict(), "OnPolicyDataModule": dm.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    path = str(tmp_path / "heads.ckpt")
+    atomic_save(checkpoint, path)
+    loaded = safe_load(path, "ckpt_path")
+    assert AnchorCritics.count_in(loaded["state_dict"]) == 3
+    fresh = CRLModule(tiny_policy(seed=1), critic_hidden_sizes=[16], advantage_scaling="return_std")
+    fresh.on_load_checkpoint(loaded)
+    fresh.load_state_dict(loaded["state_dict"])  # strict: every head created
     phi, emb = torch.randn(5, 32), torch.randn(5, 32)
     for i in range(3):
         assert torch.equal(module.anchor_critics[i](phi, emb), fresh.anchor_critics[i](phi, emb))
     assert (module.anchor_critics[0](phi, emb) - module.anchor_critics[2](phi, emb)).abs().max() > 1e-3
+    assert torch.equal(fresh.return_std.std, module.return_std.std) and fresh.return_std.count == 50
+    fresh_dm = OnPolicyDataModule(STREAM4, num_envs=4, frames_per_batch=32, anchor_source="memory")
+    fresh_dm.load_state_dict(loaded["OnPolicyDataModule"])
+    assert (fresh_dm.memory == dm.memory).all() and fresh_dm.memory.get("task").tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert fresh_dm.anchor_heads == [0, 1, 2] and fresh_dm.anchor_goals == dm.anchor_goals
+
+
+def test_a_single_anchor_checkpoint_loads_as_head_zero(tiny_policy):
+    """A state dict with one ``anchor_critic`` (one copied head) and no running return std loads,
+    the head as head 0."""
+    torch.manual_seed(0)
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16])
+    module.freeze_anchor()
+    state = {k.replace("anchor_critics.0.", "anchor_critic."): v for k, v in module.state_dict().items()
+             if not k.startswith("return_std.")}
+    fresh = CRLModule(tiny_policy(seed=1), critic_hidden_sizes=[16])
+    fresh.on_load_checkpoint({"state_dict": state, "crl": {"has_anchor": True}})
+    fresh.load_state_dict(state)
+    phi, emb = torch.randn(5, 32), torch.randn(5, 32)
+    assert len(fresh.anchor_critics) == 1 and torch.equal(module.anchor_critics[0](phi, emb),
+                                                          fresh.anchor_critics[0](phi, emb))
 
 
 def test_per_row_heads_and_their_gradient_reach_the_features():
