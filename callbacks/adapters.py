@@ -2,9 +2,9 @@
 baseline: an upper bound on stability, no transfer between tasks).
 
 At the end of task k the trainable adapter's weights are stored as adapter ``task<k>``, the
-task's instruction (every instruction of a multi-task stage) is routed to it (acting and evaluation on that instruction use it), and
-the trainable adapter is re-initialised (B = 0) with a fresh optimiser state for the next
-task. Needs ``model.policy.init_args.lora``.
+task's instruction (every instruction of a multi-task stage) is routed to it (acting and
+evaluation on that instruction use it), and the trainable adapter is re-initialised (B = 0)
+with a fresh optimiser state for the next task. Needs ``model.policy.init_args.lora``.
 """
 from __future__ import annotations
 

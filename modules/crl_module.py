@@ -156,7 +156,8 @@ class CRLModule(LightningModule):
         if critic_type not in CRITIC_TYPES:
             raise ValueError(f"model.critic_type={critic_type!r}: expected one of {list(CRITIC_TYPES)}")
         if advantage_scaling not in ADVANTAGE_SCALINGS:
-            raise ValueError(f"model.advantage_scaling={advantage_scaling!r}: expected one of {list(ADVANTAGE_SCALINGS)}")
+            raise ValueError(f"model.advantage_scaling={advantage_scaling!r}: expected one of "
+                             f"{list(ADVANTAGE_SCALINGS)}")
         if critic_init not in ("fresh", "anchor"):
             raise ValueError(f"model.critic_init={critic_init!r}: expected 'fresh' or 'anchor'")
         if target_kl is not None:

@@ -108,7 +108,8 @@ def test_checkpoint_round_trip_restores_every_head_and_the_memory(tiny_policy, t
     assert torch.equal(fresh.return_std.std, module.return_std.std) and fresh.return_std.count == 50
     fresh_dm = OnPolicyDataModule(STREAM4, num_envs=4, frames_per_batch=32, anchor_source="memory")
     fresh_dm.load_state_dict(loaded["OnPolicyDataModule"])
-    assert (fresh_dm.memory == dm.memory).all() and fresh_dm.memory.get("task").tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert (fresh_dm.memory == dm.memory).all()
+    assert fresh_dm.memory.get("task").tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert fresh_dm.anchor_heads == [0, 1, 2] and fresh_dm.anchor_goals == dm.anchor_goals
 
 
