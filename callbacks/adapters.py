@@ -2,9 +2,9 @@
 baseline: an upper bound on stability, no transfer between tasks).
 
 At the end of task k the trainable adapter's weights are stored as adapter ``task<k>``, the
-task's instruction is routed to it (acting and evaluation on that instruction use it), and
-the trainable adapter is re-initialised (B = 0) with a fresh optimiser state for the next
-task. Needs ``model.policy.init_args.lora``.
+task's instruction (every instruction of a multi-task stage) is routed to it (acting and
+evaluation on that instruction use it), and the trainable adapter is re-initialised (B = 0)
+with a fresh optimiser state for the next task. Needs ``model.policy.init_args.lora``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class PerTaskAdapters(ContinualMethod):
         policy, dm = pl_module.policy, trainer.datamodule
         name = f"task{task_index}"
         snapshot_adapter(policy.backbone.model, dst=name)
-        policy.adapter_routes[dm.tasks[task_index].instruction] = name
+        for instruction in dm.tasks[task_index].instructions:  # every task of a multi-task stage
+            policy.adapter_routes[instruction] = name
         if task_index + 1 < dm.num_tasks:
             reset_adapter(policy.backbone.model)
             trainer.optimizers[0].state.clear()

@@ -4,15 +4,20 @@ Each Lightning epoch is one PPO iteration: a ``torchrl.collectors.Collector`` ru
 current policy on the current task's vectorised envs for ``frames_per_batch`` frames, the
 module turns the rollout into samples (values, GAE, MC returns, anchor targets; no grad),
 this module yields ``ppo_epochs`` x shuffled minibatches, and the rollout is dropped.
-No buffer feeds the policy gradient. The only stored data is the optional bounded memory
-of old-task states for the anchor terms (``anchor_source: memory``).
+No buffer feeds the policy gradient of the methods that keep no memory. The only stored data
+is the optional bounded memory of old-task samples (``memory_per_task`` per stage from the
+stage's last rollout, at most ``memory_size`` in all; on the CPU, checkpointed): the anchor
+states of CRL with ``anchor_source: memory``, and the transitions ER replays
+(callbacks/replay.py, ``model.replay_*``), a third kind of minibatch part next to ``cur``
+and ``anchor``.
 
-A checkpoint holds the datamodule's state, including the training env's replay log
-(datamodules/env_replay.py): a resumed run's env continues the episodes it was in.
+A checkpoint holds the datamodule's state, including the memory and the training env's replay
+log (datamodules/env_replay.py): a resumed run's env continues the episodes it was in.
 
-The datamodule knows the stream and the current task; *when* the task changes is decided
-by the TaskSwitch callback (``set_task``), and old goals are registered by the anchor
-callback (``remember_task``).
+The datamodule knows the stream and the current stage (a stream entry: one task, or several
+trained jointly); *when* the stage changes is decided by the TaskSwitch callback
+(``set_task``), and old goals are registered by the continual method's callback
+(``remember_task``), each with the anchor head that was trained on it.
 
 VLA-RL's parts, both off by default: ``curriculum`` (datamodules/curriculum_resets.py) picks
 the initial state of every training reset and learns from the finished episodes;
@@ -34,7 +39,7 @@ from datamodules.curriculum_resets import Curriculum, CurriculumResets
 from datamodules.env_replay import EnvReplayLog
 from datamodules.reward_shaping import RewardShaping
 from datamodules.robust_env import worker_restarts
-from datamodules.tasks import Task, check_joint, make_env, make_joint_env, parse_stream
+from datamodules.tasks import Task, check_joint, instructions_of, make_env, make_joint_env, parse_stream, subtasks_of
 from modules.checkpoint_io import CheckpointError, rng_state, set_rng_state
 from modules.timing import phase
 
@@ -65,6 +70,7 @@ class OnPolicyDataModule(LightningDataModule):
         anchor_source: str = "relabel",
         anchor_fraction: float = 0.5,
         memory_per_task: int = 512,
+        memory_size: int | None = None,
         joint: bool = False,
         seed: int = 0,
         curriculum: Curriculum | None = None,
@@ -73,8 +79,9 @@ class OnPolicyDataModule(LightningDataModule):
         """The task stream and its rollouts: one PPO iteration's minibatches per Lightning epoch.
 
         Args:
-            stream: the tasks in order, one mapping per entry: ``{env: babyai, level, target}`` or
-                ``{env: libero, suite, task_id | task_ids, ...}`` (datamodules/tasks.py lists the options).
+            stream: the stages in order, one mapping per entry: ``{env: babyai, level, target}``,
+                ``{env: libero, suite, task_id | task_ids, ...}`` or ``{stage: [entry, ...]}`` (several
+                tasks trained jointly; datamodules/tasks.py lists the options).
             num_envs: vectorised envs collecting each rollout (per DDP rank).
             frames_per_batch: env steps per rollout, over all envs (a multiple of ``num_envs``).
             ppo_epochs: passes over each rollout.
@@ -82,7 +89,9 @@ class OnPolicyDataModule(LightningDataModule):
             anchor_source: where anchor states come from: ``relabel`` (current states with old
                 instructions) or ``memory`` (stored states of old tasks).
             anchor_fraction: anchor samples per current sample (``relabel``).
-            memory_per_task: states kept per finished task (``memory``).
+            memory_per_task: old-task samples kept per finished stage (``anchor_source: memory``, ER's replay).
+            memory_size: the memory's bound in all (null: memory_per_task x stages); each stored stage
+                then keeps an equal share (a random subset).
             joint: collect every task of the stream in every rollout (env i: task i mod K).
             seed: seed of the envs and of the anchor sampling.
             curriculum: VLA-RL's success curriculum over (task, initial state),
@@ -111,20 +120,26 @@ class OnPolicyDataModule(LightningDataModule):
             raise ValueError(f"data.anchor_fraction={anchor_fraction!r}: must be in (0, 1]")
         if memory_per_task < 0:
             raise ValueError(f"data.memory_per_task={memory_per_task!r}: must be >= 0")
+        if memory_size is not None and memory_size <= 0:
+            raise ValueError(f"data.memory_size={memory_size!r}: must be > 0 or null")
+        if curriculum is not None and any(t.subtasks for t in self.tasks):
+            raise ValueError("data.curriculum: not supported with multi-task stages (stage entries) in data.stream")
         self.save_hyperparameters()
         self.num_envs, self.frames_per_batch = num_envs, frames_per_batch
         self.ppo_epochs, self.num_minibatches = ppo_epochs, num_minibatches
         self.anchor_source, self.anchor_fraction = anchor_source, anchor_fraction
-        self.memory_per_task, self.seed = memory_per_task, seed
+        self.memory_per_task, self.memory_size, self.seed = memory_per_task, memory_size, seed
         # joint=True (the MTL oracle): every iteration collects all tasks of the stream at
         # once; TaskSwitch still cuts training into blocks, so R has one row per block
         self.joint = joint
         if joint:
-            check_joint(self.tasks, num_envs)  # fail now on a stream it cannot join
+            check_joint(self.all_tasks, num_envs)  # fail now on a stream it cannot join
         self.task_index = 0
         self.anchor_goals: list[str] = []  # instructions of earlier tasks (old goals)
-        self.memory: TensorDict | None = None  # anchor_source=memory: old-task states
+        self.anchor_heads: list[int] = []  # the anchor head of each old goal (-1: none yet, the newest)
+        self.memory: TensorDict | None = None  # old-task samples (anchor_source memory, ER)
         self._last_samples: TensorDict | None = None
+        self._last_instructions: list[str] = []  # the instruction of each of the last samples
         self._collector = None
         self._collector_key = None
         self.env_version = 0  # +1 per training env built (episodes do not continue across envs)
@@ -145,6 +160,11 @@ class OnPolicyDataModule(LightningDataModule):
         return self.tasks[self.task_index]
 
     @property
+    def all_tasks(self) -> list[Task]:
+        """Every task of the stream, stages flattened (the MTL oracle trains them all at once)."""
+        return [t for stage in self.tasks for t in subtasks_of(stage)]
+
+    @property
     def rank(self) -> int:
         return self.trainer.global_rank if self._trainer_ok() else 0
 
@@ -156,21 +176,48 @@ class OnPolicyDataModule(LightningDataModule):
         self._close_collector()
         self.env_log.clear()
 
-    def remember_task(self, index: int) -> None:
-        """Register task ``index`` as an old goal (and, with memory, keep some of its states)."""
-        goal = self.tasks[index].instruction
-        if goal is None:
-            raise ValueError(f"data.stream[{index}]: task {self.tasks[index].name} has no fixed "
-                             "instruction to relabel with; use anchor_source: memory")
+    def remember_task(self, index: int, head: int | None = None, keep_states: bool = False) -> None:
+        """Register stage ``index``'s goals as old goals, trained by anchor head ``head``
+        (None: no head, e.g. ER alone), and store some of its samples when a memory is used
+        (``anchor_source: memory``, or ``keep_states``: ER). Stored samples keep their own
+        instruction, so a stage without a fixed instruction works with a memory."""
+        store = (self.anchor_source == "memory" or keep_states) and self.memory_per_task > 0
+        stored = self.memory is not None and bool((self.memory.get("task") == index).any())
+        if store and not stored and self._last_samples is not None:
+            self._store(index, head)
+        for goal in self.tasks[index].instructions:
+            if goal is None and self.anchor_source == "relabel":
+                raise ValueError(f"data.stream[{index}]: task {self.tasks[index].name} has no fixed "
+                                 "instruction to relabel with; use anchor_source: memory")
+            if goal is not None:
+                self._add_goal(goal, head)
+
+    def _add_goal(self, goal: str, head: int | None) -> int:
+        """Index of ``goal`` in anchor_goals (appended if new); a given head replaces its old one."""
         if goal not in self.anchor_goals:
             self.anchor_goals.append(goal)
-        if self.anchor_source == "memory" and self._last_samples is not None and self.memory_per_task:
-            s = self._last_samples
-            keep = torch.randperm(s.numel())[: self.memory_per_task]
-            new = TensorDict({"image": s.get("image")[keep].cpu(),
-                              "goal": torch.full((len(keep),), self.anchor_goals.index(goal))},
-                             batch_size=[len(keep)])
-            self.memory = new if self.memory is None else torch.cat([self.memory, new])
+            self.anchor_heads.append(-1)
+        i = self.anchor_goals.index(goal)
+        if head is not None:
+            self.anchor_heads[i] = head
+        return i
+
+    def _store(self, index: int, head: int | None) -> None:
+        """``memory_per_task`` random samples of the stage's last rollout, kept on the CPU with
+        their goal, stage, action, behaviour log-prob and advantage; then the bound."""
+        s = self._last_samples
+        keep = torch.randperm(s.numel())[: self.memory_per_task]
+        goals = [self._add_goal(self._last_instructions[i], head) for i in keep.tolist()]
+        new = TensorDict({"image": s.get("image")[keep].cpu(), "goal": torch.tensor(goals, dtype=torch.long),
+                          "task": torch.full((len(keep),), index, dtype=torch.long),
+                          **{k: s.get(k)[keep].cpu() for k in ("tokens", "log_prob", "advantage")}},
+                         batch_size=[len(keep)])
+        self.memory = new if self.memory is None else torch.cat([self.memory, new])
+        if self.memory_size is not None and self.memory.numel() > self.memory_size:
+            stages = self.memory.get("task").unique().tolist()  # an equal share per stored stage
+            share = self.memory_size // len(stages)
+            rows = [(self.memory.get("task") == t).nonzero().squeeze(-1) for t in stages]
+            self.memory = self.memory[torch.cat([r[torch.randperm(len(r))[:share]] for r in rows]).sort().values]
 
     @property
     def last_samples(self) -> TensorDict | None:
@@ -182,7 +229,7 @@ class OnPolicyDataModule(LightningDataModule):
         return make_env(task, num_envs, seed, init_state_ids, init_state_queues)
 
     def env_tasks(self) -> list[int]:
-        """The stream index of the task each training env pursues."""
+        """The stream index of the task each training env pursues (curriculum; no stages)."""
         if self.joint:
             return [i % self.num_tasks for i in range(self.num_envs)]
         return [self.task_index] * self.num_envs
@@ -207,7 +254,7 @@ class OnPolicyDataModule(LightningDataModule):
         if self.curriculum is not None:  # at most frames_per_env + 1 resets per env and rollout
             queues = self.curriculum.new_env(self.env_tasks(), self.frames_per_batch // self.num_envs + 1,
                                              draw=not replay)
-        env = (make_joint_env(self.tasks, self.num_envs, seed, queues) if self.joint
+        env = (make_joint_env(self.all_tasks, self.num_envs, seed, queues) if self.joint
                else self.make_env(self.task, self.num_envs, seed, None, queues))
         self.env_version += 1
         # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
@@ -254,37 +301,44 @@ class OnPolicyDataModule(LightningDataModule):
             extra.update(self.reward_shaping(rollout, module.device))
         samples, anchors, stats = module.process_rollout(
             rollout, self.anchor_goals, self.anchor_fraction,
-            self.memory if self.anchor_source == "memory" else None)
+            self.memory if self.anchor_source == "memory" else None, self.anchor_heads)
+        replay = None
+        if module.replays and self.memory is not None and self.memory.numel():  # ER
+            replay = module.replay_samples(self.memory, self.anchor_goals)
         module.train()
         restarts = self.worker_restarts()
         extra.update({"env/worker_restarts": float(restarts["step"]),
                       "env/worker_start_restarts": float(restarts["start"])})
         module.rollout_stats = {**stats, **extra}
         self._last_samples = samples
+        self._last_instructions = instructions_of(rollout.reshape(-1))  # the samples' order
         del rollout
         n = samples.numel()
         mb = math.ceil(n / self.num_minibatches)
-        na = anchors.numel() if anchors is not None else 0
-        mba = math.ceil(na / self.num_minibatches) if na else 0
+        parts = {k: v for k, v in (("anchor", anchors), ("replay", replay)) if v is not None and v.numel()}
         for _ in range(self.ppo_epochs):
             perm = torch.randperm(n, device=samples.device)
-            aperm = torch.randperm(na, device=samples.device) if na else None
+            perms = {k: torch.randperm(v.numel(), device=samples.device) for k, v in parts.items()}
             for k in range(self.num_minibatches):
                 idx = perm[k * mb:(k + 1) * mb]
                 if not len(idx):  # ceil-sized minibatches leave the last ones empty when k does not divide n
                     continue
                 batch = {"cur": samples[idx]}
-                if na and len(aperm[k * mba:(k + 1) * mba]):
-                    batch["anchor"] = anchors[aperm[k * mba:(k + 1) * mba]]
+                for key, v in parts.items():  # each part split over the same number of minibatches
+                    size = math.ceil(v.numel() / self.num_minibatches)
+                    rows = perms[key][k * size:(k + 1) * size]
+                    if len(rows):
+                        batch[key] = v[rows]
                 yield batch
 
     def setup(self, stage: str | None = None) -> None:
         backbone = getattr(self.trainer.lightning_module.policy, "backbone", None) if self._trainer_ok() else None
         for i, task in enumerate(self.tasks):  # a word the tokenizer does not know would become its <unk>
-            unknown = [] if task.instruction is None or backbone is None else backbone.unknown_words(task.instruction)
-            if unknown:
-                raise ValueError(f"data.stream[{i}]={task.name!r}: the instruction {task.instruction!r} has words "
-                                 f"outside the policy's vocabulary: {unknown} (model.policy.init_args.backbone)")
+            for text in task.instructions:
+                unknown = [] if text is None or backbone is None else backbone.unknown_words(text)
+                if unknown:
+                    raise ValueError(f"data.stream[{i}]={task.name!r}: the instruction {text!r} has words outside "
+                                     f"the policy's vocabulary: {unknown} (model.policy.init_args.backbone)")
         shaping = self.reward_shaping
         if (shaping is not None and not shaping.active and self._trainer_ok()
                 and not any(getattr(cb, "trains_rprm", False) for cb in self.trainer.callbacks)):
@@ -306,7 +360,7 @@ class OnPolicyDataModule(LightningDataModule):
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"stream": [t.name for t in self.tasks], "task_index": self.task_index,
-                "anchor_goals": list(self.anchor_goals),
+                "anchor_goals": list(self.anchor_goals), "anchor_heads": list(self.anchor_heads),
                 "memory": None if self.memory is None else self.memory.to_dict(),
                 "curriculum": None if self.curriculum is None else self.curriculum.state_dict(),
                 "reward_shaping": None if self.reward_shaping is None else self.reward_shaping.state_dict(),
@@ -320,6 +374,7 @@ class OnPolicyDataModule(LightningDataModule):
                                   f"{state['stream']}; resume with the same data.stream")
         self.set_task(state["task_index"])
         self.anchor_goals = list(state["anchor_goals"])
+        self.anchor_heads = list(state.get("anchor_heads", [-1] * len(self.anchor_goals)))
         mem = state.get("memory")
         self.memory = None if mem is None else TensorDict(mem, batch_size=[len(mem["goal"])])
         if self.curriculum is not None and state.get("curriculum") is not None:

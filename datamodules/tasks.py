@@ -10,6 +10,15 @@ A stream is a list of tasks, each a mapping::
     - {env: libero, suite: libero_goal, task_ids: [0, 1, 2]}   # expands to three tasks in order
     - {env: libero, suite: libero_goal, task_id: 3, chunked: true}  # [K, D] action chunks (OFT)
     - {env: toy_vla, instruction: move to the green target}    # continuous, CPU (datamodules/toy_vla.py)
+    - stage:                                                   # a multi-task stage: trained jointly
+        - {env: babyai, level: GoToObjectRoom, target: red ball}
+        - {env: babyai, level: GoToObjectRoom, target: green key}
+
+A ``stage`` entry trains its tasks together in one stage of the stream (env i pursues task
+i mod K, as the MTL oracle does over the whole stream); its tasks must be the same level (or
+LIBERO suite) and parameters, differing only in target (task id). Every method treats a
+stage as one step of the stream: one row and one column of R (the success averaged over the
+stage's tasks, episode e on task e mod K), one anchor head for all its goals.
 
 ``chunked`` (continuous-action kinds; default: true for toy_vla, false for libero): the env
 executes a policy's [K, D] action chunk as one macro step (datamodules/chunking.py).
@@ -30,14 +39,25 @@ class Task:
     max_steps: int | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     chunked: bool = False  # the env executes [K, D] action chunks as macro steps
+    subtasks: tuple["Task", ...] = ()  # a multi-task stage: its tasks, trained jointly
 
     @property
     def name(self) -> str:
+        if self.subtasks:
+            return " + ".join(t.name for t in self.subtasks)
         return f"{self.level}:{self.target}" if self.target is not None else self.level
 
     @property
+    def instructions(self) -> list[str | None]:
+        """The goal text of every task of the stage (one task: its own)."""
+        return [t.instruction for t in subtasks_of(self)]
+
+    @property
     def instruction(self) -> str | None:
-        """The goal text when the task fixes it (used to relabel states for anchors)."""
+        """The goal text when the task fixes it (used to relabel states for anchors); None for
+        a multi-task stage (``instructions``: one per task)."""
+        if self.subtasks:
+            return None
         if self.env == "babyai" and self.level == "GoToObjectRoom":
             return f"go to the {self.target}"
         if self.env == "libero":
@@ -60,6 +80,9 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
         if not isinstance(entry, dict):
             raise ValueError(f"{where}={entry!r}: expected a mapping with env and level")
         entry = dict(entry)
+        if "stage" in entry:
+            tasks.append(_parse_stage(where, entry))
+            continue
         env = entry.pop("env", None)
         if env not in ENV_KINDS:
             raise ValueError(f"{where}.env={env!r}: unknown env kind (known: {', '.join(ENV_KINDS)})")
@@ -94,6 +117,28 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
             raise ValueError(f"{where}.num_init_states={n_init!r}: must be a positive integer")
         tasks.append(Task(env, level, target, max_steps, entry))
     return tasks
+
+
+def _parse_stage(where: str, entry: dict) -> Task:
+    """``{stage: [entry, ...]}`` -> one Task whose ``subtasks`` are trained jointly."""
+    subs, extra = entry.pop("stage"), sorted(entry)
+    if extra:
+        raise ValueError(f"{where}.{extra[0]}={entry[extra[0]]!r}: a stage entry takes only 'stage'")
+    if not isinstance(subs, list) or not subs or any(isinstance(e, dict) and "stage" in e for e in subs):
+        raise ValueError(f"{where}.stage={subs!r}: expected a non-empty list of task entries (no nested stages)")
+    tasks = parse_stream(subs, f"{where}.stage")
+    try:
+        check_joint(tasks, len(tasks))
+    except ValueError:
+        raise ValueError(f"{where}.stage={[t.name for t in tasks]!r}: a stage's tasks must be the same babyai "
+                         "level (or LIBERO suite) and parameters, differing only in target (task_id)") from None
+    first = tasks[0]
+    return Task(first.env, first.level, None, first.max_steps, first.params, first.chunked, tuple(tasks))
+
+
+def subtasks_of(task: Task) -> tuple[Task, ...]:
+    """The tasks a stream entry trains: a stage's subtasks, or the task itself."""
+    return task.subtasks or (task,)
 
 
 def _parse_libero(where: str, entry: dict) -> list[Task]:
@@ -150,7 +195,10 @@ def make_env(task: Task, num_envs: int, seed: int, init_state_ids: list[int] | N
     """A batched TorchRL env for ``task`` (the VLA TensorDict schema). ``init_state_ids``
     (evaluation): env i starts from that fixed initial state where the env kind has them
     (LIBERO; BabyAI with ``num_init_states``); otherwise BabyAI's layouts come from the seed.
-    ``init_state_queues`` (datamodules/init_states.py): the curriculum's ids for the resets."""
+    ``init_state_queues`` (datamodules/init_states.py): the curriculum's ids for the resets.
+    A multi-task stage: one env over its tasks (``make_joint_env``)."""
+    if task.subtasks:
+        return make_joint_env(list(task.subtasks), num_envs, seed, init_state_queues, init_state_ids)
     if task.env == "libero":
         from datamodules.libero import make_libero_env
 
@@ -185,21 +233,28 @@ def check_joint(tasks: list[Task], num_envs: int) -> None:
         raise ValueError(f"data.num_envs={num_envs!r}: data.joint=True needs >= {len(tasks)} (one per task)")
 
 
-def make_joint_env(tasks: list[Task], num_envs: int, seed: int, init_state_queues=None):
+def make_joint_env(tasks: list[Task], num_envs: int, seed: int, init_state_queues=None,
+                   init_state_ids: list[int] | None = None):
     """One batched env over all ``tasks`` at once (env i: task i mod K), for joint multi-task
-    training (the MTL oracle; VLA-RL's one policy for a whole LIBERO suite). The tasks must
-    differ only in their target."""
-    check_joint(tasks, num_envs)
-    first = tasks[0]
-    if first.env == "libero":  # worker i runs task i mod K of the suite
+    training (the MTL oracle, multi-task stages; VLA-RL's one policy for a whole LIBERO suite).
+    The tasks must differ only in their target. ``init_state_ids`` (evaluation): env i runs
+    episode ``init_state_ids[i]``, on task id mod K from its fixed initial state id."""
+    if init_state_ids is None:
+        check_joint(tasks, num_envs)
+        order = [tasks[i % len(tasks)] for i in range(num_envs)]
+    else:
+        check_joint(tasks, len(tasks))
+        order = [tasks[e % len(tasks)] for e in init_state_ids]
+    first, targets = tasks[0], [t.target for t in order]
+    if first.env == "libero":  # worker i runs targets[i]
         from datamodules.libero import make_libero_env
 
-        return make_libero_env(first.level, [t.target for t in tasks], num_envs, seed, first.max_steps,
-                               None, first.params, init_state_queues)
+        return make_libero_env(first.level, targets, num_envs, seed, first.max_steps,
+                               init_state_ids, first.params, init_state_queues)
     from datamodules.babyai import BabyAIEnv
 
-    return BabyAIEnv(level=first.level, target=[t.target for t in tasks], num_envs=num_envs, seed=seed,
-                     max_steps=first.max_steps, init_state_queues=init_state_queues, **first.params)
+    return BabyAIEnv(level=first.level, target=targets, num_envs=num_envs, seed=seed, max_steps=first.max_steps,
+                     init_state_queues=init_state_queues, init_state_ids=init_state_ids, **first.params)
 
 
 def instructions_of(td, key="language_instruction") -> list[str]:

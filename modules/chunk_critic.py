@@ -31,7 +31,7 @@ class ChunkQCritic(GoalConditionedCritic):
         self.register_buffer("action_low", action_low.detach().clone().float(), persistent=False)
         self.register_buffer("action_high", action_high.detach().clone().float(), persistent=False)
 
-    def forward(self, phi, emb, tokens=None):
+    def forward(self, phi, emb, tokens=None, token_log_probs=None):
         if tokens is None or tokens.shape[1:] != (self.chunk_size, self.action_dim):
             shape = None if tokens is None else tuple(tokens.shape)
             raise ValueError(f"a chunk Q critic needs chunks [B, {self.chunk_size}, {self.action_dim}], got {shape}")

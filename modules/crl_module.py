@@ -1,14 +1,17 @@
 """CRLModule: the VLA policy, the trainable MC critic and (after the first task boundary)
-the frozen anchor critic and frozen old policy, trained with PPO and the CRL-VLA loss.
+the frozen anchor critics (one per finished stage) and frozen old policy, trained with PPO
+and the CRL-VLA loss.
 
 The algorithm, top to bottom (one Lightning epoch = one PPO iteration):
   1. the datamodule collects a rollout with ``acting_policy()`` (TorchRL Collector);
   2. ``process_rollout``: values V(s, g) from the acting features, GAE advantages, MC
-     returns, and the anchor samples (old goals) with their targets from the frozen models;
-  3. ``training_step`` on each minibatch: Eq. 8 (modules/losses.py), clipped gradients,
-     a policy step (skipped during critic warm-up) and a critic step; with
-     ``micro_batch_size`` the minibatch's forward/backward runs in slices whose gradients add
-     up to the whole minibatch's;
+     returns, and the anchor samples (old goals) with their targets from the frozen models,
+     each old goal's from the head of the stage that trained on it;
+  3. ``training_step`` on each minibatch: Eq. 8 (modules/losses.py), plus ER's replay terms
+     when old-task transitions are replayed, clipped gradients, a policy step (skipped during
+     critic warm-up) and a critic step; with ``micro_batch_size`` the minibatch's
+     forward/backward runs in slices whose gradients add up to the whole minibatch's; the
+     theory's quantities are logged (``theory/``);
   4. the approximate KL between the rollout policy and the current one stops the PPO
      epochs early when it exceeds ``target_kl``.
 Task boundaries are not known here: callbacks call ``freeze_anchor()``.
@@ -24,20 +27,22 @@ from lightning import LightningModule
 from tensordict import TensorDict
 
 from datamodules.tasks import instructions_of
+from modules.anchor_critics import AnchorCritics
 from modules.checkpoint_io import check_fits, rng_state, set_rng_state
 from modules.chunk_critic import ChunkQCritic
-from modules.critics import frozen_copy, make_critic
+from modules.critics import CRITIC_TYPES, make_critic
 from modules.lora_checkpoint import drop_frozen_base, restore_frozen_base
-from modules.losses import crl_loss
+from modules.losses import crl_loss, experience_replay, kl_to_old_policy
 from modules.policy.backbone import EncodedPrompts, cat_prompts
 from modules.policy.base import VLAPolicy, act_in_chunks
 from modules.policy.lora import adapter_names
-from modules.returns import gae, mc_returns
+from modules.returns import RunningStd, gae, mc_returns
 from modules.rollout_policy import RolloutPolicy
 from modules.timing import phase
 
 MIN_GAMMA_LAMBDA = 1e-6  # the smallest gamma and gamma * gae_lambda accepted (CRLModule.__init__)
 PROMPT_KEYS = ("input_ids", "attention_mask", "image_mask", "goal_mask")
+ADVANTAGE_SCALINGS = ("minibatch", "return_std", "none")
 
 
 def _prompts_to_td(prompts: EncodedPrompts) -> dict:
@@ -66,18 +71,22 @@ class CRLModule(LightningModule):
         clip_eps: float = 0.2,
         alpha: float = 1e-5,
         beta_v: float = 1e-3,
+        beta_q: float = 1e-2,
         eta: float = 1.0,
         entropy_coef: float = 0.0,
         gamma: float = 0.99,
         gae_lambda: float = 0.95,
         value_target: str = "mc",
-        normalize_advantage: bool = True,
+        advantage_scaling: str = "minibatch",
         target_kl: float | None = None,
         max_grad_norm: float = 1.0,
         critic_warmup_iterations: int = 0,
         critic_detach_features: bool = False,
         critic_type: str = "v",
         q_advantage: str = "q",
+        critic_init: str = "fresh",
+        replay_pg_coef: float = 0.0,
+        replay_bc_coef: float = 0.0,
         target_chunk_size: int | None = None,
         micro_batch_size: int | None = None,
     ):
@@ -91,25 +100,32 @@ class CRLModule(LightningModule):
             adam_eps: AdamW epsilon of both optimisers.
             clip_eps: PPO's clipping range epsilon of the probability ratio.
             alpha: weight of L_KL, the KL to the frozen old policy on old goals.
-            beta_v: weight of L_GCV, the frozen anchor critic's value consistency on old goals.
+            beta_v: weight of L_GCV, the frozen anchor critics' value consistency on old goals (V heads).
+            beta_q: weight of L_GCV with Q heads (critic_type q or q_dueling), in place of beta_v.
             eta: weight of L_MC, the trainable critic's value regression.
             entropy_coef: weight of the policy-entropy bonus (0: none).
             gamma: discount factor.
             gae_lambda: GAE's lambda for the advantages.
             value_target: the critic's regression target: ``mc`` (Monte-Carlo returns) or ``gae``.
-            normalize_advantage: standardise the advantages of every minibatch.
+            advantage_scaling: ``minibatch`` (standardise each minibatch), ``return_std`` (divide by
+                the running std of the returns) or ``none``.
             target_kl: stop an iteration's PPO epochs once the approximate KL exceeds it (null: never).
             max_grad_norm: gradient-norm clipping of each optimiser's parameters.
             critic_warmup_iterations: iterations after each critic (re)start with the policy frozen.
             critic_detach_features: the value losses train the critic head only, not phi(s) / emb(g).
             critic_type: ``v`` for V(s, g) heads, ``q`` for Q(s, a, g) heads (CRL-VLA (Q); a chunk
-                policy's: Q(s, chunk, g), modules/chunk_critic.py).
+                policy's: Q(s, chunk, g), modules/chunk_critic.py), ``q_dueling`` for
+                V + A - E_pi A with A zero-initialised (token policies).
             q_advantage: with Q heads, ``q`` (Q(s, a) - E_pi Q(s, .)) or ``gae`` (GAE, baseline E_pi Q).
+            critic_init: the trainable critic at a new stage: ``fresh`` (re-initialised) or ``anchor``
+                (a copy of the head just frozen, a dueling head's A set to 0).
+            replay_pg_coef: ER's weight of the clipped surrogate on replayed old-task transitions (0: off).
+            replay_bc_coef: ER's weight of behaviour cloning on replayed old-task transitions (0: off).
             target_chunk_size: rows per ``act`` call when targets are computed without gradient
                 (V(s') at truncations, the old policy on anchor samples). null: the acting batch
                 when the policy keeps a static decode cache (those passes then reuse its cache
                 and CUDA graphs and allocate nothing larger), else 1024.
-            micro_batch_size: rows (current + anchor samples) per forward/backward inside a
+            micro_batch_size: rows (current + anchor + replay samples) per forward/backward inside a
                 minibatch; the slices' gradients add up to the minibatch's. null: the whole
                 minibatch at once. Smaller slices need less activation memory (so gradient
                 checkpointing can stay off) at the same result.
@@ -117,7 +133,8 @@ class CRLModule(LightningModule):
         super().__init__()
         for name in ("policy_lr", "critic_lr", "clip_eps", "max_grad_norm"):
             _require(name, locals()[name], strict=True)
-        for name in ("alpha", "beta_v", "eta", "entropy_coef", "critic_warmup_iterations"):
+        for name in ("alpha", "beta_v", "beta_q", "eta", "entropy_coef", "critic_warmup_iterations",
+                     "replay_pg_coef", "replay_bc_coef"):
             _require(name, locals()[name])
         _require("adam_eps", adam_eps, strict=True)
         for name in ("gamma", "gae_lambda"):
@@ -136,6 +153,13 @@ class CRLModule(LightningModule):
             raise ValueError(f"model.value_target={value_target!r}: expected 'mc' or 'gae'")
         if q_advantage not in ("q", "gae"):
             raise ValueError(f"model.q_advantage={q_advantage!r}: expected 'q' or 'gae'")
+        if critic_type not in CRITIC_TYPES:
+            raise ValueError(f"model.critic_type={critic_type!r}: expected one of {list(CRITIC_TYPES)}")
+        if advantage_scaling not in ADVANTAGE_SCALINGS:
+            raise ValueError(f"model.advantage_scaling={advantage_scaling!r}: expected one of "
+                             f"{list(ADVANTAGE_SCALINGS)}")
+        if critic_init not in ("fresh", "anchor"):
+            raise ValueError(f"model.critic_init={critic_init!r}: expected 'fresh' or 'anchor'")
         if target_kl is not None:
             _require("target_kl", target_kl, strict=True)
         for name in ("target_chunk_size", "micro_batch_size"):
@@ -148,11 +172,16 @@ class CRLModule(LightningModule):
         if critic_type == "q" and not getattr(policy, "token_actions", True):  # continuous chunks (OFT)
             self.critic = ChunkQCritic(policy.feature_dim, critic_hidden_sizes, policy.chunk_size, policy.action_dim,
                                        policy.action_low, policy.action_high, goal_dim=policy.goal_dim)
+        elif critic_type == "q_dueling" and not getattr(policy, "token_actions", True):
+            raise ValueError(f"model.critic_type='q_dueling': not supported with {type(policy).__name__} "
+                             "(continuous action chunks; the dueling head has one output per action-token bin): "
+                             "use 'q' or 'v'")
         else:
             self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
                                       getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None),
                                       goal_dim=policy.goal_dim)
-        self.anchor_critic: torch.nn.Module | None = None
+        self.anchor_critics = AnchorCritics()  # one frozen head per finished stage
+        self.return_std = RunningStd()  # advantage_scaling: return_std
         self.old_policy = None  # TokenVLAPolicy (frozen copy) or AdapterPolicy (LoRA)
         self.critic_age = 0  # iterations started since the trainable critic was (re)initialised
         # extra loss terms registered by baseline callbacks (e.g. online EWC): name -> () -> scalar
@@ -170,29 +199,46 @@ class CRLModule(LightningModule):
     # -- anchors (called by callbacks at task boundaries) ------------------------------
     @property
     def has_anchor(self) -> bool:
-        return self.anchor_critic is not None
+        return len(self.anchor_critics) > 0
 
-    def freeze_anchor(self) -> None:
-        """Trainable critic -> frozen anchor critic; policy -> frozen old policy;
-        a fresh trainable critic (and fresh optimiser state) for the next task."""
-        self.anchor_critic = frozen_copy(self.critic)
+    @property
+    def beta_anchor(self) -> float:
+        """L_GCV's weight: beta_Q for Q heads, beta_V for V heads (the paper's two coefficients)."""
+        return self.hparams.beta_v if self.hparams.critic_type == "v" else self.hparams.beta_q
+
+    @property
+    def replays(self) -> bool:
+        """Whether ER's replay terms are on (datamodules/on_policy.py then sends replay samples)."""
+        return self.hparams.replay_pg_coef > 0 or self.hparams.replay_bc_coef > 0
+
+    def freeze_anchor(self) -> int:
+        """Trainable critic -> a new frozen anchor head (returned: its index); policy -> frozen
+        old policy; the trainable critic for the next stage (``critic_init``: fresh, or kept as
+        the anchor's copy with a dueling head's A reset to 0) with fresh optimiser state."""
+        head = self.anchor_critics.add(self.critic)
         self.old_policy = self.policy.snapshot()
-        self.critic.reset_parameters()
+        if self.hparams.critic_init == "fresh":
+            self.critic.reset_parameters()
+        elif hasattr(self.critic, "reset_advantage"):
+            self.critic.reset_advantage()
         if self._trainer is not None and self.trainer.optimizers:
             self.trainer.optimizers[1].state.clear()
         self.critic_age = 0
+        return head
 
     # -- rollout -> training samples (no grad) ----------------------------------------
     @torch.no_grad()
     def process_rollout(self, rollout: TensorDict, anchor_goals: list[str],
-                        anchor_fraction: float = 1.0, anchor_memory: TensorDict | None = None):
-        """[envs, T] rollout -> (samples, anchor samples or None, stats)."""
+                        anchor_fraction: float = 1.0, anchor_memory: TensorDict | None = None,
+                        anchor_heads: list[int] | None = None):
+        """[envs, T] rollout -> (samples, anchor samples or None, stats). ``anchor_heads[i]``:
+        the anchor head of old goal ``anchor_goals[i]`` (None or -1: the newest head)."""
         with phase("rollout_targets"):
             samples, stats = self._rollout_targets(rollout)
         anchors = None
-        if self.has_anchor and (self.hparams.alpha > 0 or self.hparams.beta_v > 0):
+        if self.has_anchor and (self.hparams.alpha > 0 or self.beta_anchor > 0):
             with phase("anchor_targets"):
-                anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory)
+                anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory, anchor_heads)
         return samples, anchors, stats
 
     def _act_for_targets(self, act, images, prompts, greedy: bool):
@@ -208,8 +254,9 @@ class CRLModule(LightningModule):
         flat = rollout.reshape(-1)
         phi, emb, tokens = flat.get("phi"), flat.get("emb"), flat.get("action_tokens")
         # V(s, g) (for a Q critic: E_{a~pi} Q(s, a, g)) and the critic's own prediction
-        value = self.critic.state_value(phi, emb, flat.get("token_log_probs")).view(n_env, T)
-        prediction = self.critic(phi, emb, tokens).view(n_env, T)
+        token_log_probs = flat.get("token_log_probs")
+        value = self.critic.state_value(phi, emb, token_log_probs).view(n_env, T)
+        prediction = self.critic(phi, emb, tokens, token_log_probs).view(n_env, T)
         done = rollout.get(("next", "done")).squeeze(-1)
         terminated = rollout.get(("next", "terminated")).squeeze(-1)
         # V(s'): the next step's value where the episode goes on; one act() on the real next
@@ -231,8 +278,10 @@ class CRLModule(LightningModule):
             target = mc_returns(reward, value, next_value, done, terminated, hp.gamma)
         else:
             target = gae_target
-        if hp.critic_type == "q" and hp.q_advantage == "q":  # the paper's A(s, a) = Q(s, a, g) - E_{a'~pi} Q(s, a', g)
+        if hp.critic_type != "v" and hp.q_advantage == "q":  # the paper's A(s, a) = Q(s, a, g) - E_{a'~pi} Q(s, a', g)
             advantage = prediction - value  # (q_advantage "gae": GAE on the rewards with V = E_{a'~pi} Q)
+        if hp.advantage_scaling == "return_std":
+            self.return_std.update(target)
 
         prompts = self.policy.encode(instructions_of(flat))
         samples = TensorDict({
@@ -251,33 +300,57 @@ class CRLModule(LightningModule):
                 1 - (target - prediction).var() / target.var().clamp_min(1e-8)),
             "rollout/value_mean": float(value.mean()),
             "rollout/reward_mean": float(reward.mean()),
+            # the bound's M_new (Theorem 4.1): the advantage's size on current-task samples
+            "theory/adv_abs_current": float(advantage.abs().mean()),
         }
         if ended:
             stats["rollout/success"] = rollout.get(("next", "success")).sum().item() / ended
         return samples, stats
 
-    def _anchor_samples(self, samples, anchor_goals, fraction, memory):
+    def _anchor_samples(self, samples, anchor_goals, fraction, memory, anchor_heads=None):
         """States with old goals and the frozen models' targets pi_old(.|s,g), V_old(s,g).
         Replay-free (default): current states relabelled with an earlier task's instruction.
-        Memory: stored old-task states with their own instructions (the paper's setting)."""
+        Memory: stored old-task states with their own instructions (the paper's setting).
+        Each sample keeps its goal (index into ``anchor_goals``) and the head of that goal,
+        which gives its target V_old(s, g) (Q heads: Q_old(s, a_old, g)) on the old policy's features."""
         if memory is not None and memory.numel():
             # the memory lives on the CPU; a TensorDict built from parts can have device None
-            images, goals = memory.get("image").to(self.device), memory.get("goal")
-            texts = [anchor_goals[i] for i in goals.tolist()]
+            images, goals = memory.get("image").to(self.device), memory.get("goal").cpu()
         elif anchor_goals:
             n = max(1, int(round(fraction * samples.numel())))
             idx = torch.randperm(samples.numel(), device=samples.device)[:n]
             images = samples.get("image")[idx]
-            choice = torch.randint(len(anchor_goals), (n,)).tolist()
-            texts = [anchor_goals[i] for i in choice]
+            goals = torch.randint(len(anchor_goals), (n,))
         else:
             return None
-        prompts = self.policy.encode(texts)
+        heads, newest = anchor_heads or [], len(self.anchor_critics) - 1  # a goal without a head (-1): the newest
+        head = torch.tensor([heads[i] if i < len(heads) and heads[i] >= 0 else newest for i in goals.tolist()],
+                            device=self.device)
+        prompts = self.policy.encode([anchor_goals[i] for i in goals.tolist()])
         old = self._act_for_targets(self.old_policy.act, images, prompts, greedy=False)
         return TensorDict({
             "tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
-            "value_target": self.anchor_critic(old.phi, old.emb, old.tokens),
+            "value_target": self.anchor_critics(old.phi, old.emb, old.tokens, head, old.token_log_probs),
+            "goal": goals.to(self.device), "head": head,
             "image": images, **_prompts_to_td(prompts)}, batch_size=[len(old.tokens)])
+
+    @torch.no_grad()
+    def replay_samples(self, memory: TensorDict, goals: list[str]) -> TensorDict:
+        """ER: stored old-task transitions as samples with their own instructions (the
+        behaviour log-prob and the advantage as they were when stored)."""
+        prompts = self.policy.encode([goals[i] for i in memory.get("goal").tolist()])
+        return TensorDict({"image": memory.get("image").to(self.device),
+                           **{k: memory.get(k).to(self.device) for k in ("tokens", "log_prob", "advantage")},
+                           **_prompts_to_td(prompts)}, batch_size=[memory.numel()])
+
+    def _scale_advantage(self, advantage: torch.Tensor) -> torch.Tensor:
+        """``advantage_scaling`` over the whole minibatch's advantages."""
+        scaling = self.hparams.advantage_scaling
+        if scaling == "minibatch" and advantage.numel() > 1:
+            return (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+        if scaling == "return_std":
+            return advantage / self.return_std.std.clamp_min(1e-2).to(advantage.dtype)
+        return advantage
 
     def action_log_prob(self, samples: TensorDict) -> torch.Tensor:
         """log pi(a | s, g) of the samples' actions under the current policy (with grad)."""
@@ -287,25 +360,26 @@ class CRLModule(LightningModule):
     # -- one PPO minibatch -------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         hp = self.hparams
-        cur, anc = batch["cur"], batch.get("anchor")
-        n, na = cur.batch_size[0], 0 if anc is None else anc.batch_size[0]
-        advantage = cur.get("advantage")
-        if hp.normalize_advantage and advantage.numel() > 1:  # over the whole minibatch
-            advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+        cur, anc, rep = batch["cur"], batch.get("anchor"), batch.get("replay")
+        n, na, nr = (0 if x is None else x.batch_size[0] for x in (cur, anc, rep))
+        advantage = self._scale_advantage(cur.get("advantage"))  # over the whole minibatch
+        replay_advantage = None if rep is None else self._scale_advantage(rep.get("advantage"))
         opt_policy, opt_critic = self.optimizers()
         opt_policy.zero_grad()
         opt_critic.zero_grad()
         terms: dict[str, torch.Tensor] = {}
-        self.update_rows += n + na
-        slices = self._slices(n, na)
-        for k, (cs, ans) in enumerate(slices):
+        self.update_rows += n + na + nr
+        slices = self._slices(n, na, nr)
+        for k, (cs, ans, rs) in enumerate(slices):
             sync = self.trainer.strategy.block_backward_sync() \
                 if k + 1 < len(slices) and hasattr(self.trainer.strategy, "block_backward_sync") else nullcontext()
             with sync:
                 with phase("update/forward"):
-                    loss, part = self._slice_loss(cur[cs], advantage[cs], None if anc is None else anc[ans],
-                                                  (cs.stop - cs.start) / n, (ans.stop - ans.start) / na if na else 0.0,
-                                                  first=k == 0)
+                    loss, part = self._slice_loss(
+                        cur[cs], advantage[cs], None if anc is None else anc[ans],
+                        None if rep is None else (rep[rs], replay_advantage[rs]),
+                        [(x.stop - x.start) / m if m else 0.0 for x, m in ((cs, n), (ans, na), (rs, nr))],
+                        first=k == 0)
                 with phase("update/backward"):
                     self.manual_backward(loss)
             for name, value in part.items():
@@ -321,59 +395,91 @@ class CRLModule(LightningModule):
         approx_kl = self.all_gather(terms["approx_kl"]).mean()  # same decision on every rank
         if hp.target_kl is not None and approx_kl > hp.target_kl:
             self._stop_epoch = True
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True,
-                      sync_dist=True, batch_size=n)
+        self.log_dict({(k if "/" in k else f"train/{k}"): v for k, v in terms.items()}, on_step=False,
+                      on_epoch=True, sync_dist=True, batch_size=n)
         return terms["loss"]
 
-    def _slices(self, n: int, na: int) -> list[tuple[slice, slice]]:
-        """The current and anchor rows of each slice (``micro_batch_size``): both kinds spread
-        evenly over the slices."""
+    def _slices(self, n: int, na: int, nr: int = 0) -> list[tuple[slice, slice, slice]]:
+        """The current, anchor and replay rows of each slice (``micro_batch_size``): every kind
+        spread evenly over the slices."""
         size = self.hparams.micro_batch_size
-        k = 1 if size is None else min(n, max(1, math.ceil((n + na) / size)))
+        k = 1 if size is None else min(n, max(1, math.ceil((n + na + nr) / size)))
 
         def bounds(m):  # k contiguous, near-equal parts of range(m), as torch.tensor_split cuts
             edges = [m * i // k for i in range(k + 1)]
             return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
-        return list(zip(bounds(n), bounds(na)))
+        return list(zip(bounds(n), bounds(na), bounds(nr)))
 
-    def _slice_loss(self, cur, advantage, anc, current_weight: float, anchor_weight: float, first: bool):
-        """Eq. 8 on one slice of a minibatch (one backbone forward over its current + anchor samples),
-        weighted by the slice's share of each kind of sample; the baselines' penalties once."""
+    def _slice_loss(self, cur, advantage, anc, replay, shares: list[float], first: bool):
+        """Eq. 8 (and ER's terms) on one slice of a minibatch: one backbone forward over its
+        current, anchor and replay samples, each kind's terms weighted by the slice's share of
+        that kind (``shares``: current, anchor, replay); the baselines' penalties once."""
         hp = self.hparams
-        prompts, images, tokens = _prompts_from_td(cur), cur.get("image"), cur.get("tokens")
+        current_weight, anchor_weight, replay_weight = shares
         has_anchors = anc is not None and anc.batch_size[0] > 0
-        if has_anchors:
-            prompts = cat_prompts(prompts, _prompts_from_td(anc))
-            images = torch.cat([images, anc.get("image")])
-            tokens = torch.cat([tokens, anc.get("tokens")])
-        out = self.policy.evaluate(images, prompts, tokens)
+        rep, replay_advantage = replay if replay is not None and replay[0].batch_size[0] > 0 else (None, None)
+        parts = [cur] + ([anc] if has_anchors else []) + ([rep] if rep is not None else [])
+        prompts = _prompts_from_td(parts[0])
+        for p in parts[1:]:
+            prompts = cat_prompts(prompts, _prompts_from_td(p))
+        out = self.policy.evaluate(torch.cat([p.get("image") for p in parts]), prompts,
+                                   torch.cat([p.get("tokens") for p in parts]))
         n = cur.batch_size[0]
+        a = slice(n, n + (anc.batch_size[0] if has_anchors else 0))  # anchor rows; replay rows after them
         phi, emb = out.phi[:n], out.emb[:n]
         if hp.critic_detach_features:
             phi, emb = phi.detach(), emb.detach()
         anchor_terms = {}
         if has_anchors:
             anchor_terms = dict(
-                anchor_token_log_probs=out.token_log_probs[n:],
+                anchor_token_log_probs=out.token_log_probs[a],
                 kl_fn=getattr(self.policy, "kl_to_old_policy", None),  # OFTPolicy: Laplace KL
                 anchor_old_token_log_probs=anc.get("old_token_log_probs"),
-                anchor_value=self.anchor_critic(out.phi[n:], out.emb[n:], anc.get("tokens")),
+                anchor_value=self.anchor_critics(out.phi[a], out.emb[a], anc.get("tokens"), anc.get("head"),
+                                                 anc.get("old_token_log_probs")),
                 anchor_value_target=anc.get("value_target"))
         loss, terms = crl_loss(
             log_prob=out.log_prob[:n], old_log_prob=cur.get("log_prob"), advantage=advantage,
-            value=self.critic(phi, emb, cur.get("tokens")), value_target=cur.get("value_target"),
-            entropy=out.entropy[:n], clip_eps=hp.clip_eps, alpha=hp.alpha, beta_v=hp.beta_v,
-            eta=hp.eta, entropy_coef=hp.entropy_coef, current_weight=current_weight,
+            value=self.critic(phi, emb, cur.get("tokens"), out.token_log_probs[:n]),
+            value_target=cur.get("value_target"), entropy=out.entropy[:n], clip_eps=hp.clip_eps, alpha=hp.alpha,
+            beta_v=self.beta_anchor, eta=hp.eta, entropy_coef=hp.entropy_coef, current_weight=current_weight,
             anchor_weight=anchor_weight, **anchor_terms)
         weights = {"kl_old": anchor_weight, "gcv": anchor_weight, "loss": 1.0}
         terms = {k: v * weights.get(k, current_weight) for k, v in terms.items()}
+        if has_anchors:
+            theory = self._old_goal_theory(out, a, anc, anchor_terms["anchor_value"])
+            terms.update({k: v * anchor_weight for k, v in theory.items()})
+        if rep is not None:  # ER: old-task transitions through the policy's own losses
+            replayed, replay_terms = experience_replay(
+                out.log_prob[a.stop:], rep.get("log_prob"), replay_advantage, hp.clip_eps,
+                hp.replay_pg_coef, hp.replay_bc_coef)
+            loss = loss + replay_weight * replayed
+            terms["loss"] = terms["loss"] + replay_weight * replayed.detach()
+            terms.update({k: v * replay_weight for k, v in replay_terms.items()})
         if first:
             for name, penalty in self.penalties.items():  # baselines' terms (callbacks/ewc.py)
                 value = penalty()
                 loss = loss + value
                 terms[name] = value.detach()
         return loss, terms
+
+    @torch.no_grad()
+    def _old_goal_theory(self, out, rows: slice, anc: TensorDict, anchor_value: torch.Tensor) -> dict:
+        """Theorem 4.1's old-task quantities on the anchor (old-goal) samples:
+        ``theory/kl_pi_old_anchor`` = E[KL(pi || pi_old)] (D_old = sqrt(2 x it));
+        ``theory/adv_abs_anchor`` = E|A_old(s, a_old, g)|, the anchor Q head's advantage of the
+        old policy's action on the current features (M_old; Q heads only: a V head has no
+        action value on these states); ``theory/value_drift_anchor`` = E|V_head(phi_now) -
+        V_old|, the critic error on old goals that bounds M_old (every head type)."""
+        kl_fn = getattr(self.policy, "kl_to_old_policy", None) or kl_to_old_policy
+        old = anc.get("old_token_log_probs")
+        stats = {"theory/kl_pi_old_anchor": kl_fn(out.token_log_probs[rows], old),  # arguments swapped: KL(pi || pi_old)
+                 "theory/value_drift_anchor": (anchor_value - anc.get("value_target")).abs().mean()}
+        adv = self.anchor_critics.advantage(out.phi[rows], out.emb[rows], anc.get("tokens"), anc.get("head"), old)
+        if adv is not None:
+            stats["theory/adv_abs_anchor"] = adv.abs().mean()
+        return stats
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
@@ -416,8 +522,12 @@ class CRLModule(LightningModule):
         state = checkpoint.get("crl", {})
         if self.policy.uses_lora:  # adapters made at task boundaries (old, per-task) must exist
             self.policy.ensure_adapters(adapter_names(checkpoint["state_dict"]))
-        if state.get("has_anchor"):  # create the frozen modules so their weights load
-            self.anchor_critic = frozen_copy(self.critic)
+        # create the frozen modules so their weights load: every anchor head, the old policy
+        AnchorCritics.rename_single_anchor(checkpoint["state_dict"])
+        for k, v in self.return_std.state_dict(prefix="return_std.").items():  # none in older checkpoints:
+            checkpoint["state_dict"].setdefault(k, torch.zeros_like(v))       # the running std starts empty
+        self.anchor_critics.ensure(AnchorCritics.count_in(checkpoint["state_dict"]), self.critic)
+        if state.get("has_anchor"):
             self.old_policy = self.policy.snapshot()
         if "frozen_base" in checkpoint:
             restore_frozen_base(self, checkpoint)

@@ -63,3 +63,17 @@ def crl_loss(*, log_prob, old_log_prob, advantage, value, value_target, entropy,
     return total, {"loss": total.detach(), "ppo": l_ppo.detach(), "kl_old": l_kl.detach(),
                    "gcv": l_gcv.detach(), "mc": l_mc.detach(), "entropy": ent.detach(),
                    "approx_kl": approx_kl, "clip_fraction": clip_fraction}
+
+
+def experience_replay(log_prob, behaviour_log_prob, advantage, clip_eps: float, pg_coef: float, bc_coef: float):
+    """ER, the replay baseline: stored old-task transitions (s, g, a, A, log mu(a|s,g)), mu the
+    policy that acted when they were collected, replayed through the policy's own losses:
+
+        L_ER = -pg_coef * L_PPO(pi / mu, A) + bc_coef * E[-log pi(a | s, g)]
+
+    the clipped surrogate with the stored advantage (an old action the policy has come to
+    avoid, ratio < 1 - eps with A > 0, is pushed back up; CLEAR's V-trace is not used) plus
+    behaviour cloning of the stored actions. Returns (L_ER, {er_pg, er_bc})."""
+    l_pg, _, _ = ppo_clipped_surrogate(log_prob, behaviour_log_prob, advantage, clip_eps)
+    l_bc = -log_prob.mean()
+    return -pg_coef * l_pg + bc_coef * l_bc, {"er_pg": l_pg.detach(), "er_bc": l_bc.detach()}

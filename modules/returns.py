@@ -22,3 +22,34 @@ def gae(reward, value, next_value, done, terminated, gamma: float, lmbda: float)
 
 def mc_returns(reward, value, next_value, done, terminated, gamma: float):
     return gae(reward, value, next_value, done, terminated, gamma, 1.0)[1]
+
+
+class RunningStd(torch.nn.Module):
+    """The running standard deviation of every value seen (Chan et al.'s parallel update of
+    count, mean and M2), in buffers so checkpoints carry it. ``advantage_scaling:
+    return_std`` divides advantages by the running std of the value targets (returns),
+    one scale shared by every minibatch and task, instead of standardising each minibatch
+    (which blows a near-zero advantage up to unit size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().reshape(-1)
+        n = x.numel()
+        if not n:
+            return
+        mean, m2 = x.mean(), ((x - x.mean()) ** 2).sum()
+        total = self.count + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count.copy_(total)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.m2 / self.count.clamp_min(1)).sqrt()

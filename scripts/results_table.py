@@ -1,7 +1,7 @@
 """Collect ``<sweep>/<method>/seed*/metrics.json`` into a markdown table (mean +- std over seeds).
 
     python scripts/results_table.py runs/sweep [more sweeps ...] [LABEL=runs/other] [--out table.md] [--tasks K]
-        [--metrics_file metrics_greedy.json]
+        [--metrics_file metrics_greedy.json] [--ci] [--compare crl=lwf ...]
 
 A sweep given as ``LABEL=path`` (another stream, say) has its methods listed as
 ``method [LABEL]`` in the same table; streams of different lengths share the table (R[i,i]
@@ -13,6 +13,10 @@ Runs whose metrics.json is missing or incomplete are listed, not averaged. ``--t
 scores the first K tasks only (the K x K corner of R, metrics recomputed on it), so runs cut
 short after task K-1 still count. ``--metrics_file`` reads another evaluation of the same runs,
 e.g. ``metrics_greedy.json`` (``PerTaskEvaluation(tag=greedy)``); the wall time is the run's.
+``--ci`` adds a table of FAR / BWT / FT / F as the mean over seeds with its 95% bootstrap interval
+(percentile, 10,000 resamples of the seeds); ``--compare A=B`` the difference of means A - B with
+its 95% bootstrap interval (each method's seeds resampled on their own), e.g. ``crl=lwf``: does
+the anchor-critic term change forgetting beyond the KL term?
 """
 from __future__ import annotations
 
@@ -73,7 +77,44 @@ def fmt(values) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
 
 
-def table(runs: dict) -> str:
+CI_METRICS = ("FAR", "BWT", "FT", "F")
+
+
+def bootstrap_ci(values, other=None, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` (minus the mean of ``other``) and its 95% percentile bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    v = np.asarray(values, float)
+    stat = v[rng.integers(len(v), size=(resamples, len(v)))].mean(1)
+    mean = v.mean()
+    if other is not None:
+        o = np.asarray(other, float)
+        stat = stat - o[rng.integers(len(o), size=(resamples, len(o)))].mean(1)
+        mean -= o.mean()
+    lo, hi = np.percentile(stat, [2.5, 97.5])
+    return float(mean), float(lo), float(hi)
+
+
+def ci_table(runs: dict, compare: list[tuple[str, str]]) -> list[str]:
+    """Means with 95% bootstrap intervals, and the differences asked for with ``--compare``."""
+    lines = ["Mean over seeds [95% bootstrap interval]:", "",
+             "| method | seeds | " + " | ".join(CI_METRICS) + " |", "|" + "---|" * (len(CI_METRICS) + 2)]
+    for method, rs in runs.items():
+        cells = ["{:.2f} [{:.2f}, {:.2f}]".format(*bootstrap_ci([r["metrics"][m] for r in rs])) for m in CI_METRICS]
+        lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if compare:
+        lines += ["Differences of means A - B [95% bootstrap interval]:", "",
+                  "| A - B | " + " | ".join(CI_METRICS) + " |", "|" + "---|" * (len(CI_METRICS) + 1)]
+        for a, b in compare:
+            cells = ["{:+.2f} [{:+.2f}, {:+.2f}]".format(*bootstrap_ci([r["metrics"][m] for r in runs[a]],
+                                                                       [r["metrics"][m] for r in runs[b]]))
+                     for m in CI_METRICS]
+            lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def table(runs: dict, ci: bool = False, compare: list[tuple[str, str]] = ()) -> str:
     K = max(len(r["R"]) for rs in runs.values() for r in rs)
     timed = any(not np.isnan(r["wall_s"]) for rs in runs.values() for r in rs)  # else no wall column
     head = (["method", "seeds", "before (mean b)"] + [f"R[{i},{i}]" for i in range(K)]
@@ -87,6 +128,8 @@ def table(runs: dict) -> str:
         row += [fmt([r["wall_s"] / 60 for r in rs])] * timed
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    if ci or compare:
+        lines += ci_table(runs, list(compare))
     lines += seed_table(runs)
     lines += curve_table(runs)
     for method, rs in runs.items():
@@ -144,6 +187,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", type=int, default=None, help="score only the first K tasks")
     p.add_argument("--metrics_file", default="metrics.json",
                    help="which evaluation of each run, e.g. metrics_greedy.json")
+    p.add_argument("--ci", action="store_true", help="means with 95%% bootstrap intervals")
+    p.add_argument("--compare", action="append", default=[], metavar="A=B",
+                   help="the difference of means A - B with its 95%% bootstrap interval (repeatable)")
     args = p.parse_args(argv)
     if args.tasks is not None and args.tasks <= 0:
         print(f"error: --tasks={args.tasks}: must be > 0", file=sys.stderr)
@@ -153,7 +199,12 @@ def main(argv=None) -> int:
         print(f"error: sweep={' '.join(args.sweep)!r}: no complete {args.metrics_file} under <method>/seed*/",
               file=sys.stderr)
         return 2
-    text = table(runs)
+    pairs = [tuple(c.split("=", 1)) for c in args.compare]
+    for c, pair in zip(args.compare, pairs):
+        if len(pair) != 2 or not all(m in runs for m in pair):
+            print(f"error: --compare={c!r}: expected A=B, two of the methods {sorted(runs)}", file=sys.stderr)
+            return 2
+    text = table(runs, args.ci, pairs)
     if broken:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(broken) + "\n"
     if args.out:

@@ -90,3 +90,77 @@ def test_q_advantage_must_be_known(tiny_policy):
 
     with pytest.raises(ValueError, match="model.q_advantage='td'"):
         CRLModule(tiny_policy(), critic_type="q", q_advantage="td")
+
+
+def test_dueling_q_is_v_plus_centred_advantage():
+    from modules.critics import DuelingQCritic
+
+    torch.manual_seed(0)
+    q = DuelingQCritic(4, [8], action_tokens=2, action_bins=3)
+    with torch.no_grad():
+        q.advantage.weight.normal_()  # a trained A
+    phi, emb = torch.randn(5, 4), torch.randn(5, 4)
+    logp = torch.log_softmax(torch.randn(5, 2, 3), -1)
+    tokens = torch.randint(3, (5, 2))
+    v, a = q.parts(phi, emb)
+    by_hand = v + sum(a[:, t].gather(-1, tokens[:, t:t + 1]).squeeze(-1) - (logp[:, t].exp() * a[:, t]).sum(-1)
+                      for t in range(2))
+    assert torch.allclose(q(phi, emb, tokens, logp), by_hand, atol=1e-6)
+    assert torch.equal(q.state_value(phi, emb, logp), v)
+    # E_{a~pi} Q(s, a) = V(s): enumerate the 9 joint actions of the factorised pi
+    joint = sum(logp[:, 0, i].exp() * logp[:, 1, j].exp() * q(phi, emb, torch.tensor([[i, j]] * 5), logp)
+                for i in range(3) for j in range(3))
+    assert torch.allclose(joint, v, atol=1e-5)
+    # no distribution: A centred on the uniform mean (the classic dueling head)
+    uniform = torch.full_like(logp, 1 / 3).log()
+    assert torch.allclose(q(phi, emb, tokens), q(phi, emb, tokens, uniform), atol=1e-6)
+
+
+def test_dueling_advantage_is_zero_at_init_and_learns_from_returns(tiny_policy):
+    """critic_type q_dueling: a fresh head gives A = 0 exactly (no noise drives the policy);
+    after MC regression steps A is the return's signal, so the paper's advantage is non-zero."""
+    torch.manual_seed(0)
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16], critic_type="q_dueling")
+    rollout = _rollout(module, T=16)
+    samples, _, stats = module.process_rollout(rollout, [])
+    assert samples.get("advantage").abs().max() == 0 and stats["theory/adv_abs_current"] == 0
+    flat = rollout.reshape(-1)
+    phi, emb, tokens, logp = flat.get("phi"), flat.get("emb"), flat.get("action_tokens"), flat.get("token_log_probs")
+    target = samples.get("value_target")
+    opt = torch.optim.Adam(module.critic.parameters(), lr=1e-2)
+    for _ in range(50):
+        opt.zero_grad()
+        (module.critic(phi, emb, tokens, logp) - target).pow(2).mean().backward()
+        opt.step()
+    after, _, _ = module.process_rollout(rollout, [])
+    assert after.get("advantage").abs().mean() > 1e-3
+
+
+def test_beta_q_weights_the_anchor_term_of_q_heads(tiny_policy):
+    """beta_Q is its own coefficient: with Q heads beta_V is ignored (and vice versa)."""
+    q = CRLModule(tiny_policy(), critic_hidden_sizes=[16], critic_type="q_dueling", alpha=0.0, beta_v=1.0, beta_q=0.0)
+    v = CRLModule(tiny_policy(), critic_hidden_sizes=[16], alpha=0.0, beta_v=0.5, beta_q=1.0)
+    assert (q.beta_anchor, v.beta_anchor) == (0.0, 0.5)
+    q.freeze_anchor()
+    _, anchors, _ = q.process_rollout(_rollout(q), ["go to the red ball"])
+    assert anchors is None  # alpha = beta_Q = 0: no anchor term, so no anchor samples
+
+
+def test_return_std_scaling_uses_the_running_std_of_the_returns(tiny_policy):
+    from modules.returns import RunningStd
+
+    torch.manual_seed(0)
+    chunks = [torch.randn(50) * 3 + 1, torch.randn(30) * 0.5, torch.randn(70) + 4]
+    rs = RunningStd()
+    for c in chunks:
+        rs.update(c)
+    allx = torch.cat(chunks).double()
+    assert torch.allclose(rs.std, allx.std(unbiased=False), atol=1e-9)
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16], advantage_scaling="return_std")
+    samples, _, _ = module.process_rollout(_rollout(module), [])
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    std = samples.get("value_target").double().std(unbiased=False)
+    assert module.return_std.count == samples.numel()
+    assert torch.allclose(module._scale_advantage(adv), adv / std.clamp_min(1e-2).float(), atol=1e-6)
+    module.hparams.advantage_scaling = "none"
+    assert torch.equal(module._scale_advantage(adv), adv)

@@ -39,7 +39,7 @@ def test_relabelled_anchor_samples_and_targets(tiny_policy):
     prompts = EncodedPrompts(*(anchors.get(k) for k in ("input_ids", "attention_mask", "image_mask", "goal_mask")))
     old = module.old_policy.evaluate(anchors.get("image"), prompts, anchors.get("tokens"))
     assert torch.allclose(old.token_log_probs, anchors.get("old_token_log_probs"), atol=1e-5)
-    assert torch.allclose(module.anchor_critic(old.phi, old.emb), anchors.get("value_target"), atol=1e-5)
+    assert torch.allclose(module.anchor_critics[0](old.phi, old.emb), anchors.get("value_target"), atol=1e-5)
     cur = module.policy.evaluate(anchors.get("image"), prompts, anchors.get("tokens"))
     assert (cur.token_log_probs - old.token_log_probs).abs().max() > 1e-4
     assert "rollout/explained_variance" in stats
@@ -58,14 +58,14 @@ class _Watch(Callback, TaskBoundaryHooks):
     def on_task_start(self, trainer, pl_module, task_index):
         if task_index == 1:
             self.snap = {
-                "anchor": [p.detach().clone() for p in pl_module.anchor_critic.parameters()],
+                "anchor": [p.detach().clone() for p in pl_module.anchor_critics.parameters()],
                 "old": [p.detach().clone() for p in pl_module.old_policy.parameters()],
                 "critic": [p.detach().clone() for p in pl_module.critic.parameters()],
                 "policy": [p.detach().clone() for p in pl_module.policy.parameters()],
             }
 
     def on_train_end(self, trainer, pl_module):
-        now = {"anchor": list(pl_module.anchor_critic.parameters()),
+        now = {"anchor": list(pl_module.anchor_critics.parameters()),
                "old": list(pl_module.old_policy.parameters()),
                "critic": list(pl_module.critic.parameters()),
                "policy": list(pl_module.policy.parameters())}
@@ -87,7 +87,7 @@ def test_anchor_frozen_while_trainable_parts_change(tiny_policy, tmp_path):
     assert trainer.current_epoch == 4 and dm.anchor_goals == ["go to the red ball"]
     assert watch.changed["anchor"] == 0.0 and watch.changed["old"] == 0.0
     assert watch.changed["critic"] > 1e-4 and watch.changed["policy"] > 1e-4
-    assert all(not p.requires_grad for p in module.anchor_critic.parameters())
+    assert all(not p.requires_grad for p in module.anchor_critics.parameters())
 
 
 def _memory_anchor_samples(module, device):

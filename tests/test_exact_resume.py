@@ -23,12 +23,16 @@ STOPS = [("collection", 1, "SIGTERM", 3),  # last.ckpt of iteration 0 on disk: s
 
 def config(tmp_path, stop=None) -> str:
     """2 tasks x 2 iterations, a periodic evaluation every 2 iterations (at each task's last one),
-    every run of the chain in one folder (the logger's version fixed, as scripts/sweep.py does)."""
+    every run of the chain in one folder (the logger's version fixed, as scripts/sweep.py does);
+    anchors on stored old-task states and advantages scaled by the running return std, so the
+    memory and the running std are state a resume must bring back too."""
     kill = [] if stop is None else [{"class_path": "tests.helpers.kill_at.KillAt", "init_args": dict(
         point=stop[0], epoch=stop[1], signal_name=stop[2], step=stop[3])}]
     path = small_config(tmp_path, "exact", iterations=2, tasks=2, eval_episodes=2, extra_callbacks=kill)
     cfg = OmegaConf.load(path)
     cfg.trainer.logger.init_args.version = "fixed"
+    cfg.data.anchor_source, cfg.data.memory_per_task = "memory", 16
+    cfg.model.advantage_scaling = "return_std"
     next(c for c in cfg.trainer.callbacks if c.class_path.endswith("PerTaskEvaluation")).init_args.every_n_iterations = 2
     OmegaConf.save(cfg, path)
     return path
@@ -87,6 +91,9 @@ def test_stopped_five_times_and_resumed_is_bit_identical(uninterrupted, tmp_path
         assert a["state_dict"].keys() == b["state_dict"].keys()
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), name
         assert a["crl"]["has_anchor"] and a["crl"]["critic_age"] == b["crl"]["critic_age"]
+        ma, mb = (c["OnPolicyDataModule"]["memory"] for c in (a, b))
+        assert ma["task"].tolist() == [0] * 16 and all(torch.equal(ma[k], mb[k]) for k in ma)
+        assert a["state_dict"]["return_std.count"] > 0
         for sa, sb in zip(a["optimizer_states"], b["optimizer_states"]):
             for k in sa["state"]:
                 assert all(torch.equal(sa["state"][k][t], sb["state"][k][t]) for t in sa["state"][k])

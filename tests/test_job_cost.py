@@ -61,12 +61,12 @@ def test_phases_nest_and_the_row_derives_env_time_and_throughput():
 # -- micro-batches -------------------------------------------------------------------------------
 def _module(policy, micro_batch_size=None, **kw):
     module = CRLModule(policy, critic_hidden_sizes=[16], micro_batch_size=micro_batch_size, alpha=0.5, beta_v=0.3,
-                       entropy_coef=0.01, **kw)
-    module.freeze_anchor()  # anchors present: both kinds of sample in every slice
+                       entropy_coef=0.01, replay_pg_coef=0.5, replay_bc_coef=0.2, **kw)
+    module.freeze_anchor()  # anchors present: every kind of sample in every slice
     return module
 
 
-def _batch(policy, n, na, seed=0):
+def _batch(policy, n, na, nr=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         cur_prompts = policy.encode([INSTRUCTIONS[0]] * n)
@@ -77,22 +77,26 @@ def _batch(policy, n, na, seed=0):
                       "advantage": torch.randn(n, generator=g), "value_target": torch.randn(n, generator=g),
                       **_prompts_to_td(cur_prompts)}, batch_size=[n])
     anc = TensorDict({"image": _images(na, seed + 1), "tokens": old.tokens,
-                      "old_token_log_probs": old.token_log_probs.roll(1, -1),
+                      "old_token_log_probs": old.token_log_probs.roll(1, -1), "head": torch.zeros(na, dtype=torch.long),
                       "value_target": torch.randn(na, generator=g), **_prompts_to_td(anc_prompts)}, batch_size=[na])
-    return cur, anc
+    with torch.no_grad():  # ER's replayed transitions
+        rep_prompts = policy.encode([INSTRUCTIONS[2]] * nr)
+        stored = policy.act(_images(nr, seed + 2), rep_prompts)
+    rep = TensorDict({"image": _images(nr, seed + 2), "tokens": stored.tokens, "log_prob": stored.log_prob - 0.1,
+                      "advantage": torch.randn(nr, generator=g), **_prompts_to_td(rep_prompts)}, batch_size=[nr])
+    return cur, anc, rep
 
 
-def _grads(module, cur, anc):
+def _grads(module, cur, anc, rep):
     """Gradients of one minibatch, summed over its slices as ``training_step`` does."""
     module.zero_grad()
-    adv = cur.get("advantage")
-    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-    n, na = len(cur), len(anc)
-    slices = module._slices(n, na)
+    adv, rep_adv = (module._scale_advantage(x.get("advantage")) for x in (cur, rep))
+    n, na, nr = len(cur), len(anc), len(rep)
+    slices = module._slices(n, na, nr)
     logged = {}
-    for k, (cs, ans) in enumerate(slices):
-        loss, terms = module._slice_loss(cur[cs], adv[cs], anc[ans], (cs.stop - cs.start) / n,
-                                         (ans.stop - ans.start) / na, first=k == 0)
+    for k, (cs, ans, rs) in enumerate(slices):
+        shares = [(x.stop - x.start) / m for x, m in ((cs, n), (ans, na), (rs, nr))]
+        loss, terms = module._slice_loss(cur[cs], adv[cs], anc[ans], (rep[rs], rep_adv[rs]), shares, first=k == 0)
         loss.backward()
         for key, v in terms.items():
             logged[key] = logged.get(key, 0.0) + v
@@ -104,16 +108,16 @@ def test_micro_batches_give_the_minibatch_gradient(size):
     policy = _policy()
     whole, sliced = _module(policy), _module(policy, micro_batch_size=size)
     sliced.load_state_dict(whole.state_dict())
-    cur, anc = _batch(policy, n=6, na=4)
-    k1, g1, t1 = _grads(whole, cur, anc)
-    k, g, t = _grads(sliced, cur, anc)
-    assert k1 == 1 and k == -(-10 // size)
+    cur, anc, rep = _batch(policy, n=6, na=4, nr=3)
+    k1, g1, t1 = _grads(whole, cur, anc, rep)
+    k, g, t = _grads(sliced, cur, anc, rep)
+    assert k1 == 1 and k == min(6, -(-13 // size))
     assert g1.keys() == g.keys() and len(g) > 10
     for name in g:  # float32 sums in another order: equal up to float32 rounding of the largest entry
         assert (g[name] - g1[name]).abs().max() <= 1e-5 * g1[name].abs().max() + 1e-7, name
     for name in t1:  # the logged terms are the whole minibatch's too
         assert torch.allclose(torch.as_tensor(t[name]), torch.as_tensor(t1[name]), atol=1e-5), name
-    assert t1["kl_old"] > 0 and t1["gcv"] > 0
+    assert t1["kl_old"] > 0 and t1["gcv"] > 0 and t1["er_bc"] > 0 and t1["theory/kl_pi_old_anchor"] > 0
 
 
 # -- no-grad passes reuse the acting batch's cache ------------------------------------------------

@@ -246,6 +246,37 @@ def test_chunk_q_critic_reads_the_executed_chunk_and_averages_over_the_policy():
         q(phi, emb, torch.zeros(3, 7))
 
 
+def test_chunk_q_anchor_heads_per_stage_and_their_advantage():
+    """Frozen chunk Q heads, one per stage: each row's Q_old(s, chunk, g) from its own head, and the
+    old-goal advantage Q_old(s, a) - E_pi Q_old(s, .) the theory term logs (a V head has none)."""
+    from modules.crl_module import CRLModule
+
+    module = CRLModule(make_oft(), critic_type="q", critic_hidden_sizes=[16])
+    for _ in range(2):
+        with torch.no_grad():
+            for p in module.critic.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        module.freeze_anchor()
+    phi, emb, chunk = torch.randn(4, 32), torch.randn(4, 32), torch.rand(4, K, D) * 2 - 1
+    head = torch.tensor([1, 0, 0, 1])
+    mu = torch.rand(4, K, D) - 0.5
+    params = torch.stack([mu, torch.full_like(mu, -20.0)], -1)  # b -> 0: E_pi Q = Q(s, mu)
+    heads = module.anchor_critics
+    want = torch.where(head == 0, heads[0](phi, emb, chunk), heads[1](phi, emb, chunk))
+    assert torch.allclose(heads(phi, emb, chunk, head, params), want)
+    adv = heads.advantage(phi, emb, chunk, head, params)
+    by_hand = torch.where(head == 0, heads[0](phi, emb, chunk) - heads[0](phi, emb, mu),
+                          heads[1](phi, emb, chunk) - heads[1](phi, emb, mu))
+    assert torch.allclose(adv, by_hand, atol=1e-5) and adv.abs().max() > 1e-4
+
+
+def test_dueling_q_with_a_chunk_policy_is_one_line():
+    from modules.crl_module import CRLModule
+
+    with pytest.raises(ValueError, match=r"^model.critic_type='q_dueling': not supported with OFTPolicy"):
+        CRLModule(make_oft(), critic_type="q_dueling", critic_hidden_sizes=[16])
+
+
 # -- the chunk executor on torchrl's ToyVLAEnv ------------------------------------------------
 def _toy(n=3, max_steps=10, reward="tracking", success_steps=1, tol=0.05):
     from datamodules.toy_vla import make_toy_vla_env
@@ -411,7 +442,7 @@ def test_train_py_one_iteration_per_task(oft_runs, name):
     # V(s, g) reads [phi; emb]; CRL-VLA (Q)'s chunk critic also the K x D chunk (anchor Q head too)
     width = 2 * 32 + (K * D if ablation == "crl_q" else 0)
     assert state["critic.net.0.weight"].shape[1] == width
-    assert ("anchor_critic.net.0.weight" in state) == anchor
+    assert ("anchor_critics.0.net.0.weight" in state) == anchor
 
 
 @pytest.mark.libero

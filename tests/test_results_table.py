@@ -119,3 +119,26 @@ def test_labelled_sweep_of_another_stream_in_the_same_table(tmp_path):
     assert rows["crl"][3:6] == ["0.80", "0.90", "-"]
     assert rows["crl [long]"][3:7] == ["0.50", "0.70", "0.90", "0.60"]
     assert "| 2 | 0.30 | 0.60 | 0.90 |" in res.stdout  # the long stream's own mean R
+
+
+def test_bootstrap_intervals_and_differences(tmp_path):
+    """--ci: mean [95% bootstrap interval] per method; --compare A=B: the difference of means."""
+    sys.path.insert(0, ROOT)
+    from scripts.results_table import bootstrap_ci
+
+    m = {"FAR": 0.5, "BWT": -0.2, "F": 0.2, "FT": 0.0, "FWT": 0.8, "NBT": 0.2, "AUC": 0.6}
+    for s, far in enumerate((0.6, 0.8, 0.7)):
+        _write(tmp_path / "crl" / f"seed{s}", [[0.8, 0.1], [0.6, 0.9]], [0.1, 0.1], dict(m, FAR=far))
+        _write(tmp_path / "lwf" / f"seed{s}", [[0.8, 0.1], [0.6, 0.9]], [0.1, 0.1], dict(m, FAR=0.5))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"), str(tmp_path),
+                          "--ci", "--compare", "crl=lwf"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    mean, lo, hi = bootstrap_ci([0.6, 0.8, 0.7])
+    # the bootstrap interval of 3 seeds spans the resampled means: within [min, max], around the mean
+    assert abs(mean - 0.7) < 1e-9 and 0.6 - 1e-9 <= lo < 0.7 < hi <= 0.8 + 1e-9
+    assert f"| crl | 3 | 0.70 [{lo:.2f}, {hi:.2f}] |" in res.stdout
+    assert "| lwf | 3 | 0.50 [0.50, 0.50] |" in res.stdout  # no spread, no interval
+    assert f"| crl - lwf | +0.20 [{lo - 0.5:+.2f}, {hi - 0.5:+.2f}] |" in res.stdout
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"), str(tmp_path),
+                          "--compare", "crl=ewc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --compare='crl=ewc'")

@@ -1,4 +1,5 @@
-"""train.py end to end: bad input, a full tiny stream, 2-process DDP (exact resume: tests/test_exact_resume.py)."""
+"""train.py end to end: bad input, a full tiny stream, 2-process DDP, resume at a task boundary with every
+anchor head and the memory (bit-exact resume after kills: tests/test_exact_resume.py)."""
 import glob
 import json
 import os
@@ -8,6 +9,7 @@ import torch
 
 from conftest import ROOT, print_config, run_train, run_train_cases, small_config
 from helpers.videos import read_mp4
+from modules.checkpoint_io import safe_load
 
 BAD = [
     ("--data.stream=[]", "data.stream"),
@@ -132,7 +134,66 @@ def test_ddp_two_processes(tmp_path):
     assert rank0 == rank1
 
 
+@pytest.mark.slow
+def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
+    """Resume at a task boundary with memory anchors: every anchor head and the memory come back."""
+    cfg = small_config(tmp_path, "resume", iterations=2, tasks=3,
+                       extra={"data.anchor_source": "memory", "data.memory_per_task": 16})
+    res = run_train("--config", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full, log_dir = _metrics(tmp_path, "resume")
+    ckpts = os.path.join(log_dir, "checkpoints")
+    mid = os.path.join(ckpts, "task0_end.ckpt")
+    state = safe_load(mid, "ckpt_path")  # anchor heads and memory load under weights_only=True
+    assert state["crl"]["has_anchor"]
+    # resume from the end of task 0: the run must continue on task 1 with the anchors and R
+    res2 = run_train("--config", cfg, f"--ckpt_path={mid}")
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    resumed, log_dir2 = _metrics(tmp_path, "resume")
+    assert log_dir2 != log_dir
+    assert resumed["b"] == full["b"]
+    assert resumed["R"][0] == full["R"][0]  # R so far restored, not recomputed
+    # each of the two evaluations restores its own R (separate checkpoint state keys)
+    assert sum("PerTaskEvaluation" in key for key in state["callbacks"]) == 2
+    greedy_full = json.load(open(os.path.join(log_dir, "metrics_greedy.json")))
+    greedy_resumed = json.load(open(os.path.join(log_dir2, "metrics_greedy.json")))
+    assert greedy_resumed["R"][0] == greedy_full["R"][0] and greedy_resumed["b"] == greedy_full["b"]
+    assert resumed["complete"] and len(resumed["R"]) == 3
+    r2 = safe_load(os.path.join(log_dir2, "checkpoints", "task1_end.ckpt"), "ckpt_path")
+    r1 = safe_load(os.path.join(ckpts, "task1_end.ckpt"), "ckpt_path")
+    assert r2["epoch"] == r1["epoch"]  # same iteration count at the same boundary
+
+    def heads(ckpt):
+        return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("anchor_critics.")}
+
+    # head 0 restored from the checkpoint is the one frozen at the end of task 0; task 1 adds head 1
+    a_mid, a_r2, a_r1 = heads(state), heads(r2), heads(r1)
+    assert a_mid and {k.split(".")[1] for k in a_mid} == {"0"} and set(a_r2) == set(a_r1)
+    assert {k.split(".")[1] for k in a_r2} == {"0", "1"}
+    assert all(torch.equal(a_mid[k], a_r2[k]) for k in a_mid)
+    assert any((a_r2[k] - a_r2[k.replace(".0.", ".1.", 1)]).abs().max() > 0 for k in a_mid)
+    memory_mid, memory_r2 = state["OnPolicyDataModule"]["memory"], r2["OnPolicyDataModule"]["memory"]
+    assert memory_mid["task"].tolist() == [0] * 16 and memory_r2["task"].tolist() == [0] * 16 + [1] * 16
+    assert torch.equal(memory_r2["image"][:16], memory_mid["image"])  # the stored states came back
+    assert r2["OnPolicyDataModule"]["anchor_heads"] == [0, 1]
+
+
 @pytest.mark.parametrize("configs", [["configs/quickstart.yaml"], ["configs/crl.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/ewc.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/lwf.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_q_gae.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/mtl.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/er.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/lwf_memory.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_memory.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_anchor_only.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/crl_q_dueling.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/paper_weights.yaml",
+                                      "configs/ablations/lwf.yaml"],
+                                     ["configs/quickstart.yaml", "configs/streams/babyai_multitask.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/per_task_adapters.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml",
                                       "configs/ablations/lora.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/lora.yaml",
@@ -143,11 +204,17 @@ def test_configs_parse_and_print(configs):
     args = [a for c in configs for a in ("--config", os.path.join(ROOT, c))]
     out = print_config(*args)
     assert "model:" in out and "data:" in out and "stream:" in out
-    method = ("method: null" if "configs/ablations/seq_ft.yaml" in configs
-              else "class_path: callbacks.adapters.PerTaskAdapters" if "configs/ablations/per_task_adapters.yaml" in configs
-              else "class_path: callbacks.anchor.AnchorCriticFreeze")
+    methods = {"seq_ft": "method: null", "mtl": "method: null", "ewc": "class_path: callbacks.ewc.OnlineEWC",
+               "per_task_adapters": "class_path: callbacks.adapters.PerTaskAdapters",
+               "er": "class_path: callbacks.replay.ExperienceReplay"}
+    method = next((methods[k] for k in methods if f"configs/ablations/{k}.yaml" in configs),
+                  "class_path: callbacks.anchor.AnchorCriticFreeze")
     assert method in out and out.count("AnchorCriticFreeze") == ("AnchorCriticFreeze" in method)
     assert ("r: 8" in out) == ("configs/ablations/lora.yaml" in configs)
+    assert ("anchor_source: memory" in out) == any(c in configs for c in (
+        "configs/ablations/lwf_memory.yaml", "configs/ablations/crl_memory.yaml"))
+    if "configs/ablations/paper_weights.yaml" in configs:  # lwf.yaml after it still switches beta_V off
+        assert "alpha: 1.0e-05" in out and "beta_v: 0.0" in out and "eta: 1.0" in out
 
 
 def test_a_method_in_the_callback_list_and_in_method_is_one_clear_error(tmp_path):
@@ -165,7 +232,8 @@ def test_a_method_in_the_callback_list_and_in_method_is_one_clear_error(tmp_path
         "continual-learning method (AnchorCriticFreeze); keep one")
 
 
-ABLATIONS = ["seq_ft", "ewc", "lwf", "crl_q", "crl_q_gae", "mtl", "er"]
+# (crl_memory / lwf_memory: memory anchors through a checkpoint are the resume test's)
+ABLATIONS = ["seq_ft", "ewc", "lwf", "crl_q", "crl_q_gae", "mtl", "er", "crl_q_dueling"]
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +253,16 @@ def test_each_ablation_runs_one_iteration_per_task(ablation_runs, ablation):
     m = json.load(open(path))
     assert m["complete"] and len(m["R"]) == 2 and len(m["R"][1]) == 2
     ckpt = torch.load(os.path.join(os.path.dirname(path), "checkpoints", "task1_end.ckpt"), weights_only=False)
-    critic_in = ckpt["state_dict"]["critic.net.0.weight"].shape[1]  # [phi; emb] (+ onehot(a) for Q)
-    assert critic_in == 2 * 32 + (3 if ablation.startswith("crl_q") else 0)
-    assert ckpt["crl"]["has_anchor"] == (ablation in ("lwf", "crl_q", "crl_q_gae", "er"))
-    if ablation == "er":  # the bounded memory of task 0's states went into the checkpoint
-        memory = next(v for k, v in ckpt["datamodule_hyper_parameters"].items() if k == "anchor_source")
-        assert memory == "memory"
+    first = "critic.trunk.0.weight" if ablation == "crl_q_dueling" else "critic.net.0.weight"
+    critic_in = ckpt["state_dict"][first].shape[1]  # [phi; emb] (+ onehot(a) for Q)
+    assert critic_in == 2 * 32 + (3 if ablation in ("crl_q", "crl_q_gae") else 0)
+    anchored = ("lwf", "crl_q", "crl_q_gae", "crl_q_dueling")
+    assert ckpt["crl"]["has_anchor"] == (ablation in anchored)
+    heads = {k.split(".")[1] for k in ckpt["state_dict"] if k.startswith("anchor_critics.")}
+    assert heads == ({"0"} if ablation in anchored else set())  # one head after one boundary
+    if ablation == "er":  # the bounded memory of task 0's transitions went into the checkpoint
         stored = ckpt["OnPolicyDataModule"]["memory"] if "OnPolicyDataModule" in ckpt else None
-        assert stored is not None and len(stored["goal"]) > 0 and set(stored["goal"].tolist()) == {0}
+        assert stored is not None and len(stored["goal"]) > 0 and set(stored["task"].tolist()) == {0}
 
 
 @pytest.mark.slow

@@ -1,0 +1,75 @@
+"""Multi-task stages: a stream entry that trains several tasks jointly, with every method."""
+import pytest
+import torch
+from lightning import Callback, Trainer
+
+from callbacks.anchor import AnchorCriticFreeze
+from callbacks.evaluation import PerTaskEvaluation
+from callbacks.task_switch import TaskSwitch
+from datamodules.on_policy import OnPolicyDataModule
+from datamodules.tasks import instructions_of, make_env, parse_stream
+from modules.crl_module import CRLModule
+
+
+def _babyai(target, **kw):
+    return {"env": "babyai", "level": "GoToObjectRoom", "target": target, **kw}
+
+
+STAGED = [{"stage": [_babyai("red ball"), _babyai("green key")]}, _babyai("blue box")]
+
+
+def test_a_stage_entry_parses_to_one_task_with_its_subtasks():
+    stage, single = parse_stream(STAGED)
+    assert [t.target for t in stage.subtasks] == ["red ball", "green key"] and not single.subtasks
+    assert stage.name == "GoToObjectRoom:red ball + GoToObjectRoom:green key"
+    assert stage.instructions == ["go to the red ball", "go to the green key"]
+    assert single.instructions == ["go to the blue box"] and stage.instruction is None
+
+
+@pytest.mark.parametrize("entry, key", [
+    ({"stage": []}, "data.stream[0].stage"),
+    ({"stage": [_babyai("red ball"), _babyai("green key", max_steps=9)]}, "data.stream[0].stage"),
+    ({"stage": [{"stage": [_babyai("red ball")]}]}, "data.stream[0].stage"),
+    ({"stage": [_babyai("red ball")], "env": "babyai"}, "data.stream[0].env"),
+    ({"stage": [_babyai("purple ball")]}, "data.stream[0].stage[0].target"),
+])
+def test_bad_stage_entries_name_the_key(entry, key):
+    with pytest.raises(ValueError) as err:
+        parse_stream([entry])
+    assert str(err.value).startswith(key + "=")
+
+
+def test_stage_env_pins_episode_e_to_task_e_mod_k():
+    stage = parse_stream(STAGED)[0]
+    env = make_env(stage, 3, seed=0, init_state_ids=[1, 2, 5])  # episodes 1, 2, 5 (e.g. a DDP rank's)
+    td = env.reset()
+    assert instructions_of(td) == ["go to the green key", "go to the red ball", "go to the green key"]
+    env = make_env(stage, 4, seed=0)  # training: env i on task i mod K
+    assert instructions_of(env.reset()) == ["go to the red ball", "go to the green key"] * 2
+
+
+class _Instructions(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(sorted(set(trainer.datamodule._last_instructions)))
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_crl_and_mtl_over_a_staged_stream(tiny_policy, tmp_path, joint):
+    torch.manual_seed(0)
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16], alpha=1.0, beta_v=1.0)
+    dm = OnPolicyDataModule(STAGED, num_envs=4, frames_per_batch=32, ppo_epochs=1, num_minibatches=1, joint=joint)
+    seen, evaluation = _Instructions(), PerTaskEvaluation(episodes_per_task=4, num_envs=4, max_steps=16)
+    Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(tmp_path),
+            callbacks=[TaskSwitch(iterations_per_task=1, save_checkpoints=False), AnchorCriticFreeze(), seen,
+                       evaluation]).fit(module, datamodule=dm)
+    red, green, blue = (f"go to the {t}" for t in ("red ball", "green key", "blue box"))
+    # stage 0 trains both of its tasks at once (MTL: every task of the stream in every stage)
+    assert seen.seen == ([[blue, green, red]] * 2 if joint else [[green, red], [blue]])
+    # one boundary, one head for both goals of the stage
+    assert len(module.anchor_critics) == 1 and dm.anchor_goals == [red, green] and dm.anchor_heads == [0, 0]
+    # one row and column of R per stage
+    assert len(evaluation.R) == 2 and all(len(r) == 2 for r in evaluation.R)
