@@ -48,6 +48,8 @@ class Episode:
     steps: int  # expert steps taken (settle steps excluded)
     init_state: int
     phase: str  # the expert's phase when the episode ended
+    init_state_vector: np.ndarray | None = None  # the flattened sim state it started from
+    model_xml: str = ""  # the MJCF model (recorded episodes: LIBERO's demo files keep it)
     # recorded per expert step t (``record=True``): the observation before action t, the
     # flattened sim state before action t, and action t
     obs: list[dict] = field(default_factory=list)
@@ -63,7 +65,7 @@ def run_episode(env, expert, init_state: np.ndarray, init_state_id: int = 0, max
         obs, _, _, _ = env.step(NOOP)
     expert.reset()
     scene = Scene(env)
-    episode = Episode(False, 0, init_state_id, "start")
+    episode = Episode(False, 0, init_state_id, "start", np.asarray(init_state).copy())
     for t in range(max_steps):
         action = expert.act(scene)
         if record:
@@ -77,4 +79,6 @@ def run_episode(env, expert, init_state: np.ndarray, init_state_id: int = 0, max
     else:
         episode.steps = max_steps
     episode.phase = expert.phase
+    if record:
+        episode.model_xml = env.sim.model.get_xml()
     return episode
