@@ -1,7 +1,8 @@
 """Entry point: python train.py --config configs/quickstart.yaml [--trainer.devices 2 ...]
 
-A LightningCLI (omegaconf parser mode) over CRLModule and OnPolicyDataModule. Every knob is
-in the YAML and shows with --print_config. --ckpt_path resumes a run where it stopped.
+A LightningCLI (omegaconf parser mode) over CRLModule and OnPolicyDataModule, or with
+``stage: sft`` over SFTModule and DemoDataModule (modules/stages.py). Every knob is in the
+YAML and shows with --print_config. --ckpt_path resumes a run where it stopped.
 """
 from __future__ import annotations
 
@@ -56,11 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
-    from datamodules.on_policy import OnPolicyDataModule
-    from modules.crl_module import CRLModule
+    from modules.stages import STAGES, requested_stage, stage_classes
+
+    try:
+        stage = requested_stage(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    module_class, data_class = stage_classes(stage)  # rl: CRLModule, OnPolicyDataModule; sft: modules/stages.py
 
     class CLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
+            parser.add_argument("--stage", type=str, default="rl", choices=list(STAGES),
+                                help="rl (CRL / PPO on env rollouts) or sft (supervised fine-tuning on demonstrations)")
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="resume from this Lightning checkpoint")
             parser.add_argument("--seed", type=int, default=0, help="global seed (seed_everything)")
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _threads_per_process()
     try:
-        cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=argv,
+        cli = CLI(module_class, data_class, run=False, args=argv,
                   parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                   save_config_kwargs={"overwrite": True}, seed_everything_default=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path,

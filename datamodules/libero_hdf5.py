@@ -169,3 +169,35 @@ def write_statistics(folder: str, key: str) -> str:
         json.dump(stats, f, indent=2)
     os.replace(tmp, path)
     return path
+
+
+def demo_file_for(folder: str, suite: str, task_id: int) -> str:
+    """The demo file of LIBERO task ``task_id`` of ``suite`` in ``folder``: ``<task name>_demo.hdf5``."""
+    from datamodules.libero_setup import setup_libero
+
+    setup_libero()
+    from libero.libero import benchmark
+
+    name = benchmark.get_benchmark_dict()[suite]().get_task(task_id).name
+    path = os.path.join(folder, f"{name}_demo.hdf5")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.demos={folder!r}: no {name}_demo.hdf5 for {suite} task {task_id} "
+                                "(scripts/write_libero_demos.py writes it)")
+    return path
+
+
+def read_statistics(folder: str, key: str | None = None) -> tuple[dict, str]:
+    """(the folder's dataset_statistics.json, the chosen key); ``key`` None: the only one."""
+    path = os.path.join(folder, STATISTICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.demos={folder!r}: no {STATISTICS_FILE} (scripts/write_libero_demos.py "
+                                "writes it; for other demos: python scripts/write_libero_demos.py --statistics_only)")
+    with open(path) as f:
+        stats = json.load(f)
+    if key is None:
+        if len(stats) != 1:
+            raise ValueError(f"data.unnorm_key=None: {path} has several keys {sorted(stats)}; name one")
+        key = next(iter(stats))
+    if key not in stats:
+        raise ValueError(f"data.unnorm_key={key!r}: not in {path} (available: {sorted(stats)})")
+    return stats, key

@@ -4,7 +4,8 @@
         [--size 128] [--no_noops] [--init random] [--processes 16]
 
 One ``<task name>_demo.hdf5`` per task (LIBERO's file names and keys: datamodules/libero_hdf5.py),
-``dataset_statistics.json`` (OpenVLA's action statistics, key ``<suite>_scripted[_no_noops]``)
+``dataset_statistics.json`` (OpenVLA's action statistics, key ``<suite>_scripted[_no_noops]``;
+``--statistics_only KEY`` writes only it, for demo files already there)
 and ``collection.json`` (attempts, successes and lengths per task, the command, machine and
 date). Only successful episodes are written (as OpenVLA's regenerated LIBERO data); failed
 attempts are retried with new layouts, up to ``--max_attempts`` x N per task.
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="libero_goal", choices=["libero_goal"])
-    p.add_argument("--tasks", type=int, nargs="+", required=True)
+    p.add_argument("--tasks", type=int, nargs="+")
     p.add_argument("--demos", type=int, default=50, help="successful demonstrations per task")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=128, help="camera resolution (px)")
@@ -42,7 +43,14 @@ def parse(argv):
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--max_attempts", type=float, default=2.0, help="give up a task after this many x --demos")
     p.add_argument("--seed", type=int, default=0, help="layout seeds: seed + 100000 * task + attempt")
+    p.add_argument("--statistics_only", metavar="KEY", default=None,
+                   help="only (re)write dataset_statistics.json for the *_demo.hdf5 files already in --out, "
+                        "under this key (e.g. for LIBERO's released demos)")
     args = p.parse_args(argv)
+    if args.statistics_only is not None:
+        return args
+    if not args.tasks:
+        p.error("--tasks: required (the LIBERO-Goal task ids)")
     for name in ("demos", "size", "processes", "max_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)}: must be >= 1")
@@ -54,6 +62,10 @@ def parse(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from datamodules.libero_hdf5 import DemoFile, episode_arrays, write_statistics
+
+    if args.statistics_only is not None:
+        print(f"wrote {write_statistics(args.out, args.statistics_only)}")
+        return 0
     from modules.experts.collect import CAMERAS, Job, run_jobs
     from modules.experts.episode import task_bddl
     from modules.experts.libero_goal import PLANS

@@ -31,6 +31,7 @@ categorical KL. The Q critic is not supported (it one-hot encodes action tokens)
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -79,13 +80,15 @@ class OFTPolicy(VLAPolicy):
                  head_hidden: int = 256, head_blocks: int = 2, init_scale: float = 0.1,
                  learned_slots: bool = True, action_low: float | list[float] = -1.0,
                  action_high: float | list[float] = 1.0, temperature: float = 1.0, lora: dict | None = None,
-                 norm_stats: str | None = None, unnorm_key: str | None = None):
+                 norm_stats: str | None = None, unnorm_key: str | None = None, head_checkpoint: str | None = None):
         """``chunk_size`` K actions of ``action_dim`` D per decision (OFT on LIBERO: K=8, D=7).
         ``init_scale``: the Laplace scale b at the start; ``temperature`` T multiplies it (acting
         and training alike, as a token VLA's logits / T). ``action_low/high``: the clip bounds
         in the policy's (normalised) action space. ``lora``: PEFT LoRA on the backbone (the
         head is trained fully); None: full fine-tuning. ``norm_stats``/``unnorm_key``: q01/q99
-        de-normalisation of the masked dimensions (an OpenVLA(-OFT) checkpoint's statistics)."""
+        de-normalisation of the masked dimensions (an OpenVLA(-OFT) checkpoint's statistics).
+        ``head_checkpoint``: the chunk head's weights (``action_head.pt``, written by
+        callbacks/export_policy.py after SFT); null: a fresh head."""
         super().__init__()
         sizes = (("chunk_size", chunk_size), ("action_dim", action_dim), ("head_hidden", head_hidden))
         for name, value in sizes:
@@ -108,6 +111,8 @@ class OFTPolicy(VLAPolicy):
             lm_head.requires_grad_(False)
         self.head = LaplaceChunkHead(backbone.hidden_size, chunk_size, action_dim, head_hidden, head_blocks,
                                      init_scale, learned_slots)
+        if head_checkpoint is not None:
+            self._load_head(head_checkpoint)
         self.old_head: nn.Module | None = None  # LoRA: the old policy's frozen head (set by snapshot)
         low, high = (torch.as_tensor(v, dtype=torch.float32).expand(action_dim).clone()
                      for v in (action_low, action_high))
@@ -121,6 +126,18 @@ class OFTPolicy(VLAPolicy):
         self.placeholder_id = pad if pad is not None else (backbone.tokenizer.eos_token_id or 0)
         if self.placeholder_id == getattr(backbone, "image_token_id", None):
             raise ValueError("OFTPolicy: the pad token is the image token; no placeholder id available")
+
+    def _load_head(self, path: str) -> None:
+        key = "model.policy.init_args.head_checkpoint"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}={path!r}: no such file (callbacks/export_policy.py writes action_head.pt)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        mine = self.head.state_dict()
+        wrong = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
+        if wrong or set(state) - set(mine):
+            raise ValueError(f"{key}={path!r}: the head was built with other sizes ({(wrong or sorted(set(state) - set(mine)))[0]}); "
+                             "chunk_size, action_dim, head_hidden, head_blocks and the backbone's width must match")
+        self.head.load_state_dict(state)
 
     def _set_norm_stats(self, norm_stats, unnorm_key) -> None:
         self.norm = None
