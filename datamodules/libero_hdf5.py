@@ -14,7 +14,8 @@ the groups and attributes of LIBERO's ``scripts/create_dataset.py`` (and OpenVLA
   ``dones`` [T] uint8 (1 at the last step), ``obs/agentview_rgb`` and ``obs/eye_in_hand_rgb``
   [T, H, W, 3] uint8 as robosuite renders them (upside down: OpenGL convention), ``obs/gripper_states``
   [T, 2], ``obs/joint_states`` [T, 7], ``obs/ee_states`` [T, 6] (pos + axis-angle), ``obs/ee_pos``,
-  ``obs/ee_ori``; attrs ``num_samples``, ``model_file`` (the MJCF XML), ``init_state``.
+  ``obs/ee_ori``; attrs ``num_samples``, ``model_file`` (the MJCF XML), ``init_state`` (= ``states[0]``,
+  the state after the settle steps: replaying ``actions`` from it reproduces the episode).
 
 ``no_noops``: OpenVLA's filter of no-op transitions (position and rotation all below 1e-4 and
 the gripper command unchanged from the previous kept action), applied while writing.
@@ -115,14 +116,14 @@ class DemoFile:
                                         "bddl_file": bddl_file, "env_kwargs": env_kwargs})
         self.num_demos = self.total = 0
 
-    def add(self, arrays: dict[str, np.ndarray], init_state: np.ndarray, model_xml: str) -> None:
+    def add(self, arrays: dict[str, np.ndarray], model_xml: str) -> None:
         group = self.data.create_group(f"demo_{self.num_demos}")
         for key, value in arrays.items():
             group.create_dataset(key, data=value)
         n = len(arrays["actions"])
         group.attrs["num_samples"] = n
         group.attrs["model_file"] = model_xml
-        group.attrs["init_state"] = init_state
+        group.attrs["init_state"] = arrays["states"][0]  # as LIBERO's create_dataset.py: the first recorded state
         self.num_demos += 1
         self.total += n
 

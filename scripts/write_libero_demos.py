@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: --tasks={missing[0]}: no scripted expert (have: {sorted(PLANS)})", file=sys.stderr)
         return 2
+    from datamodules.libero_setup import setup_libero
+
+    setup_libero()  # LIBERO's config, written before libero.libero is imported (it would prompt)
     from libero.libero.envs.bddl_utils import get_problem_info
 
     start = time.time()
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             rep["successes"] += 1
             rep["dropped_noops"] += len(ep.actions) - len(arrays["actions"])
             rep["lengths"].append(len(arrays["actions"]))
-            out.add(arrays, ep.init_state_vector, ep.model_xml)
+            out.add(arrays, ep.model_xml)
             print(f"task {job.task_id}: demo {out.num_demos}/{args.demos} ({len(arrays['actions'])} steps; "
                   f"{rep['attempts']} attempts)", flush=True)
     for t in args.tasks:

@@ -65,12 +65,22 @@ def run_job(job: Job):
     return job, run_episode(env, expert, init, job.index, job.max_steps, job.settle_steps, record=job.record)
 
 
+def close_envs() -> None:
+    """Close this process's envs (their GL contexts go before the interpreter's teardown)."""
+    while _ENVS:
+        env, _, _ = _ENVS.popitem()[1]
+        env.close()
+
+
 def run_jobs(jobs: list[Job], processes: int = 1):
     """Yield (job, episode) in the order of ``jobs``; ``processes`` > 1: a pool of spawned
     workers (each imports LIBERO once and keeps one env per task)."""
     if processes <= 1:
-        for job in jobs:
-            yield run_job(job)
+        try:
+            for job in jobs:
+                yield run_job(job)
+        finally:
+            close_envs()
         return
     from datamodules.libero_setup import setup_libero
 
