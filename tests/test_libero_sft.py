@@ -5,7 +5,7 @@ cameras); the tests check the layout against LIBERO's create_dataset.py keys, th
 replay to success from the stored first state (what LIBERO's own dataset scripts do), that the
 kit's RPRM reader and robomimic's SequenceDataset (LIBERO's BC loader) read them, the no-op
 filter and the statistics; then SFT learns them (the loss falls), and ``train.py`` runs the SFT
-config (2 steps, evaluation, export) and the RL config from that export (1 iteration per task)."""
+config (2 steps, evaluation, export) and the RL config from that export (1 PPO iteration)."""
 from __future__ import annotations
 
 import glob
@@ -220,7 +220,7 @@ def _evaluation():
 @pytest.mark.slow
 def test_sft_then_rl_through_train_py(demos, tmp_path):
     """configs/sft_libero_small.yaml (2 SFT steps, tiny model, 32 px) -> its export ->
-    configs/crl_libero_small.yaml from it (1 PPO iteration on each of two tasks, anchors on)."""
+    configs/crl_libero_small.yaml from it (1 PPO iteration; the anchors' path is libero_smoke's)."""
     from conftest import run_train
 
     export = str(tmp_path / "sft_policy")
@@ -238,8 +238,8 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
     (metrics,) = glob.glob(str(tmp_path / "runs" / "sft" / "version_*" / "metrics.json"))
     m = json.load(open(metrics))
     assert m["complete"] and len(m["b"]) == 1 and len(m["R"]) == 1
-    assert sorted(os.listdir(export)) == ["config.json", "dataset_statistics.json", "model.safetensors",
-                                         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert {"config.json", "dataset_statistics.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(export))
+    assert list(json.load(open(os.path.join(export, "dataset_statistics.json")))) == [KEY]
 
     rl = _overlay(tmp_path, "rl", {
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "logger": _logger(tmp_path, "rl"),
@@ -248,10 +248,10 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
                                   {"class_path": "callbacks.anchor.AnchorCriticFreeze"}, _evaluation()]},
         "model": {"policy": {"init_args": {"backbone": {"init_args": {"pretrained": export}}, "norm_stats": export}},
                   "critic_hidden_sizes": [16, 16], "critic_warmup_iterations": 0},
-        "data": {"stream": [{**STREAM, "task_ids": [8, 1]}], "num_envs": 1, "frames_per_batch": 8,
+        "data": {"stream": [{**STREAM, "task_ids": [8]}], "num_envs": 1, "frames_per_batch": 8,
                  "ppo_epochs": 1, "num_minibatches": 1}})
     res = run_train("--config", "configs/crl_libero_small.yaml", "--config", rl, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     (metrics,) = glob.glob(str(tmp_path / "runs" / "rl" / "version_*" / "metrics.json"))
     m = json.load(open(metrics))
-    assert m["complete"] and [len(r) for r in m["R"]] == [2, 2]
+    assert m["complete"] and [len(r) for r in m["R"]] == [1]
