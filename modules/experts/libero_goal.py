@@ -77,6 +77,58 @@ def bowl_to(goal, lift_z=lambda s: 1.05):
     return plan
 
 
+CHEESE_GRASP_DZ = 0.01  # grip site above the cream cheese's centre (the box is 1.8 cm tall, long along x)
+
+
+def cheese_in_bowl(scene: Scene) -> list[Phase]:
+    grasp = lambda s: s.pos(CHEESE) + _xyz(0, 0, CHEESE_GRASP_DZ)  # noqa: E731 (fingers across its 4.2 cm side)
+    return _grasp_phases(CHEESE, grasp) + _carry_phases(
+        CHEESE, lambda s: s.pos(BOWL) + _xyz(0, 0, 0.03), lambda s: 1.0, CHEESE_GRASP_DZ)
+
+
+DRAG_Z = 0.915          # grip site height when dragging the plate: fingertips inside its dish, under the rim
+DRAG_LEAD = 0.06        # the hand's target ahead of the plate's centre (its inner rim: ~0.045)
+
+
+def _drag_phases(obj: str, goal, direction: np.ndarray, tol: float = 0.01) -> list[Phase]:
+    """Drag a dish (the plate) along the world ``direction`` until it is within ``tol`` of
+    ``goal(scene)`` along it: the open fingertips go down into the dish at its centre, then the
+    hand leads the dish by up to 3 cm, so the fingers press on the inside of its far rim
+    (closed-loop on the dish's position). The finger axis lies across ``direction``. (Pushing
+    the plate from outside puts the forearm against the cabinet's top drawer handle.)"""
+    u = _xyz(direction[0], direction[1], 0)
+    u /= np.linalg.norm(u)
+    yaw = float((np.arctan2(u[1], u[0]) + np.pi / 2) % np.pi - np.pi / 2)
+
+    def along(s):  # how far the dish still has to go
+        return float(np.dot(goal(s)[:2] - s.pos(obj)[:2], u[:2]))
+
+    def at(s, lead):  # ``lead`` ahead of the dish's centre, steering it back onto the line to the goal
+        off_line = goal(s) - s.pos(obj)
+        off_line = off_line - np.dot(off_line[:2], u[:2]) * u
+        p = s.pos(obj) + u * lead + 0.5 * off_line
+        return _xyz(p[0], p[1], DRAG_Z)
+
+    return [
+        Phase(f"above {obj}", lambda s: _above(at(s, 0.0), 0.08), OPEN, yaw, tol=0.02),
+        Phase(f"into {obj}", lambda s: at(s, 0.0), OPEN, yaw, tol=0.008, speed=0.6),
+        Phase(f"drag {obj}", lambda s: at(s, DRAG_LEAD), OPEN, yaw, speed=0.35, max_steps=120,
+              until=lambda s: along(s) < tol),
+    ]
+
+
+def plate_to_stove_front(scene: Scene) -> list[Phase]:
+    """Two straight drags, +y then -x, so the plate goes round the cream cheese (its edge clears
+    the cheese by ~3 cm on a line 2.5 cm beyond the region's centre; the region is 8 cm wide)."""
+    front = scene.pos("main_table_stove_front_region")
+    corner = _xyz(scene.pos(PLATE)[0], front[1] + 0.025, 0)
+    end = _xyz(front[0], front[1] + 0.025, 0)
+    return (_drag_phases(PLATE, lambda s: corner, corner - scene.pos(PLATE))
+            + [Phase("up", lambda s: _xyz(*s.eef_pos[:2], DRAG_Z + 0.03), OPEN, np.pi / 2, tol=0.01, max_steps=10)]
+            + _drag_phases(PLATE, lambda s: end, end - corner)
+            + [Phase("up", lambda s: _above(s.eef_pos, 0.06), OPEN, 0.0, tol=0.02, max_steps=15)])
+
+
 PLANS = {
     # 8: put the bowl on the plate (On: within 3 cm of the plate's centre, touching it)
     8: bowl_to(lambda s: s.pos(PLATE) + _xyz(0, 0, 0.01)),
@@ -84,6 +136,10 @@ PLANS = {
     1: bowl_to(lambda s: s.pos(STOVE + "_cook_region") + _xyz(0, 0, 0.02)),
     # 4: put the bowl on top of the cabinet
     4: bowl_to(lambda s: s.pos(CABINET + "_top_side") + _xyz(0, 0, 0.005), lift_z=lambda s: 1.22),
+    # 6: put the cream cheese in the bowl (On the bowl: within 3 cm of its centre, touching it)
+    6: cheese_in_bowl,
+    # 5: push the plate to the front of the stove (On the table region: its 8 cm square)
+    5: plate_to_stove_front,
 }
 
 
