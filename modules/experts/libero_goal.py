@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from modules.experts.plan import Phase, PhaseExpert
-from modules.experts.scene import CLOSE, OPEN, Scene
+from modules.experts.scene import CLOSE, OPEN, Scene, horizontal
 
 BOWL, PLATE, CHEESE, BOTTLE = "akita_black_bowl_1", "plate_1", "cream_cheese_1", "wine_bottle_1"
 CABINET, STOVE, RACK = "wooden_cabinet_1", "flat_stove_1", "wine_rack_1"
 BOWL_RIM = 0.047        # bowl wall radius at the rim (m), from the bowl's collision geoms
 BOWL_GRASP_DZ = 0.035   # grip site above the bowl's origin when grasping the rim
+BOWL_GRASP_DZ_HIGH = 0.045  # the same near the rim's top (the wall spans 0.015-0.053 above the origin)
 
 
 def _xyz(x, y, z) -> np.ndarray:
@@ -63,11 +64,11 @@ def _carry_phases(obj: str, goal, lift_z, hold_dz: float, yaw: float = 0.0,
     ]
 
 
-def _bowl_grasp(scene: Scene):
-    """The bowl's rim on its +y side, the fingers straddling the wall. (On the -y side the
-    hand, 0.2 m long along the finger axis, hits the cabinet's drawer handles when the bowl
-    goes down onto the plate.)"""
-    offset = _xyz(0, BOWL_RIM, BOWL_GRASP_DZ)
+def _bowl_grasp(scene: Scene, dz: float = None):
+    """The bowl's rim on its +y side, the fingers straddling the wall, the grip site ``dz``
+    above the bowl's origin. (On the -y side the hand, 0.2 m long along the finger axis, hits
+    the cabinet's drawer handles when the bowl goes down onto the plate.)"""
+    offset = _xyz(0, BOWL_RIM, BOWL_GRASP_DZ if dz is None else dz)
     return lambda s: s.pos(BOWL) + offset
 
 
@@ -129,6 +130,43 @@ def plate_to_stove_front(scene: Scene) -> list[Phase]:
             + [Phase("up", lambda s: _above(s.eef_pos, 0.06), OPEN, 0.0, tol=0.02, max_steps=15)])
 
 
+HANDLES = {"top": "wooden_cabinet_1_g18", "middle": "wooden_cabinet_1_g29", "bottom": "wooden_cabinet_1_g40"}
+DRAWER_FLOORS = {"top": "wooden_cabinet_1_g16", "middle": "wooden_cabinet_1_g27", "bottom": "wooden_cabinet_1_g38"}
+FACING_CABINET = horizontal(np.array([0.0, -1.0, 0.0]))  # the drawers open towards +y
+
+
+def _open_drawer_phases(drawer: str, until_qpos: float = -0.15) -> list[Phase]:
+    """Pinch the drawer's handle bar (hand horizontal, pointing -y, fingers closing vertically),
+    pull it out until its joint reads ``until_qpos`` (LIBERO's Open: qpos < -0.14; the hand
+    chases the handle, which moves with the drawer), let go and back off."""
+    handle, joint = HANDLES[drawer], f"{CABINET}_{drawer}_level"
+    bar = lambda s: s.geom_pos(handle)  # noqa: E731
+    rot = dict(orientation=FACING_CABINET)
+    return [
+        Phase(f"before the {drawer} handle", lambda s: bar(s) + _xyz(0, 0.12, 0.05), OPEN, tol=0.02, **rot),
+        Phase(f"level with the {drawer} handle", lambda s: bar(s) + _xyz(0, 0.08, 0), OPEN, tol=0.01, **rot),
+        Phase(f"reach the {drawer} handle", bar, OPEN, tol=0.006, speed=0.5, **rot),
+        Phase(f"pinch the {drawer} handle", bar, CLOSE, min_steps=10, max_steps=14, until=lambda s: s.grasped(CABINET),
+              **rot),
+        Phase(f"pull the {drawer} drawer", lambda s: bar(s) + _xyz(0, 0.05, 0), CLOSE, speed=0.5, max_steps=60,
+              until=lambda s: s.joint(joint) < until_qpos, **rot),
+        Phase(f"let go of the {drawer} handle", lambda s: s.eef_pos, OPEN, min_steps=6, max_steps=6, **rot),
+        Phase("back off", lambda s: bar(s) + _xyz(0, 0.08, 0.02), OPEN, tol=0.02, max_steps=20, **rot),
+    ]
+
+
+def open_top_drawer_and_put_bowl_inside(scene: Scene) -> list[Phase]:
+    """The drawer opened 11 cm (a fully open one is in the way of the arm reaching for the
+    bowl), the bowl put on the drawer's floor where it sticks out of the cabinet."""
+    floor = lambda s: s.geom_pos(DRAWER_FLOORS["top"]) + _xyz(0, 0.03, 0.01)  # noqa: E731
+    # between the two, the hand goes back towards its start pose, so that the arm folds back (a
+    # forearm still reaching towards the cabinet meets the open drawer on the way to the bowl)
+    home = Phase("back towards the start pose", lambda s: _xyz(-0.15, 0.05, 1.15), OPEN, tol=0.03)
+    # the rim held near its top, so that the hand stays above the drawer's walls
+    return (_open_drawer_phases("top", until_qpos=-0.11) + [home] + _grasp_phases(BOWL, _bowl_grasp(scene, BOWL_GRASP_DZ_HIGH))
+            + _carry_phases(BOWL, floor, lambda s: 1.2, BOWL_GRASP_DZ_HIGH))
+
+
 PLANS = {
     # 8: put the bowl on the plate (On: within 3 cm of the plate's centre, touching it)
     8: bowl_to(lambda s: s.pos(PLATE) + _xyz(0, 0, 0.01)),
@@ -140,6 +178,10 @@ PLANS = {
     6: cheese_in_bowl,
     # 5: push the plate to the front of the stove (On the table region: its 8 cm square)
     5: plate_to_stove_front,
+    # 0: open the middle drawer of the cabinet (Open: its joint below -0.14)
+    0: lambda scene: _open_drawer_phases("middle"),
+    # 3: open the top drawer and put the bowl inside (In the drawer's region: inside its box, touching)
+    3: open_top_drawer_and_put_bowl_inside,
 }
 
 

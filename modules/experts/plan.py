@@ -30,6 +30,7 @@ class Phase:
     max_steps: int = 80
     speed: float = 1.0  # cap on the position action's norm (1 = 0.05 m per step)
     until: Callable[[Scene], bool] | None = None  # ends the phase early when true
+    orientation: np.ndarray | None = None  # a full grip-site orientation; None: pointing down at ``yaw``
 
     def over(self, scene: Scene, steps: int) -> bool:
         if steps >= self.max_steps:
@@ -70,4 +71,5 @@ class PhaseExpert:
             target, speed = scene.eef_pos, 0.0
         else:
             target, speed = phase.target(scene), phase.speed
-        return pose_action(scene.eef_pos, scene.eef_mat, target, down(phase.yaw), phase.gripper, speed)
+        rot = phase.orientation if phase.orientation is not None else down(phase.yaw)
+        return pose_action(scene.eef_pos, scene.eef_mat, target, rot, phase.gripper, speed)

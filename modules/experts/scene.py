@@ -29,6 +29,17 @@ def down(yaw: float = 0.0) -> np.ndarray:
     return rz @ np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
 
 
+def horizontal(toward: np.ndarray) -> np.ndarray:
+    """Orientation of the grip site for a hand pointing horizontally along ``toward`` (world),
+    its fingers closing vertically (to pinch a horizontal bar such as a drawer handle). For
+    ``toward`` -y it is ``down(0)`` pitched by 90 degrees about the world x axis (the smallest turn
+    from and back to a top-down grasp: a larger one winds the wrist up to its joint limits)."""
+    z = np.array([toward[0], toward[1], 0.0], float)
+    z /= np.linalg.norm(z)
+    x = np.array([0.0, 0.0, -1.0])
+    return np.stack([x, np.cross(z, x), z], axis=1)
+
+
 def pose_action(pos: np.ndarray, mat: np.ndarray, target_pos: np.ndarray, target_mat: np.ndarray,
                 gripper: float, max_speed: float = 1.0, gain: float = 1.0, rot_gain: float = 1.0) -> np.ndarray:
     """One 7-D action towards the target pose: position error / 0.05 m times ``gain``, its norm
