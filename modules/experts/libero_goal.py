@@ -167,6 +167,36 @@ def open_top_drawer_and_put_bowl_inside(scene: Scene) -> list[Phase]:
             + _carry_phases(BOWL, floor, lambda s: 1.2, BOWL_GRASP_DZ_HIGH))
 
 
+BOTTLE_GRASP_DZ = 0.135  # grip site above the wine bottle's origin (its base): on the neck, below the top
+
+
+def bottle_to(goal, lift_z, release_clearance: float = 0.01):
+    def plan(scene: Scene) -> list[Phase]:
+        grasp = lambda s: s.pos(BOTTLE) + _xyz(0, 0, BOTTLE_GRASP_DZ)  # noqa: E731
+        return _grasp_phases(BOTTLE, grasp) + _carry_phases(BOTTLE, goal, lift_z, BOTTLE_GRASP_DZ,
+                                                            release_clearance=release_clearance)
+    return plan
+
+
+KNOB, KNOB_JOINT = STOVE + "_button", STOVE + "_button"  # the knob's body and hinge (about z)
+KNOB_GRASP_Z = 0.936    # grip site height on the knob's fin (the fin spans z 0.907-0.955)
+
+
+def turn_on_stove(scene: Scene) -> list[Phase]:
+    """Pinch the knob's fin (it runs along x through the hinge; the open fingers straddle its
+    2.4 cm width) right above the hinge, then turn the wrist counter-clockwise until the knob
+    reads on (LIBERO: hinge >= 0.5 rad)."""
+    at = lambda s: _xyz(*s.body_pos(KNOB)[:2], KNOB_GRASP_Z)  # noqa: E731
+    return [
+        Phase("above the knob", lambda s: _above(at(s), 0.1), OPEN, tol=0.02),
+        Phase("down to the knob", at, OPEN, tol=0.006, speed=0.6),
+        Phase("pinch the knob", at, CLOSE, min_steps=10, max_steps=14, until=lambda s: s.grasped(STOVE)),
+        Phase("turn the knob", at, CLOSE, yaw=1.0, max_steps=40, until=lambda s: s.joint(KNOB_JOINT) > 0.6),
+        Phase("let go of the knob", lambda s: s.eef_pos, OPEN, yaw=1.0, min_steps=6, max_steps=6),
+        Phase("up", lambda s: _above(s.eef_pos, 0.08), OPEN, yaw=1.0, tol=0.02, max_steps=20),
+    ]
+
+
 PLANS = {
     # 8: put the bowl on the plate (On: within 3 cm of the plate's centre, touching it)
     8: bowl_to(lambda s: s.pos(PLATE) + _xyz(0, 0, 0.01)),
@@ -182,6 +212,10 @@ PLANS = {
     0: lambda scene: _open_drawer_phases("middle"),
     # 3: open the top drawer and put the bowl inside (In the drawer's region: inside its box, touching)
     3: open_top_drawer_and_put_bowl_inside,
+    # 7: turn on the stove (Turnon: the knob's hinge >= 0.5 rad)
+    7: turn_on_stove,
+    # 2: put the wine bottle on top of the cabinet (On the top side: over it, touching the cabinet)
+    2: bottle_to(lambda s: s.pos(CABINET + "_top_side"), lambda s: 1.17),
 }
 
 
