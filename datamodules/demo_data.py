@@ -168,6 +168,9 @@ def load_task_demos(task: Task, folder: str, limit: int | None, camera: str, chu
     from datamodules.libero_init_states import chw_frame
 
     options = libero_options(task.params, where)
+    if not crop and not options["center_crop"]:
+        raise ValueError(f"{where}.center_crop=False: data.random_crop needs the env's centre crop (it replaces it "
+                         "in training; evaluation and RL see the centred box)")
     path = demo_file_for(folder, task.level, task.target)
     frames, targets = [], []
     with h5py.File(path, "r") as f:
