@@ -46,6 +46,9 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the caching allocator grows segments instead of keeping many fixed ones: the update's micro-batches,
+    # the decode caches and evaluation interleave tensors of many sizes (set the variable to override)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         _check_mujoco_gl()
     except ValueError as err:
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
+    from callbacks.iteration_timing import IterationTiming
     from modules.stages import STAGES, requested_stage, stage_classes
 
     try:
@@ -73,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="resume from this Lightning checkpoint")
             parser.add_argument("--seed", type=int, default=0, help="global seed (seed_everything)")
+            # every run logs its per-iteration timing breakdown (``timing:`` in YAML configures it)
+            parser.add_lightning_class_args(IterationTiming, "timing")
 
         def before_instantiate_classes(self):
             from lightning.pytorch import seed_everything

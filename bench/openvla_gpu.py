@@ -255,9 +255,22 @@ def crl_step(policy, old, critic, anchor_critic, opt, images, prompts, tokens, n
     opt.zero_grad(set_to_none=True)
 
 
+def profile_step(fn, res, key, top=25):
+    """torch.profiler over one update step: the kernels that take the GPU time, printed and kept."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+    print(table, flush=True)
+    res.setdefault("profile", {})[key] = table
+
+
 def bench_update(args, backbone, dev, res):
     policy = TokenVLAPolicy(backbone, action_tokens=7, action_bins=256,
-                            lora={"r": 32, "alpha": 64, "target_modules": "all-linear"}).to(dev)
+                            lora={"r": 32, "alpha": 64, "target_modules": "all-linear",
+                                  "compute_dtype": args.lora_compute}).to(dev)
     policy.train()
     critic = GoalConditionedCritic(policy.feature_dim, [256, 256]).to(dev)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -282,6 +295,8 @@ def bench_update(args, backbone, dev, res):
                 rows[key] = {"samples_per_s": None, "step_s": None, "peak_gib": "OOM"}
                 opt.zero_grad(set_to_none=True)
             log(f"update {key}: {rows[key]}")
+            if args.profile and dev.type == "cuda" and rows[key]["step_s"] and not ckpt and mb == args.micro[0]:
+                profile_step(lambda: ppo_step(policy, critic, opt, images, prompts, tokens), res, key)
             free(dev)
 
     # (c) CRL vs PPO at one micro-batch, checkpointing on (the setting one would train with)
@@ -364,6 +379,9 @@ def main():
                     choices=["generate", "dynamic", "static", "cuda_graph", "static+compile", "cuda_graph+compile"],
                     help="acting paths to time (+compile: compile_decode=true)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--lora_compute", default="backbone", choices=["float32", "backbone"],
+                    help="lora.compute_dtype of the update's policy")
+    ap.add_argument("--profile", action="store_true", help="profile one update step at the first micro-batch")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
     args.batches = args.batches or ([2, 4] if args.small else [16, 64, 128])

@@ -35,6 +35,7 @@ from torchrl.envs.utils import step_mdp
 from callbacks.metrics import continual_metrics, heatmap_image
 from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.videos import EpisodeRecorder, add_tensorboard_video, write_mp4
+from modules.timing import phase
 
 
 class PerTaskEvaluation(Callback, TaskBoundaryHooks):
@@ -124,7 +125,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         video_dir = None
         if label is not None and self.videos > 0:
             video_dir = os.path.join(trainer.log_dir or ".", self.video_folder, label)  # every rank asks (broadcast)
-        return [self.success_rate(trainer, pl_module, i, video_dir) for i in range(trainer.datamodule.num_tasks)]
+        with phase("evaluation"):
+            return [self.success_rate(trainer, pl_module, i, video_dir) for i in range(trainer.datamodule.num_tasks)]
 
     def _save_videos(self, trainer, recorder, task_index, video_dir, episode_ids):
         exp = getattr(trainer.logger, "experiment", None)

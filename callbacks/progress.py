@@ -1,4 +1,5 @@
-"""A progress bar that shows the task k/K, the PPO iteration and the recent success.
+"""A progress bar that shows the task k/K, the PPO iteration, the recent success and where the
+iteration's time went (collection, anchor targets, update; ``callbacks/iteration_timing.py``).
 
 On a terminal it is Lightning's tqdm bar; when the output is not a terminal (a log file,
 CI, a sweep) it prints one line per iteration instead of a redrawn bar per minibatch.
@@ -10,6 +11,8 @@ import time
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+
+from modules.timing import TIMER
 
 
 class TaskProgressBar(TQDMProgressBar):
@@ -45,5 +48,11 @@ class TaskProgressBar(TQDMProgressBar):
         for key, label in (("rollout/success", "success"), ("rollout/explained_variance", "ev")):
             if key in stats:
                 parts.append(f"{label} {float(stats[key]):.3f}")
+        seconds = TIMER.peek()  # this iteration's phases so far (callbacks/iteration_timing.py logs all)
+        update = sum(v for k, v in seconds.items() if k.startswith("update/"))
+        for label, value in (("collect", seconds.get("collection")), ("anchors", seconds.get("anchor_targets")),
+                             ("update", update or None)):
+            if value is not None:
+                parts.append(f"{label} {value:.1f}s")
         parts.append(f"{time.time() - self._epoch_start:.1f}s")
         rank_zero_info("  ".join(parts))

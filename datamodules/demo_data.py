@@ -106,6 +106,11 @@ class DemoDataModule(LightningDataModule):
     def task(self) -> Task:
         return self.tasks[self.task_index]
 
+    @property
+    def frames_per_batch(self) -> int:
+        """Env frames an iteration collects: none (callbacks/iteration_timing.py reads it)."""
+        return 0
+
     def set_task(self, index: int) -> None:
         self.task_index = index
 

@@ -30,6 +30,7 @@ from torchrl.collectors import Collector
 from datamodules.curriculum_resets import CurriculumResets
 from datamodules.rprm_shaping import RewardShaping
 from datamodules.tasks import Task, check_joint, make_env, make_joint_env, parse_stream
+from modules.timing import phase
 
 ANCHOR_SOURCES = ("relabel", "memory")
 
@@ -160,24 +161,28 @@ class OnPolicyDataModule(LightningDataModule):
     def _collector_for(self, module):
         key = (self.task_index,)
         if self._collector is None or self._collector_key != key:
-            self._close_collector()
-            # each rank its own envs and seeds; a new seed block per task
-            seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
-            queues = None
-            if self.curriculum is not None:  # at most frames_per_env + 1 resets per env and rollout
-                queues = self.curriculum.new_env(self.env_tasks(), self.frames_per_batch // self.num_envs + 1)
-            env = (make_joint_env(self.tasks, self.num_envs, seed, queues) if self.joint
-                   else self.make_env(self.task, self.num_envs, seed, None, queues))
-            self.env_version += 1
-            # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
-            self._collector = Collector(env, module.acting_policy(), frames_per_batch=self.frames_per_batch,
-                                        total_frames=-1, env_device=env.device,
-                                        policy_device=module.device, storing_device=module.device,
-                                        # the policy is stateless (no InitTracker/recurrent state)
-                                        auto_register_policy_transforms=False)
-            self._collector_iter = iter(self._collector)
-            self._collector_key = key
+            with phase("env_start"):
+                self._new_collector(module, key)
         return self._collector_iter
+
+    def _new_collector(self, module, key) -> None:
+        self._close_collector()
+        # each rank its own envs and seeds; a new seed block per task
+        seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
+        queues = None
+        if self.curriculum is not None:  # at most frames_per_env + 1 resets per env and rollout
+            queues = self.curriculum.new_env(self.env_tasks(), self.frames_per_batch // self.num_envs + 1)
+        env = (make_joint_env(self.tasks, self.num_envs, seed, queues) if self.joint
+               else self.make_env(self.task, self.num_envs, seed, None, queues))
+        self.env_version += 1
+        # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
+        self._collector = Collector(env, module.acting_policy(), frames_per_batch=self.frames_per_batch,
+                                    total_frames=-1, env_device=env.device,
+                                    policy_device=module.device, storing_device=module.device,
+                                    # the policy is stateless (no InitTracker/recurrent state)
+                                    auto_register_policy_transforms=False)
+        self._collector_iter = iter(self._collector)
+        self._collector_key = key
 
     def _close_collector(self) -> None:
         if self._collector is not None:
@@ -186,9 +191,9 @@ class OnPolicyDataModule(LightningDataModule):
 
     def iteration(self):
         module = self.trainer.lightning_module
-        module.eval()
-        rollout = next(self._collector_for(module)).to(module.device)
-        module.train()
+        module.eval()  # acting and the no-grad targets below run in eval mode (one decode graph)
+        with phase("collection"):
+            rollout = next(self._collector_for(module)).to(module.device)
         extra = {}
         if self.curriculum is not None:
             extra.update(self.curriculum.update(rollout, self.trainer))
@@ -201,6 +206,7 @@ class OnPolicyDataModule(LightningDataModule):
         samples, anchors, stats = module.process_rollout(
             rollout, self.anchor_goals, self.anchor_fraction,
             self.memory if self.anchor_source == "memory" else None)
+        module.train()
         module.rollout_stats = {**stats, **extra}
         self._last_samples = samples
         del rollout

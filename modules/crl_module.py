@@ -6,14 +6,19 @@ The algorithm, top to bottom (one Lightning epoch = one PPO iteration):
   2. ``process_rollout``: values V(s, g) from the acting features, GAE advantages, MC
      returns, and the anchor samples (old goals) with their targets from the frozen models;
   3. ``training_step`` on each minibatch: Eq. 8 (modules/losses.py), clipped gradients,
-     a policy step (skipped during critic warm-up) and a critic step;
+     a policy step (skipped during critic warm-up) and a critic step; with
+     ``micro_batch_size`` the minibatch's forward/backward runs in slices whose gradients add
+     up to the whole minibatch's;
   4. the approximate KL between the rollout policy and the current one stops the PPO
      epochs early when it exceeds ``target_kl``.
 Task boundaries are not known here: callbacks call ``freeze_anchor()``.
+Each step is timed under a named phase (modules/timing.py; logged by callbacks/iteration_timing.py).
 """
 from __future__ import annotations
 
+import math
 import random
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -24,10 +29,11 @@ from datamodules.tasks import instructions_of
 from modules.critics import frozen_copy, make_critic
 from modules.losses import crl_loss
 from modules.policy.backbone import EncodedPrompts, cat_prompts
+from modules.policy.base import VLAPolicy, act_in_chunks
 from modules.policy.lora import adapter_names
-from modules.policy.base import VLAPolicy
 from modules.returns import gae, mc_returns
 from modules.rollout_policy import RolloutPolicy
+from modules.timing import phase
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "image_mask", "goal_mask")
 
@@ -70,8 +76,36 @@ class CRLModule(LightningModule):
         critic_detach_features: bool = False,
         critic_type: str = "v",
         q_advantage: str = "q",
-        anchor_chunk_size: int = 1024,
+        target_chunk_size: int | None = None,
+        micro_batch_size: int | None = None,
     ):
+        """Args (the loss's coefficients are Eq. 8's, ``modules/losses.py``):
+            policy: the VLA (``TokenVLAPolicy`` or ``OFTPolicy``).
+            critic_hidden_sizes: hidden widths of the critics' MLP on [phi(s); emb(g)].
+            policy_lr, critic_lr, adam_eps: AdamW (no weight decay) for the policy and the critic.
+            clip_eps: PPO's ratio clip.
+            alpha: weight of L_KL, the KL to the old policy on old goals.
+            beta_v: weight of L_GCV, the anchor critic's value consistency on old goals.
+            eta: weight of L_MC, the trainable critic's regression on the returns.
+            entropy_coef: entropy bonus (0: none).
+            gamma, gae_lambda: discount and GAE's lambda.
+            value_target: the critic's target, ``mc`` (Monte-Carlo returns) or ``gae`` (GAE's returns).
+            normalize_advantage: standardise the advantages per minibatch.
+            target_kl: stop the iteration's PPO epochs once the approximate KL exceeds it (null: never).
+            max_grad_norm: gradient-norm clip, per optimiser.
+            critic_warmup_iterations: iterations at the start of each task that train the critic only.
+            critic_detach_features: the critic's loss does not reach the policy's features.
+            critic_type: ``v`` (V(s, g)) or ``q`` (Q(s, a, g); token policies).
+            q_advantage: with ``critic_type: q``, ``q`` (Q(s, a) - E_pi Q(s, .)) or ``gae``.
+            target_chunk_size: rows per ``act`` call when targets are computed without gradient
+                (V(s') at truncations, the old policy on anchor samples). null: the acting batch
+                when the policy keeps a static decode cache (those passes then reuse its cache
+                and CUDA graphs and allocate nothing larger), else 1024.
+            micro_batch_size: rows (current + anchor samples) per forward/backward inside a
+                minibatch; the slices' gradients add up to the minibatch's. null: the whole
+                minibatch at once. Smaller slices need less activation memory (so gradient
+                checkpointing can stay off) at the same result.
+        """
         super().__init__()
         for name in ("policy_lr", "critic_lr", "clip_eps", "max_grad_norm"):
             _require(name, locals()[name], strict=True)
@@ -86,6 +120,9 @@ class CRLModule(LightningModule):
             raise ValueError(f"model.q_advantage={q_advantage!r}: expected 'q' or 'gae'")
         if target_kl is not None:
             _require("target_kl", target_kl, strict=True)
+        for name in ("target_chunk_size", "micro_batch_size"):
+            if locals()[name] is not None:
+                _require(name, locals()[name], low=1)
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
@@ -102,6 +139,7 @@ class CRLModule(LightningModule):
         # extra loss terms registered by baseline callbacks (e.g. online EWC): name -> () -> scalar
         self.penalties: dict = {}
         self.rollout_stats: dict[str, float] = {}
+        self.update_rows = 0  # samples (current + anchor) through the update since last read (timing)
         self._stop_epoch = False
 
     # -- acting -------------------------------------------------------------------------
@@ -130,6 +168,22 @@ class CRLModule(LightningModule):
     def process_rollout(self, rollout: TensorDict, anchor_goals: list[str],
                         anchor_fraction: float = 1.0, anchor_memory: TensorDict | None = None):
         """[envs, T] rollout -> (samples, anchor samples or None, stats)."""
+        with phase("rollout_targets"):
+            samples, stats = self._rollout_targets(rollout)
+        anchors = None
+        if self.has_anchor and (self.hparams.alpha > 0 or self.hparams.beta_v > 0):
+            with phase("anchor_targets"):
+                anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory)
+        return samples, anchors, stats
+
+    def _act_for_targets(self, act, images, prompts, greedy: bool):
+        """``act`` without gradient over many rows, in chunks (``target_chunk_size``)."""
+        hint = self.policy.act_batch_hint()
+        chunk = self.hparams.target_chunk_size or hint or 1024
+        return act_in_chunks(act, images, prompts, chunk, pad=hint is not None, greedy=greedy)
+
+    def _rollout_targets(self, rollout: TensorDict):
+        """Values, V(s') where needed, advantages and value targets of the rollout's samples."""
         hp = self.hparams
         n_env, T = rollout.batch_size
         flat = rollout.reshape(-1)
@@ -148,8 +202,9 @@ class CRLModule(LightningModule):
         need &= ~terminated
         if need.any():
             nxt = rollout.get("next")[need]
-            nout = self.policy.act(nxt.get(("observation", "image")), self.policy.encode(instructions_of(nxt)),
-                                   greedy=True)  # greedy: the distribution is what counts, and no RNG draw
+            nout = self._act_for_targets(self.policy.act, nxt.get(("observation", "image")),
+                                         self.policy.encode(instructions_of(nxt)),
+                                         greedy=True)  # greedy: the distribution is what counts, and no RNG draw
             next_value[need] = self.critic.state_value(nout.phi, nout.emb, nout.token_log_probs)
         reward = rollout.get(("next", "reward")).squeeze(-1)
         advantage, gae_target = gae(reward, value, next_value, done, terminated, hp.gamma, hp.gae_lambda)
@@ -180,10 +235,7 @@ class CRLModule(LightningModule):
         }
         if ended:
             stats["rollout/success"] = rollout.get(("next", "success")).sum().item() / ended
-        anchors = None
-        if self.has_anchor and (hp.alpha > 0 or hp.beta_v > 0):
-            anchors = self._anchor_samples(samples, anchor_goals, anchor_fraction, anchor_memory)
-        return samples, anchors, stats
+        return samples, stats
 
     def _anchor_samples(self, samples, anchor_goals, fraction, memory):
         """States with old goals and the frozen models' targets pi_old(.|s,g), V_old(s,g).
@@ -202,17 +254,11 @@ class CRLModule(LightningModule):
         else:
             return None
         prompts = self.policy.encode(texts)
-        chunks = []
-        for s in range(0, len(texts), self.hparams.anchor_chunk_size):
-            sl = slice(s, s + self.hparams.anchor_chunk_size)
-            p = prompts.index(sl)
-            old = self.old_policy.act(images[sl], p)
-            chunks.append(TensorDict({
-                "tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
-                "value_target": self.anchor_critic(old.phi, old.emb, old.tokens)}, batch_size=[len(old.tokens)]))
-        out = torch.cat(chunks)
-        out.update({"image": images, **_prompts_to_td(prompts)})
-        return out
+        old = self._act_for_targets(self.old_policy.act, images, prompts, greedy=False)
+        return TensorDict({
+            "tokens": old.tokens, "old_token_log_probs": old.token_log_probs,
+            "value_target": self.anchor_critic(old.phi, old.emb, old.tokens),
+            "image": images, **_prompts_to_td(prompts)}, batch_size=[len(old.tokens)])
 
     def action_log_prob(self, samples: TensorDict) -> torch.Tensor:
         """log pi(a | s, g) of the samples' actions under the current policy (with grad)."""
@@ -223,8 +269,62 @@ class CRLModule(LightningModule):
     def training_step(self, batch, batch_idx):
         hp = self.hparams
         cur, anc = batch["cur"], batch.get("anchor")
+        n, na = cur.batch_size[0], 0 if anc is None else anc.batch_size[0]
+        advantage = cur.get("advantage")
+        if hp.normalize_advantage and advantage.numel() > 1:  # over the whole minibatch
+            advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+        opt_policy, opt_critic = self.optimizers()
+        opt_policy.zero_grad()
+        opt_critic.zero_grad()
+        terms: dict[str, torch.Tensor] = {}
+        self.update_rows += n + na
+        slices = self._slices(n, na)
+        for k, (cs, ans) in enumerate(slices):
+            sync = self.trainer.strategy.block_backward_sync() \
+                if k + 1 < len(slices) and hasattr(self.trainer.strategy, "block_backward_sync") else nullcontext()
+            with sync:
+                with phase("update/forward"):
+                    loss, part = self._slice_loss(cur[cs], advantage[cs], None if anc is None else anc[ans],
+                                                  (cs.stop - cs.start) / n, (ans.stop - ans.start) / na if na else 0.0,
+                                                  first=k == 0)
+                with phase("update/backward"):
+                    self.manual_backward(loss)
+            for name, value in part.items():
+                terms[name] = terms.get(name, 0.0) + value
+        with phase("update/optimizer"):
+            self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_gradients(opt_critic, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            opt_critic.step()
+            warming_up = self.critic_age < hp.critic_warmup_iterations
+            if not warming_up:  # critic warm-up (VLA-RL): the policy stays frozen
+                opt_policy.step()
+
+        approx_kl = self.all_gather(terms["approx_kl"]).mean()  # same decision on every rank
+        if hp.target_kl is not None and approx_kl > hp.target_kl:
+            self._stop_epoch = True
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True,
+                      sync_dist=True, batch_size=n)
+        return terms["loss"]
+
+    def _slices(self, n: int, na: int) -> list[tuple[slice, slice]]:
+        """The current and anchor rows of each slice (``micro_batch_size``): both kinds spread
+        evenly over the slices."""
+        size = self.hparams.micro_batch_size
+        k = 1 if size is None else min(n, max(1, math.ceil((n + na) / size)))
+
+        def bounds(m):  # k contiguous, near-equal parts of range(m), as torch.tensor_split cuts
+            edges = [m * i // k for i in range(k + 1)]
+            return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+        return list(zip(bounds(n), bounds(na)))
+
+    def _slice_loss(self, cur, advantage, anc, current_weight: float, anchor_weight: float, first: bool):
+        """Eq. 8 on one slice of a minibatch (one backbone forward over its current + anchor samples),
+        weighted by the slice's share of each kind of sample; the baselines' penalties once."""
+        hp = self.hparams
         prompts, images, tokens = _prompts_from_td(cur), cur.get("image"), cur.get("tokens")
-        if anc is not None:
+        has_anchors = anc is not None and anc.batch_size[0] > 0
+        if has_anchors:
             prompts = cat_prompts(prompts, _prompts_from_td(anc))
             images = torch.cat([images, anc.get("image")])
             tokens = torch.cat([tokens, anc.get("tokens")])
@@ -233,11 +333,8 @@ class CRLModule(LightningModule):
         phi, emb = out.phi[:n], out.emb[:n]
         if hp.critic_detach_features:
             phi, emb = phi.detach(), emb.detach()
-        advantage = cur.get("advantage")
-        if hp.normalize_advantage and advantage.numel() > 1:
-            advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
         anchor_terms = {}
-        if anc is not None:
+        if has_anchors:
             anchor_terms = dict(
                 anchor_token_log_probs=out.token_log_probs[n:],
                 kl_fn=getattr(self.policy, "kl_to_old_policy", None),  # OFTPolicy: Laplace KL
@@ -248,29 +345,16 @@ class CRLModule(LightningModule):
             log_prob=out.log_prob[:n], old_log_prob=cur.get("log_prob"), advantage=advantage,
             value=self.critic(phi, emb, cur.get("tokens")), value_target=cur.get("value_target"),
             entropy=out.entropy[:n], clip_eps=hp.clip_eps, alpha=hp.alpha, beta_v=hp.beta_v,
-            eta=hp.eta, entropy_coef=hp.entropy_coef, **anchor_terms)
-        for name, penalty in self.penalties.items():  # baselines' terms (callbacks/ewc.py)
-            value = penalty()
-            loss = loss + value
-            terms[name] = value.detach()
-
-        opt_policy, opt_critic = self.optimizers()
-        opt_policy.zero_grad()
-        opt_critic.zero_grad()
-        self.manual_backward(loss)
-        self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-        self.clip_gradients(opt_critic, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-        opt_critic.step()
-        warming_up = self.critic_age < hp.critic_warmup_iterations
-        if not warming_up:  # critic warm-up (VLA-RL): the policy stays frozen
-            opt_policy.step()
-
-        approx_kl = self.all_gather(terms["approx_kl"]).mean()  # same decision on every rank
-        if hp.target_kl is not None and approx_kl > hp.target_kl:
-            self._stop_epoch = True
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True,
-                      sync_dist=True, batch_size=n)
-        return loss
+            eta=hp.eta, entropy_coef=hp.entropy_coef, current_weight=current_weight,
+            anchor_weight=anchor_weight, **anchor_terms)
+        weights = {"kl_old": anchor_weight, "gcv": anchor_weight, "loss": 1.0}
+        terms = {k: v * weights.get(k, current_weight) for k, v in terms.items()}
+        if first:
+            for name, penalty in self.penalties.items():  # baselines' terms (callbacks/ewc.py)
+                value = penalty()
+                loss = loss + value
+                terms[name] = value.detach()
+        return loss, terms
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False

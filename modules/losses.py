@@ -43,10 +43,13 @@ def value_regression(prediction, target):
 def crl_loss(*, log_prob, old_log_prob, advantage, value, value_target, entropy,
              anchor_token_log_probs=None, anchor_old_token_log_probs=None,
              anchor_value=None, anchor_value_target=None, kl_fn=None,
-             clip_eps: float, alpha: float, beta_v: float, eta: float, entropy_coef: float = 0.0):
+             clip_eps: float, alpha: float, beta_v: float, eta: float, entropy_coef: float = 0.0,
+             current_weight: float = 1.0, anchor_weight: float = 1.0):
     """Eq. 8. Returns the total loss and every term (for logging). ``kl_fn(old, new)``: the
     policy's own L_KL over its distribution parameters (continuous policies); default: the
-    per-token categorical KL."""
+    per-token categorical KL. ``current_weight`` / ``anchor_weight`` scale the terms over current /
+    anchor samples: a minibatch cut into slices gives each slice its share of each kind of sample,
+    so the slices' totals (and gradients) add up to the whole minibatch's."""
     l_ppo, approx_kl, clip_fraction = ppo_clipped_surrogate(log_prob, old_log_prob, advantage, clip_eps)
     l_mc = value_regression(value, value_target)
     zero = l_mc.new_zeros(())
@@ -55,7 +58,8 @@ def crl_loss(*, log_prob, old_log_prob, advantage, value, value_target, entropy,
     l_gcv = (value_regression(anchor_value, anchor_value_target)
              if anchor_value is not None else zero)
     ent = entropy.mean()
-    total = -l_ppo + alpha * l_kl + beta_v * l_gcv + eta * l_mc - entropy_coef * ent
+    cw, aw = current_weight, anchor_weight
+    total = -cw * l_ppo + aw * alpha * l_kl + aw * beta_v * l_gcv + cw * eta * l_mc - cw * entropy_coef * ent
     return total, {"loss": total.detach(), "ppo": l_ppo.detach(), "kl_old": l_kl.detach(),
                    "gcv": l_gcv.detach(), "mc": l_mc.detach(), "entropy": ent.detach(),
                    "approx_kl": approx_kl, "clip_fraction": clip_fraction}

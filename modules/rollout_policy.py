@@ -9,6 +9,7 @@ from tensordict.nn import TensorDictModuleBase
 
 from datamodules.tasks import instructions_of
 from modules.policy.lora import active_adapter
+from modules.timing import phase
 
 
 class RolloutPolicy(TensorDictModuleBase):
@@ -35,7 +36,7 @@ class RolloutPolicy(TensorDictModuleBase):
         prompts = self.policy.encode(instructions)
         adapter = self.policy.routed_adapter(instructions)  # per-task adapters (callbacks/adapters.py)
         with active_adapter(self.policy.backbone.model, adapter) if adapter else nullcontext(), \
-                _temperature(self.policy, self.temperature):
+                _temperature(self.policy, self.temperature), phase("acting"):
             out = self.policy.act(td.get(("observation", "image")), prompts, greedy=self.greedy)
         td.set("action", self.policy.env_action(out.tokens))
         td.set("action_tokens", out.tokens)

@@ -3,12 +3,12 @@
     python scripts/learning_curve.py RUN_DIR [RUN_DIR ...] [--window 3] [--thresholds 0.8 0.85 0.9]
         [--mean train/entropy 55 62]
 
-RUN_DIR: a directory holding a run's TensorBoard events (searched recursively). Reads
+RUN_DIR: a run's folder (TensorBoard events, searched recursively, or ``scalars.csv``). Reads
 ``rollout/success`` (the mean success of the episodes that ended in each iteration's rollout),
 one value per iteration in logging order; w = its mean over the last ``window`` iterations.
 Prints per run the take-off (the first iteration with rollout success >= ``--takeoff``), the
 first iteration (1-based) where w >= each threshold ("-" if never), the iterations logged and
-w at the end (the definitions of docs/results.md, "Where the learning time goes").
+w at the end.
 ``--mean TAG A B``: one more column, the mean of another per-iteration scalar (e.g.
 ``train/entropy``) over iterations A..B (1-based, inclusive; "-" if the run has none there).
 ``--span A B``: only iterations A..B (1-based, inclusive; e.g. one task of a stream: 31 60),
@@ -19,25 +19,12 @@ next over iterations A..B (e.g. per task of a quickstart: 1 50, 51 100, 101 150)
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import statistics
+import sys
 
-
-def per_iteration(run_dir: str, tag: str = "rollout/success", wall: bool = False) -> list[float]:
-    """A scalar logged once per iteration, in step order (``wall``: the times it was logged)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = sorted(glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True))
-    if not files:
-        raise SystemExit(f"run_dir={run_dir!r}: no TensorBoard events under it")
-    values: dict[int, float] = {}
-    for f in files:  # a resumed run writes several event files: later ones win per step
-        ea = EventAccumulator(f, size_guidance={"scalars": 0})
-        ea.Reload()
-        if tag in ea.Tags()["scalars"]:
-            values.update({e.step: e.wall_time if wall else e.value for e in ea.Scalars(tag)})
-    return [values[k] for k in sorted(values)]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_scalars import per_iteration  # noqa: E402
 
 
 def first_crossings(curve: list[float], window: int, thresholds: list[float]) -> tuple[list[int | None], float]:

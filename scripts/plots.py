@@ -1,10 +1,10 @@
 """PNG plots of a sweep: mean R heatmap per method, and training success over iterations.
 
-    python scripts/plots.py docs/data/quickstart_cpu [more sweeps ...] --out docs/figures
+    python scripts/plots.py docs/data/quickstart [more sweeps ...] --out docs/figures/quickstart
 
-Reads ``<sweep>/<method>/seed*/metrics.json`` (R, b, task ends) and the TensorBoard events
-of the same folder (``rollout/success``: the success of the task being trained, per PPO
-iteration; a resumed run's repeated iterations are taken from its latest events).
+Reads ``<sweep>/<method>/seed*/metrics.json`` (R, b, task ends) and the per-iteration
+``rollout/success`` of the same folder (the success of the task being trained; TensorBoard events
+or ``scalars.csv``, see ``scripts/run_scalars.py``).
 Writes ``R_heatmaps.png`` and ``success_curves.png`` (mean over seeds, min-max band; dotted
 lines at task boundaries; markers: evaluation (greedy, or sampled where metrics.json says greedy: false) of every task before training and at each task end).
 """
@@ -18,19 +18,12 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_scalars import has_scalars, per_iteration  # noqa: E402
+
 
 def rollout_success(run_dir: str) -> np.ndarray:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    by_step = {}
-    # events.out.tfevents.<unix time>...: a resumed run's later segment has the later stamp
-    for path in sorted(glob.glob(os.path.join(run_dir, "events.*")), key=lambda p: int(os.path.basename(p).split(".")[3])):
-        acc = EventAccumulator(path)
-        acc.Reload()
-        if "rollout/success" in acc.Tags()["scalars"]:
-            for e in acc.Scalars("rollout/success"):
-                by_step[e.step] = e.value  # later files (a resume) overwrite
-    return np.array([by_step[s] for s in sorted(by_step)], float)
+    return np.array(per_iteration(run_dir) if has_scalars(run_dir) else [], float)
 
 
 def load(sweeps: list[str]) -> dict[str, list[dict]]:

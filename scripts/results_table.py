@@ -75,15 +75,16 @@ def fmt(values) -> str:
 
 def table(runs: dict) -> str:
     K = max(len(r["R"]) for rs in runs.values() for r in rs)
+    timed = any(not np.isnan(r["wall_s"]) for rs in runs.values() for r in rs)  # else no wall column
     head = (["method", "seeds", "before (mean b)"] + [f"R[{i},{i}]" for i in range(K)]
-            + list(METRICS) + ["wall (min)"])
+            + list(METRICS) + ["wall (min)"] * timed)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, rs in runs.items():
         R = np.array([r["R"] for r in rs], float)
         row = [method, str(len(rs)), fmt([np.mean(r["b"]) for r in rs])]
         row += [fmt(R[:, i, i]) if i < R.shape[1] else "-" for i in range(K)]
         row += [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
-        row += [fmt([r["wall_s"] / 60 for r in rs])]
+        row += [fmt([r["wall_s"] / 60 for r in rs])] * timed
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines += seed_table(runs)

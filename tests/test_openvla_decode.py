@@ -11,6 +11,7 @@ import torch
 
 from modules.policy import OpenVLABackbone, TinyLlava, TokenVLAPolicy
 from modules.policy.lora import AdapterPolicy, snapshot_adapter
+from modules.policy.openvla.decoding import KEPT_SHAPES
 
 INSTRUCTIONS = ["go to the red ball", "pick up the blue box", "open the top drawer of the cabinet"]
 LORA = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
@@ -59,14 +60,18 @@ def test_static_decoding_equals_evaluate_and_dynamic(mode):
     assert torch.equal(greedy_fast.tokens, greedy_dyn.tokens)
     assert torch.allclose(greedy_fast.token_log_probs, greedy_dyn.token_log_probs, atol=1e-5)
     # the kept cache is reused by a later call of the same batch (prompts in the same length
-    # bucket) and rebuilt for another batch
-    shape = fast._decoder._shape
+    # bucket); another batch gets a cache of its own and the first one is kept beside it
+    decoder = fast._decoder
+    (key, shape), = decoder._shapes.items()
     _assert_act_equals_evaluate(fast, images.flip(0), fast.encode(INSTRUCTIONS[::-1]), seed=1)
-    assert fast._decoder._shape is shape
+    assert list(decoder._shapes.items()) == [(key, shape)]
     _assert_act_equals_evaluate(fast, _images(5, seed=2), fast.encode(INSTRUCTIONS[1:] * 2 + INSTRUCTIONS[:1]), seed=2)
-    assert fast._decoder._shape is not shape
+    assert decoder._shapes[key] is shape and len(decoder._shapes) == 2 and decoder.kept_batch == 5
+    for b in range(6, 6 + KEPT_SHAPES):  # only the KEPT_SHAPES most recent shapes stay
+        _assert_act_equals_evaluate(fast, _images(b, seed=b), fast.encode((INSTRUCTIONS * b)[:b]), seed=b)
+    assert len(decoder._shapes) == KEPT_SHAPES and key not in decoder._shapes
     fast.release_decode_cache()
-    assert fast._decoder._shape is None
+    assert not decoder._shapes and decoder.kept_batch is None
     _assert_act_equals_evaluate(fast, images, prompts, seed=3)
 
 
@@ -90,7 +95,7 @@ def test_frozen_copy_of_a_static_policy_starts_without_a_cache():
     images, prompts = _images(2), policy.encode(INSTRUCTIONS[:2])
     policy.act(images, prompts)
     clone = copy.deepcopy(policy)
-    assert clone._decoder._shape is None and clone._decoder.policy is clone
+    assert not clone._decoder._shapes and clone._decoder.policy is clone
     _assert_act_equals_evaluate(clone, images, prompts)
 
 
@@ -184,17 +189,18 @@ def test_cuda_graph_decoding_on_gpu():
     opt.step()
     _assert_act_equals_evaluate(policy, images, prompts, atol=1e-4, seed=1)
     assert dec.captures == 1
-    # new parameters (the old adapter) -> new graphs; each adapter its own, on the same cache
+    # a new adapter (the old policy's) gets a graph of its own on the same cache; the trainable
+    # adapter's graph does not read the new parameters, so it is replayed, not recaptured
     snapshot_adapter(policy.backbone.model)
     old = AdapterPolicy(policy)
     _randomise_lora(policy, 0.2)
-    shape = dec._shape
+    (key, shape), = dec._shapes.items()
     for k in range(2):
         torch.manual_seed(2)
         a = old.act(images, prompts)
         assert torch.allclose(a.log_prob, old.evaluate(images, prompts, a.tokens).log_prob, atol=1e-4)
         _assert_act_equals_evaluate(policy, images, prompts, atol=1e-4, seed=3)
-        assert dec.captures == 3 and dec._shape is shape
+        assert dec.captures == 2 and list(dec._shapes.items()) == [(key, shape)]
 
 
 @pytest.mark.gpu

@@ -84,17 +84,17 @@ def test_first_tasks_scores_runs_cut_short(tmp_path):
     assert cells[:5] == ["seq_ft", "1", "0.10", "0.50", "0.50"]  # b, R[0,0], FAR (one seed: no spread)
 
 
-def test_plots_from_the_committed_cpu_runs(tmp_path):
-    """scripts/plots.py on docs/data/quickstart_cpu: per-iteration curves read back from the
-    TensorBoard events (3 tasks x 50 iterations per run) and two PNGs written."""
+def test_plots_from_the_committed_quickstart_runs(tmp_path):
+    """scripts/plots.py on docs/data/quickstart: per-iteration curves read back from each run's
+    scalars.csv (3 tasks x 30 iterations per run) and two PNGs written."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import plots
 
-    runs = plots.load([os.path.join(ROOT, "docs", "data", "quickstart_cpu")])
-    assert set(runs) == {"crl", "seq_ft"} and all(len(rs) == 3 for rs in runs.values())
+    runs = plots.load([os.path.join(ROOT, "docs", "data", "quickstart")])
+    assert set(runs) == {"crl", "seq_ft"} and all(len(rs) == 6 for rs in runs.values())
     for rs in runs.values():
         for r in rs:
-            assert len(r["train_success"]) == 150
+            assert len(r["train_success"]) == 90
             assert 0.0 <= r["train_success"].min() and r["train_success"].max() <= 1.0
     paths = plots.plot(runs, str(tmp_path))
     from PIL import Image

@@ -15,16 +15,56 @@ from peft import LoraConfig, PeftModel, get_peft_model
 TRAIN_ADAPTER, OLD_ADAPTER = "default", "old"
 
 
+COMPUTE_DTYPES = ("float32", "backbone")
+
+
+class _BranchLinear(torch.nn.Linear):
+    """A LoRA A/B matrix that multiplies in its input's dtype: the float32 master weight is cast
+    to the activations' dtype (bf16 with a bf16 backbone) for the matmul; gradients still reach
+    the float32 weight, so the optimiser steps in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _branches_in_backbone_dtype(model: PeftModel) -> None:
+    """``compute_dtype: backbone`` on every adapter of ``model`` (also ones added later)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False  # PEFT would copy the activations to float32
+            for branch in (*module.lora_A.values(), *module.lora_B.values()):
+                if type(branch) is torch.nn.Linear:
+                    branch.__class__ = _BranchLinear
+
+
 def apply_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-               target_modules: list[str] | str = ("q_proj", "v_proj")) -> PeftModel:
-    """Wrap ``model`` with a trainable LoRA adapter; the base weights are frozen."""
+               target_modules: list[str] | str = ("q_proj", "v_proj"), compute_dtype: str = "float32") -> PeftModel:
+    """Wrap ``model`` with a trainable LoRA adapter; the base weights are frozen.
+
+    Args:
+        r, alpha, dropout, target_modules: PEFT's ``LoraConfig`` (rank, scale alpha / r, dropout on
+            the branch input, the adapted modules or ``all-linear``).
+        compute_dtype: ``float32`` (PEFT's default: each branch copies its input to float32 and
+            multiplies in float32) or ``backbone`` (the branch multiplies in the backbone's dtype,
+            bf16 on a GPU, from float32 master weights: no float32 copy of every linear layer's
+            input, and bf16 tensor cores). The weights and the optimiser stay float32 either way.
+    """
     if r <= 0:
         raise ValueError(f"model.policy.lora.r={r!r}: must be > 0")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.policy.lora.dropout={dropout!r}: must be in [0, 1)")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"model.policy.lora.compute_dtype={compute_dtype!r}: one of {list(COMPUTE_DTYPES)}")
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    peft_model.kit_compute_dtype = compute_dtype
+    if compute_dtype == "backbone":
+        _branches_in_backbone_dtype(peft_model)
+    return peft_model
 
 
 @contextmanager
@@ -42,6 +82,8 @@ def snapshot_adapter(model: PeftModel, src: str = TRAIN_ADAPTER, dst: str = OLD_
     """Copy adapter ``src``'s weights into adapter ``dst`` (created on first use), frozen."""
     if dst not in model.peft_config:
         model.add_adapter(dst, model.peft_config[src])
+        if getattr(model, "kit_compute_dtype", "float32") == "backbone":
+            _branches_in_backbone_dtype(model)
     params = dict(model.named_parameters())
     marker_dst, marker_src = f".{dst}.", f".{src}."
     copied = 0

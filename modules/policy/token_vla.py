@@ -165,6 +165,11 @@ class TokenVLAPolicy(VLAPolicy):
             for m in paused:
                 m.gradient_checkpointing = True
 
+    def act_batch_hint(self) -> int | None:
+        """With a static / CUDA-graph decoder: the batch of its most recent cache (acting's), so
+        other ``act`` passes (next values, anchor targets) reuse that cache and its graphs."""
+        return None if self._decoder is None else self._decoder.kept_batch
+
     def release_decode_cache(self) -> None:
         """Free the static KV cache and CUDA graphs kept between ``act`` calls (``decoding``
         static / cuda_graph), e.g. before a memory-hungry update."""

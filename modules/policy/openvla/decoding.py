@@ -15,24 +15,39 @@ What this module does differently from the backbone's own forward (and nothing e
   action tokens - 1 rounded up to ``LENGTH_BUCKET``; decode step k writes position L + k and
   attends to the positions <= L + k that are not left padding;
 * ``cuda_graph``: one graph per (batch, L_max, active adapters, temperature, train/eval mode,
-  parameter addresses) replays a decode step; its inputs (token, position, write index, key
-  mask) live in fixed buffers that are filled before each replay. Sampling runs outside the graph.
+  the addresses of the parameters it reads) replays a decode step; its inputs (token, position,
+  write index, key mask) live in fixed buffers that are filled before each replay. Sampling runs
+  outside the graph. Parameters of inactive LoRA adapters are not part of the key, so creating the
+  old-policy adapter at a task boundary does not invalidate the trainable adapter's graphs.
 Left-padding query rows in the prefill attend to themselves only (their outputs are never read);
 real rows see exactly what they see in the teacher-forced forward, so log-probs match
 ``evaluate`` (tests/test_openvla_decode.py).
 
-Memory: the cache of the last batch shape is kept between calls (a graph reads fixed addresses):
-2 x layers x B x L_max x hidden x bytes, e.g. ~10 GB for a 7B model at batch 64 in bf16;
-``release()`` frees it (and the graphs).
+Memory: the caches of the ``KEPT_SHAPES`` most recently used (batch, L_max) are kept between calls
+(a graph reads fixed addresses): 2 x layers x B x L_max x hidden x bytes each, ~2.4 GB for a 7B
+model at batch 16 and L_max 304 in bf16. Acting, the next-value and the anchor-target passes use
+the acting batch (``modules/policy/base.py`` ``act_in_chunks``), so they share one cache per
+prompt-length bucket. ``release()`` frees them (and the graphs).
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
 from modules.policy.openvla.modeling import padding_safe_mask
+from modules.timing import phase
 
 LENGTH_BUCKET = 16  # cache lengths are rounded up to this (prompts of similar length share a graph)
+KEPT_SHAPES = 4  # caches (and their graphs) kept for this many recent (batch, L_max, dtype, device)
 MODES = ("dynamic", "static", "cuda_graph")
+
+
+def _read_by(name: str, adapters: tuple) -> bool:
+    """Whether the decode step reads parameter ``name``: the base weights and the active adapters'."""
+    marker = next((m for m in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
+                   if m in name), None)
+    return marker is None or name.split(marker, 1)[1].split(".", 1)[0] in adapters
 
 
 class StaticKV:
@@ -94,8 +109,7 @@ class StaticDecoder:
         if mode not in ("static", "cuda_graph"):
             raise ValueError(f"decoding mode {mode!r}: 'static' or 'cuda_graph'")
         self.policy, self.mode, self.compile_step = policy, mode, compile_step
-        self._shape: _Shape | None = None
-        self._shape_key = None
+        self._shapes: OrderedDict = OrderedDict()  # (batch, L_max, dtype, device) -> _Shape, oldest first
         self._compiled = None
         self.captures = 0  # graphs recorded (tests and benchmarks read it)
 
@@ -109,8 +123,13 @@ class StaticDecoder:
         self.__init__(state["policy"], state["mode"], state["compile_step"])
 
     def release(self) -> None:
-        """Free the kept KV cache and graphs."""
-        self._shape, self._shape_key = None, None
+        """Free the kept KV caches and graphs."""
+        self._shapes.clear()
+
+    @property
+    def kept_batch(self) -> int | None:
+        """The batch of the most recently used cache (the acting batch), or None."""
+        return next(reversed(self._shapes))[0] if self._shapes else None
 
     # -- parts of the backbone -------------------------------------------------------------
     @property
@@ -124,10 +143,13 @@ class StaticDecoder:
 
     def _prepare(self, lm, batch: int, length: int, dtype, device) -> _Shape:
         key = (batch, length, dtype, device)
-        if key != self._shape_key:
-            self._shape = None  # free the old cache before allocating the new one
-            self._shape, self._shape_key = _Shape(lm, batch, length, dtype, device), key
-        return self._shape
+        if key in self._shapes:
+            self._shapes.move_to_end(key)
+        else:
+            while len(self._shapes) >= KEPT_SHAPES:  # free the oldest before allocating
+                self._shapes.popitem(last=False)
+            self._shapes[key] = _Shape(lm, batch, length, dtype, device)
+        return self._shapes[key]
 
     def _step_fn(self):
         if not self.compile_step:
@@ -148,7 +170,7 @@ class StaticDecoder:
 
         model = self.policy.backbone.model
         adapters = tuple(model.active_adapters) if isinstance(model, PeftModel) else ()
-        params = tuple(p.data_ptr() for p in lm.parameters()) + (
+        params = tuple(p.data_ptr() for name, p in lm.named_parameters() if _read_by(name, adapters)) + (
             model.get_output_embeddings().weight.data_ptr(),)
         return (adapters, self.policy.temperature, lm.training, hash(params))
 
@@ -156,23 +178,29 @@ class StaticDecoder:
         key = self._graph_key(lm, shape)
         entry = shape.graphs.get(key)
         if entry is None:
-            step = self._step_fn()
-            # warm-up on a side stream (allocator and library handles), as torch.cuda.graphs asks;
-            # it writes the cache at write_at, which the real step overwrites
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step(lm, shape)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step(lm, shape)
-            entry = shape.graphs[key] = (graph, out)
-            self.captures += 1
+            with phase("compile_capture"):
+                entry = self._capture(lm, shape, key)
         graph, out = entry
         graph.replay()
         return out
+
+    def _capture(self, lm, shape: _Shape, key):
+        """Record one decode step as a CUDA graph (compiling it first with ``compile_decode``)."""
+        step = self._step_fn()
+        # warm-up on a side stream (allocator and library handles), as torch.cuda.graphs asks;
+        # it writes the cache at write_at, which the real step overwrites
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(lm, shape)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(lm, shape)
+        entry = shape.graphs[key] = (graph, out)
+        self.captures += 1
+        return entry
 
     # -- acting -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up a bare GPU machine with no network for the kit's GPU benchmarks, in one line.
+#
+# Here (a machine with the kit's .venv, LIBERO and network), once:
+#   OFFLINE_BUNDLE=<path of an offline LIBERO packer> bash bench/device_setup.sh pack
+#     -> .device/bundle/  LIBERO-Goal's code, assets and init states + wheels, and its setup.sh
+#        (the packer: any tool that writes wheels/, site.tar.xz and setup.sh TARGET, for Python 3.12)
+#     -> .device/wheels/  wheels of what the machine's own Python lacks (Lightning, PEFT, TensorBoard)
+#     -> .gl/             the GL loader libraries EGL rendering needs (Debian packages)
+# There (python3 with torch and transformers; the repository root is the working directory):
+#   source bench/device_setup.sh install
+#     -> packages in /tmp/site, LIBERO's config, MUJOCO_GL=egl and the NVIDIA EGL vendor file
+# Both .device/ and .gl/ are git-ignored; together with the tree they must fit the transfer limit
+# of the machine (about 60 MiB for LIBERO-Goal).
+set -uo pipefail
+mode=${1:-install}
+EXTRA_WHEELS=(lightning==2.6.6 peft==0.21.2 tensorboard==2.21.0 absl-py==2.5.1 Markdown==3.11.3 Werkzeug==3.1.9)
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any)
+
+if [ "$mode" = pack ]; then
+  set -e
+  : "${OFFLINE_BUNDLE:?set OFFLINE_BUNDLE to the offline LIBERO packer (python script)}"
+  LIBERO_CONFIG_PATH=${LIBERO_CONFIG_PATH:-$HOME/.cache/crl_vla_kit/libero} MUJOCO_GL=egl EGL_PLATFORM=surfaceless \
+    .venv/bin/python "$OFFLINE_BUNDLE" --suites libero_goal --out .device/bundle
+  plat=(); for p in "${PLATFORMS[@]}"; do plat+=(--platform "$p"); done
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${plat[@]}" -d .device/wheels "${EXTRA_WHEELS[@]}"
+  mkdir -p .gl /tmp/amd64/partial
+  o=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
+  apt-get "${o[@]}" update >/dev/null
+  (cd .gl && apt-get "${o[@]}" download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+  du -sh .device .gl
+elif [ "$mode" = install ]; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+  bash .device/bundle/setup.sh /tmp/site >/dev/null || return 1 2>/dev/null || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .device/wheels/*.whl || return 1 2>/dev/null || exit 1
+  export PYTHONPATH=/tmp/site:$PWD LIBERO_CONFIG_PATH=/tmp/site/.libero MUJOCO_GL=egl PYOPENGL_PLATFORM=egl
+  vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
+  python3 -c "import torch, lightning, peft, torchrl, transformers; print('device ready:', torch.__version__, \
+torch.cuda.get_device_name(0), 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
+else
+  echo "usage: bash bench/device_setup.sh pack | source bench/device_setup.sh install" >&2
+fi
