@@ -13,7 +13,9 @@ attempts are retried with new layouts, up to ``--max_attempts`` x N per task.
 ``--init random`` (default): each demo starts from a fresh layout drawn by LIBERO's own
 placement sampler (seeded: the same command writes the same files), so LIBERO's 50 fixed
 evaluation states stay held out; ``fixed``: demo i starts from evaluation state i mod 50.
-Both cameras (agentview, robot0_eye_in_hand) are rendered at ``--size`` px (LIBERO: 128;
+``--action_noise`` perturbs the executed pose actions (the closed-loop expert corrects them;
+the recorded actions are the executed ones). Both cameras (agentview, robot0_eye_in_hand) are
+rendered at ``--size`` px (LIBERO: 128;
 OpenVLA regenerated at 256). With ``--processes`` > 1 the episodes run in parallel worker
 processes (on a GPU machine with MUJOCO_GL=egl each renders on a GPU).
 """
@@ -43,6 +45,8 @@ def parse(argv):
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--max_attempts", type=float, default=2.0, help="give up a task after this many x --demos")
     p.add_argument("--seed", type=int, default=0, help="layout seeds: seed + 100000 * task + attempt")
+    p.add_argument("--action_noise", type=float, default=0.0,
+                   help="std of Gaussian noise on the executed pose actions (action units; the expert corrects it)")
     p.add_argument("--statistics_only", metavar="KEY", default=None,
                    help="only (re)write dataset_statistics.json for the *_demo.hdf5 files already in --out, "
                         "under this key (e.g. for LIBERO's released demos)")
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 i = next_index[t]
                 next_index[t] += 1
                 index = i if args.init == "fixed" else args.seed + 100_000 * t + i
-                jobs.append(Job(args.suite, t, index, args.init, True, args.size, args.max_steps))
+                jobs.append(Job(args.suite, t, index, args.init, True, args.size, args.max_steps,
+                                action_noise=args.action_noise))
         if not jobs:
             break
         for job, ep in run_jobs(jobs, args.processes):
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} ({os.cpu_count()} cores)",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": round(elapsed, 1), "unnorm_key": key, "size": args.size, "no_noops": args.no_noops,
-        "init": args.init, "tasks": {str(t): r for t, r in report.items()},
+        "init": args.init, "action_noise": args.action_noise, "tasks": {str(t): r for t, r in report.items()},
     }
     with open(os.path.join(args.out, "collection.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -39,7 +39,8 @@ def demos(tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("demos") / "libero_goal_scripted")
     assert write_libero_demos.main(["--tasks", "8", "--demos", "2", "--out", out, "--size", "32",
-                                    "--init", "fixed", "--max_steps", "200", "--processes", "2"]) == 0  # the worker pool
+                                    "--init", "fixed", "--max_steps", "200", "--processes", "2",  # the worker pool
+                                    "--action_noise", "0.05"]) == 0
     return out
 
 

@@ -28,6 +28,7 @@ class Job:
     size: int = 128
     max_steps: int = 300
     settle_steps: int = 10
+    action_noise: float = 0.0  # std of the noise on the executed pose actions (modules/experts/episode.py)
 
 
 _ENVS: dict = {}  # per worker: (suite, task_id, record, size) -> (env, expert, initial states)
@@ -62,7 +63,8 @@ def run_job(job: Job):
         env.seed(job.index)  # LIBERO's placement samplers draw from numpy's global RNG
         env.reset()
         init = env.get_sim_state().copy()
-    return job, run_episode(env, expert, init, job.index, job.max_steps, job.settle_steps, record=job.record)
+    return job, run_episode(env, expert, init, job.index, job.max_steps, job.settle_steps, record=job.record,
+                            action_noise=job.action_noise, seed=job.index)
 
 
 def close_envs() -> None:

@@ -58,7 +58,13 @@ class Episode:
 
 
 def run_episode(env, expert, init_state: np.ndarray, init_state_id: int = 0, max_steps: int = 300,
-                settle_steps: int = 10, record: bool = False) -> Episode:
+                settle_steps: int = 10, record: bool = False, action_noise: float = 0.0,
+                seed: int = 0) -> Episode:
+    """``action_noise``: Gaussian noise (std, in action units) added to the six pose dimensions of
+    every executed action, clipped to [-1, 1] (the recorded action is the executed one, so a demo
+    file replays exactly); the closed-loop expert corrects it, which spreads the states a
+    demonstration visits."""
+    rng = np.random.default_rng(seed)
     env.reset()
     obs = env.set_init_state(init_state)
     for _ in range(settle_steps):
@@ -68,6 +74,9 @@ def run_episode(env, expert, init_state: np.ndarray, init_state_id: int = 0, max
     episode = Episode(False, 0, init_state_id, "start", np.asarray(init_state).copy())
     for t in range(max_steps):
         action = expert.act(scene)
+        if action_noise > 0:
+            action = action.copy()
+            action[:6] = np.clip(action[:6] + rng.normal(0.0, action_noise, 6), -1.0, 1.0)
         if record:
             episode.obs.append(obs)
             episode.states.append(env.get_sim_state().copy())
