@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.libero_hdf5 import demo_file_for, openvla_actions, read_statistics
+from datamodules.libero_hdf5 import import_h5py, demo_file_for, openvla_actions, read_statistics
 from datamodules.tasks import Task, make_env, parse_stream
 
 CROP_AREA = 0.9  # OpenVLA's crop_scale
@@ -167,8 +167,6 @@ def load_task_demos(task: Task, folder: str, limit: int | None, camera: str, chu
                     where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One task's demo file -> (frames uint8 [N, 3, S, S] through the task's image pipeline,
     action chunks float32 [N, K, 7] in OpenVLA's convention)."""
-    import h5py
-
     from datamodules.libero import libero_options, openvla_stages
     from datamodules.libero_init_states import chw_frame
 
@@ -178,7 +176,7 @@ def load_task_demos(task: Task, folder: str, limit: int | None, camera: str, chu
                          "in training; evaluation and RL see the centred box)")
     path = demo_file_for(folder, task.level, task.target)
     frames, targets = [], []
-    with h5py.File(path, "r") as f:
+    with import_h5py().File(path, "r") as f:
         names = sorted((k for k in f["data"] if k.startswith("demo_")), key=lambda s: int(s.split("_")[-1]))
         if limit is not None:
             if len(names) < limit:

@@ -35,7 +35,7 @@ import numpy as np
 STATISTICS_FILE = "dataset_statistics.json"
 
 
-def _h5py():
+def import_h5py():
     try:
         import h5py
     except ImportError as err:
@@ -99,7 +99,7 @@ class DemoFile:
     def __init__(self, path: str, bddl_file: str, problem_info: dict, env_kwargs: dict):
         import robosuite.macros as macros
 
-        h5py = _h5py()
+        h5py = import_h5py()
         self.path, self.tmp = path, path + ".partial"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.file = h5py.File(self.tmp, "w")
@@ -145,7 +145,7 @@ def demo_files(folder: str) -> list[str]:
 def dataset_statistics(files: list[str], key: str) -> dict:
     """OpenVLA's action statistics over every demo of ``files`` (actions in OpenVLA's
     convention; the gripper dimension unnormalised)."""
-    h5py = _h5py()
+    h5py = import_h5py()
     actions, trajectories = [], 0
     for path in files:
         with h5py.File(path, "r") as f:
