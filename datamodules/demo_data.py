@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.libero_hdf5 import import_h5py, demo_file_for, openvla_actions, read_statistics
+from datamodules.libero_hdf5 import demo_file_for, import_h5py, openvla_actions, read_statistics
 from datamodules.tasks import Task, make_env, parse_stream
 
 CROP_AREA = 0.9  # OpenVLA's crop_scale
