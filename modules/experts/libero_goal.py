@@ -135,20 +135,21 @@ DRAWER_FLOORS = {"top": "wooden_cabinet_1_g16", "middle": "wooden_cabinet_1_g27"
 FACING_CABINET = horizontal(np.array([0.0, -1.0, 0.0]))  # the drawers open towards +y
 
 
-def _open_drawer_phases(drawer: str, until_qpos: float = -0.15) -> list[Phase]:
+def _open_drawer_phases(drawer: str, until_qpos: float = -0.15, speed: float = 0.5) -> list[Phase]:
     """Pinch the drawer's handle bar (hand horizontal, pointing -y, fingers closing vertically),
     pull it out until its joint reads ``until_qpos`` (LIBERO's Open: qpos < -0.14; the hand
-    chases the handle, which moves with the drawer), let go and back off."""
+    chases the handle, which moves with the drawer), let go and back off. ``speed``: of the
+    reach and the pull."""
     handle, joint = HANDLES[drawer], f"{CABINET}_{drawer}_level"
     bar = lambda s: s.geom_pos(handle)  # noqa: E731
     rot = dict(orientation=FACING_CABINET)
     return [
         Phase(f"before the {drawer} handle", lambda s: bar(s) + _xyz(0, 0.12, 0.05), OPEN, tol=0.02, **rot),
         Phase(f"level with the {drawer} handle", lambda s: bar(s) + _xyz(0, 0.08, 0), OPEN, tol=0.01, **rot),
-        Phase(f"reach the {drawer} handle", bar, OPEN, tol=0.006, speed=0.5, **rot),
+        Phase(f"reach the {drawer} handle", bar, OPEN, tol=0.006, speed=speed, **rot),
         Phase(f"pinch the {drawer} handle", bar, CLOSE, min_steps=10, max_steps=14, until=lambda s: s.grasped(CABINET),
               **rot),
-        Phase(f"pull the {drawer} drawer", lambda s: bar(s) + _xyz(0, 0.05, 0), CLOSE, speed=0.5, max_steps=60,
+        Phase(f"pull the {drawer} drawer", lambda s: bar(s) + _xyz(0, 0.05, 0), CLOSE, speed=speed, max_steps=60,
               until=lambda s: s.joint(joint) < until_qpos, **rot),
         Phase(f"let go of the {drawer} handle", lambda s: s.eef_pos, OPEN, min_steps=6, max_steps=6, **rot),
         Phase("back off", lambda s: bar(s) + _xyz(0, 0.08, 0.02), OPEN, tol=0.02, max_steps=20, **rot),
@@ -157,14 +158,21 @@ def _open_drawer_phases(drawer: str, until_qpos: float = -0.15) -> list[Phase]:
 
 def open_top_drawer_and_put_bowl_inside(scene: Scene) -> list[Phase]:
     """The drawer opened 11 cm (a fully open one is in the way of the arm reaching for the
-    bowl), the bowl put on the drawer's floor where it sticks out of the cabinet."""
+    bowl), the bowl put on the drawer's floor where it sticks out of the cabinet. The whole
+    plan has to fit LIBERO-Goal's 300 steps, so it moves faster than the others."""
     floor = lambda s: s.geom_pos(DRAWER_FLOORS["top"]) + _xyz(0, 0.03, 0.01)  # noqa: E731
     # between the two, the hand goes back towards its start pose, so that the arm folds back (a
     # forearm still reaching towards the cabinet meets the open drawer on the way to the bowl)
-    home = Phase("back towards the start pose", lambda s: _xyz(-0.15, 0.05, 1.15), OPEN, tol=0.03)
+    home = Phase("back towards the start pose", lambda s: _xyz(-0.15, 0.05, 1.15), OPEN, tol=0.04)
     # the rim held near its top, so that the hand stays above the drawer's walls
-    return (_open_drawer_phases("top", until_qpos=-0.11) + [home] + _grasp_phases(BOWL, _bowl_grasp(scene, BOWL_GRASP_DZ_HIGH))
-            + _carry_phases(BOWL, floor, lambda s: 1.2, BOWL_GRASP_DZ_HIGH))
+    grasp = _grasp_phases(BOWL, _bowl_grasp(scene, BOWL_GRASP_DZ_HIGH))
+    grasp[1].speed = 0.8
+    # the grasped bowl first drawn 6 cm away from the cabinet: straight up, the hand can meet
+    # the open drawer's corner
+    away = scene.pos(BOWL) + _xyz(0, 0.06, 0.03)
+    draw = Phase("draw the bowl away", _object_to(BOWL, lambda s: away), CLOSE, tol=0.015, max_steps=25)
+    return (_open_drawer_phases("top", until_qpos=-0.11, speed=0.8) + [home] + grasp + [draw]
+            + _carry_phases(BOWL, floor, lambda s: 1.16, BOWL_GRASP_DZ_HIGH))
 
 
 BOTTLE_GRASP_DZ = 0.135  # grip site above the wine bottle's origin (its base): on the neck, below the top
