@@ -119,11 +119,13 @@ def _drag_phases(obj: str, goal, direction: np.ndarray, tol: float = 0.01) -> li
 
 
 def plate_to_stove_front(scene: Scene) -> list[Phase]:
-    """Two straight drags, +y then -x, so the plate goes round the cream cheese (its edge clears
-    the cheese by ~3 cm on a line 2.5 cm beyond the region's centre; the region is 8 cm wide)."""
+    """Two straight drags, +y (and 2 cm -x) then -x into the region's near half, so the plate
+    goes round the cream cheese (its edge clears the cheese on a line 2.5 cm beyond the region's
+    centre; the region is 8 cm wide). Drags longer in -x lose the plate more often: the
+    fingers ride up the inside of its rim."""
     front = scene.pos("main_table_stove_front_region")
-    corner = _xyz(scene.pos(PLATE)[0], front[1] + 0.025, 0)
-    end = _xyz(front[0], front[1] + 0.025, 0)
+    corner = _xyz(scene.pos(PLATE)[0] - 0.02, front[1] + 0.025, 0)
+    end = _xyz(front[0] + 0.02, front[1] + 0.025, 0)  # the region's near half: a shorter second drag
     return (_drag_phases(PLATE, lambda s: corner, corner - scene.pos(PLATE))
             + [Phase("up", lambda s: _xyz(*s.eef_pos[:2], DRAG_Z + 0.03), OPEN, np.pi / 2, tol=0.01, max_steps=10)]
             + _drag_phases(PLATE, lambda s: end, end - corner)
