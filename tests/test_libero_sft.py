@@ -172,6 +172,23 @@ def test_sft_batches_match_the_env_pipeline(demos):
     assert batch["image"].shape == (4, 3, 28, 28) and batch["instruction"] == [INSTRUCTION] * 4
 
 
+def test_sft_frames_are_what_the_rl_env_observes(demos):
+    """The first frame of demo 0 (written from stored initial state 0), through the SFT
+    pipeline, equals the kit's LIBERO env's first observation from that state: SFT and RL see
+    the same pixels."""
+    from datamodules.demo_data import DemoDataModule
+    from datamodules.libero import LIBERO_OPTIONS, worker_env
+
+    dm = DemoDataModule([{**STREAM, "task_ids": [8]}], demos, batch_size=4, unnorm_key=KEY)
+    dm.setup()
+    options = {**LIBERO_OPTIONS, "render_size": 32, "image_size": 28}
+    env = worker_env("libero_goal", 8, seed=0, max_steps=8, init_state_id=0, render_gpu=None, options=options)
+    try:
+        assert torch.equal(env.reset()["observation", "image"], dm.frames[0][0])
+    finally:
+        env.close()
+
+
 @pytest.mark.parametrize("kind", ["token", "oft"])
 def test_sft_loss_falls_on_the_demos(demos, kind):
     from datamodules.demo_data import DemoDataModule
