@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from modules.experts.plan import Phase, PhaseExpert
-from modules.experts.scene import CLOSE, OPEN, Scene, horizontal
+from modules.experts.scene import CLOSE, OPEN, Scene, down, horizontal
 
 BOWL, PLATE, CHEESE, BOTTLE = "akita_black_bowl_1", "plate_1", "cream_cheese_1", "wine_bottle_1"
 CABINET, STOVE, RACK = "wooden_cabinet_1", "flat_stove_1", "wine_rack_1"
@@ -188,6 +188,32 @@ def bottle_to(goal, lift_z, release_clearance: float = 0.01):
     return plan
 
 
+# the hand pitched to point horizontally along +x (fingers still closing along y): a bottle
+# held by the neck then lies along x, its base towards +x
+POINTING_PLUS_X = np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]) @ down(0.0)
+RACK_SLOT = _xyz(0.067, -0.015, 0.04)  # where the lying bottle's base goes, from the rack's top-region site
+
+
+def bottle_on_rack(scene: Scene) -> list[Phase]:
+    """The rack's top is a board sloping up towards -y with a rail at its lower edge; the goal
+    region is a thin slab just above the board's lower part (2.2 cm either side of a plane
+    ~1.2 cm above the board). The bottle, grasped by the neck, is lifted, turned to lie along x
+    (the hand pitched 90 degrees), lowered onto the board and let go: it settles against the
+    rail, with its base ~2 cm off that plane, at the edge of the region (so this expert
+    succeeds only about as often as the settled pose happens to fall inside)."""
+    grasp = lambda s: s.pos(BOTTLE) + _xyz(0, 0, BOTTLE_GRASP_DZ)  # noqa: E731
+    slot = lambda s: s.pos(RACK + "_top_region") + RACK_SLOT  # noqa: E731
+    lying = dict(orientation=POINTING_PLUS_X)
+    return _grasp_phases(BOTTLE, grasp) + [
+        Phase("lift the bottle", lambda s: _xyz(*s.eef_pos[:2], 1.35), CLOSE, tol=0.02, speed=0.8),
+        Phase("turn the bottle over the rack", _object_to(BOTTLE, lambda s: slot(s) + _xyz(0, 0, 0.12)), CLOSE,
+              tol=0.02, max_steps=60, speed=0.8, **lying),
+        Phase("lower the bottle", _object_to(BOTTLE, slot), CLOSE, tol=0.01, max_steps=40, speed=0.5, **lying),
+        Phase("release the bottle", lambda s: s.eef_pos, OPEN, min_steps=8, max_steps=8, **lying),
+        Phase("back off", lambda s: s.eef_pos + _xyz(-0.05, 0, 0.03), OPEN, tol=0.01, max_steps=20, **lying),
+    ]
+
+
 KNOB, KNOB_JOINT = STOVE + "_button", STOVE + "_button"  # the knob's body and hinge (about z)
 KNOB_GRASP_Z = 0.936    # grip site height on the knob's fin (the fin spans z 0.907-0.955)
 
@@ -226,6 +252,8 @@ PLANS = {
     7: turn_on_stove,
     # 2: put the wine bottle on top of the cabinet (On the top side: over it, touching the cabinet)
     2: bottle_to(lambda s: s.pos(CABINET + "_top_side"), lambda s: 1.17),
+    # 9: put the wine bottle on the rack (On its top region: lying on the top board, touching the rack)
+    9: bottle_on_rack,
 }
 
 
