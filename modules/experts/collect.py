@@ -57,12 +57,16 @@ def run_job(job: Job):
     from modules.experts.episode import run_episode
 
     env, expert, inits = _worker_env(job)
+    # Every reset rebuilds the scene and draws the fixtures' places (cabinet, stove, rack: not in
+    # the stored state) and the objects' from numpy's global RNG; seeding it first makes an
+    # episode reproducible (the kit's LIBERO env seeds it the same way: env.set_seed(seed)).
     if job.init == "fixed":
         init = inits[job.index % len(inits)]
     else:
-        env.seed(job.index)  # LIBERO's placement samplers draw from numpy's global RNG
+        env.seed(job.index)
         env.reset()
         init = env.get_sim_state().copy()
+    env.seed(job.index)
     return job, run_episode(env, expert, init, job.index, job.max_steps, job.settle_steps, record=job.record,
                             action_noise=job.action_noise, seed=job.index)
 
