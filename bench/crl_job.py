@@ -7,10 +7,10 @@ later change is measured the same way. Overrides: the random-weight checkpoint (
 missing, bench/random_openvla_checkpoint.py), 2 tasks (LIBERO-Goal 8 and 1), ``--iterations`` per
 task, ``--frames`` per iteration (minibatches of 64), a short evaluation (``--eval_episodes``
 episodes of at most ``--eval_steps`` steps per task, no videos), no periodic checkpoints. Method
-``seq_ft`` runs no continual-learning method (no anchor critic). Variant ``before`` sets the speed
-knobs back to what crl.yaml shipped before they existed (float32 LoRA branches, gradient checkpointing, the whole
-minibatch in one forward) with anchor targets in chunks of 64 (the earlier default of 1024 ran out
-of memory); ``shipped`` runs the config as it is; ``--set KEY=VALUE`` overrides more keys.
+``seq_ft`` runs no continual-learning method (``method: null``). Variant ``before`` turns the speed knobs off
+(float32 LoRA branches, gradient checkpointing, the whole minibatch in one forward) with anchor
+targets in chunks of 64 (chunks of 1024 run out of memory); ``shipped`` runs the config as it is;
+``--set KEY=VALUE`` overrides more keys.
 
 Reported per method: medians over each task's iterations after its first (steady state), the
 first iterations' compile/capture time, env steps/s end to end (collection + targets + update;
@@ -99,8 +99,6 @@ def config(args, method: str) -> str:
     cbs = []
     for cb in cfg.trainer.callbacks:
         name = cb.class_path.rsplit(".", 1)[-1]
-        if name == "AnchorCriticFreeze" and method == "seq_ft":
-            continue
         if name == "ModelCheckpoint" and not args.checkpoints:
             continue
         if name == "TaskSwitch":
@@ -150,7 +148,7 @@ class GpuMemoryPoll:
         self._stop.set()
 
 
-def run(args, method: str) -> dict:
+def run(args, method: str, save=None) -> dict:
     path = config(args, method)
     log(f"{method} ({args.variant}): python train.py --config {path}")
     poll = GpuMemoryPoll().__enter__()
@@ -160,14 +158,22 @@ def run(args, method: str) -> dict:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             out.write(line)
+            if save is not None and line.startswith("task "):  # an iteration ended: keep what is measured
+                save(_result(args, method, None, time.perf_counter() - start, poll))
             if (line.startswith(("task ", "error", "Traceback", "[")) or "Error" in line) \
                     and not line.startswith(("[robosuite", "[info]")):
                 print("   ", line.rstrip()[:300], flush=True)
         rc = proc.wait()
-    wall = time.perf_counter() - start
     poll.__exit__()
+    return _result(args, method, rc, time.perf_counter() - start, poll)
+
+
+def _result(args, method: str, rc, wall: float, poll: GpuMemoryPoll) -> dict:
     files = sorted(glob.glob(os.path.join(args.runs, f"{method}_{args.variant}{args.tag}", "version_*", "timings.json")))
-    rows = json.load(open(files[-1])) if files else []
+    try:
+        rows = json.load(open(files[-1])) if files else []
+    except ValueError:  # being rewritten
+        rows = []
     return {"method": method, "variant": args.variant + args.tag, "overrides": args.set, "returncode": rc,
             "wall_s": wall, "gpu_mem_used_peak_gib": poll.peak_mib / 1024, "rows": rows}
 
@@ -256,17 +262,21 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     results = {"device": device_name, "date": time.strftime("%Y-%m-%d"), "matmul_tflops": peak,
                "update_flops_per_sample": flops, "args": {k: v for k, v in vars(args).items()}, "runs": []}
-    for method in args.methods:
-        res = run(args, method)
+    def save(res: dict) -> None:  # after every iteration and run: nothing measured is lost
         res["steady"] = steady(res, args.iterations)
         s = res["steady"]
-        upd = s.get("time/update")
-        rows = s.get("perf/update_samples")
+        upd, rows = s.get("time/update"), s.get("perf/update_samples")
         if upd and rows and peak:
             s["perf/update_mfu"] = rows * flops / upd / (peak * 1e12)
+        done = [r for r in results["runs"] if r["returncode"] is not None]
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({**results, "runs": done + [res]}, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+    for method in args.methods:
+        res = run(args, method, save)
+        save(res)
         results["runs"].append(res)
-        with open(args.out, "w") as f:  # after every run: nothing measured is lost
-            json.dump(results, f, indent=1)
     print_table(results)
 
 

@@ -5,8 +5,8 @@ for besides its slowest worker), against the least a raw lock-step loop does, sa
 all: the shape of a single-task LIBERO pool after OpenVLA's pipeline). Per batched step, CPU
 time of the main process only (``time.process_time``: waiting for workers is not counted), for
 
-* the pool as until 8e30676: each step's instructions stacked per row (``NonTensorStack``);
-* the pool now: one ``NonTensorData`` when every worker has the same instruction;
+* the pool with each step's instructions stacked per row (``NonTensorStack``, the baseline);
+* the pool as the kit runs it: one ``NonTensorData`` when every worker has the same instruction;
 * raw lock-step pipes: the main process sends each worker one byte and ``np.stack``s the
   pickled 3x224x224 image each sends back (bench/libero_env_throughput.py's baseline).
 
@@ -40,7 +40,7 @@ NOW = robust_env._batch
 
 
 def batch_per_row_stack(rows: list[dict]):
-    """``_batch`` as until 8e30676: non-tensor leaves always stacked per row."""
+    """``_batch`` with non-tensor leaves always stacked per row (the baseline)."""
     td = TensorDict(batch_size=[len(rows)])
     for key in rows[0]:
         values = [r[key] for r in rows]

@@ -2,7 +2,7 @@
 ``ParallelEnv`` over the same workers, with a cheap env so that the pool's own cost shows.
 
 Each worker runs torchrl's ``ToyVLAEnv`` (7-D action, a 3x224x224 uint8 image observation plus
-a language instruction: the size of a LIBERO observation after OpenVLA's pipeline, ~0.4 ms a
+a language instruction: the size of a LIBERO observation after OpenVLA's pipeline, a cheap
 step). Reports the median ms per batched step over reps (the two pools alternate) and the
 in-process cost of one env step, so ``pool - env`` is what the pool adds.
 

@@ -5,10 +5,10 @@ gripper convention in its step) for libero_goal task 8 from init state 0, and th
 it, each timed on that same simulator and its frames: raw ``OffScreenRenderEnv.step`` (physics +
 render), raw stepping with only the observables the kit reads, the env's step without the image
 pipeline (+ success check and TensorDict), the kit's full worker step, the image pipeline's
-parts (JPEG round-trip, Lanczos3 resize, also with the dense matrices it used before, centre
+parts (JPEG round-trip, Lanczos3 resize, also with dense matrices, centre
 crop), the frame's read (torchrl's vs the kit's), the worker's wire format, and the worker env's
 own machinery with the simulation step replaced by a cached observation, also inside a
-``TransformedEnv`` of no-op transforms (the plumbing the workers had until 8e30676).
+``TransformedEnv`` of no-op transforms (the cost of doing OpenVLA's conventions as transforms).
 Median ms over ``--reps`` x ``--steps``.
 
 Usage: MUJOCO_GL=egl python bench/libero_env_breakdown.py [--render 256 --steps 40 --reps 3]
@@ -29,7 +29,7 @@ from torchrl.envs.libs.libero import LiberoWrapper  # noqa: E402
 from torchrl.envs import Compose, Transform, TransformedEnv  # noqa: E402
 
 from datamodules.libero import LIBERO_OPTIONS, OpenVLAObservation, worker_env  # noqa: E402
-from datamodules.libero_init_states import InitStateLiberoEnv, chw_frame  # noqa: E402
+from datamodules.libero_env import InitStateLiberoEnv, chw_frame  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
 from datamodules.openvla_image import _matrix_on, center_crop, jpeg_roundtrip, lanczos3_resize  # noqa: E402
 from datamodules.robust_env import _to_wire  # noqa: E402
@@ -64,7 +64,7 @@ def main():
     resized = lanczos3_resize(jpeg, 224)
     wh = _matrix_on(args.render, 224, torch.device("cpu"), torch.float32)
 
-    def dense_lanczos(images):  # the resize as computed until session 8: W_h @ x @ W_w^T, dense
+    def dense_lanczos(images):  # the resize with dense matrices: W_h @ x @ W_w^T
         return (wh @ images.to(torch.float32) @ wh.T).round_().clamp_(0, 255).to(torch.uint8)
 
     assert torch.equal(dense_lanczos(jpeg), resized)
@@ -83,7 +83,7 @@ def main():
                 env._image["stages"] = stages
         return call
 
-    # the plumbing the workers had until 8e30676: OpenVLA's conventions as torchrl Transforms
+    # the alternative: OpenVLA's conventions as torchrl Transforms around the env
     # around the env; here no-op transforms around the kit's env, so only the plumbing is added
     as_before = TransformedEnv(env, Compose(OpenVLAObservation(stages=()), _CloneAction()))
     step_out = env.step(kit_td.clone())["next"]
@@ -134,7 +134,7 @@ def main():
     machinery = {
         "no sim: kit worker env.step (EnvBase.step)": lambda: env.step(kit_td.clone()),
         "no sim: kit worker env._step": lambda: env._step(kit_td),
-        "no sim: TransformedEnv(kit worker env, no-op transforms).step (the plumbing until 8e30676)":
+        "no sim: TransformedEnv(kit worker env, no-op transforms).step":
             lambda: as_before.step(kit_td.clone()),
         "no sim: LiberoEnv._step (the kit's subclass, no image pipeline)": no_pipeline(env._step),
     }

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchrl.envs.utils import step_mdp  # noqa: E402
 
 from datamodules.libero import libero_action  # noqa: E402
-from datamodules.libero_init_states import chw_frame  # noqa: E402
+from datamodules.libero_env import chw_frame  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
 from datamodules.openvla_image import openvla_image  # noqa: E402
 from datamodules.tasks import make_env, parse_stream  # noqa: E402

@@ -17,7 +17,7 @@ Model: the kit's OpenVLABackbone from ``config:`` with Llama-2-7B's text shape (
 (c) peak memory of one CRL step (old-adapter forward for the KL targets, evaluate on current +
     anchor samples, anchor critic, KL + anchor value terms) vs the plain PPO step, same micro-batch.
 
-Usage: python bench/openvla_gpu.py [--out results.json]      (GPU, ~2 min on an H100)
+Usage: python bench/openvla_gpu.py [--out results.json]      (GPU)
        python bench/openvla_gpu.py --small                     (CPU smoke test of the script)
 Medians over ``--reps`` repetitions after a warm-up; a table is printed last.
 """

@@ -1,6 +1,6 @@
-"""The OpenVLA image pipeline's parts (datamodules/openvla_image.py), old vs new, in one process.
+"""The OpenVLA image pipeline's parts (datamodules/openvla_image.py) vs straightforward versions, in one process.
 
-The ``old_*`` functions are the implementations before the speed-up, copied here verbatim: the
+The ``old_*`` functions are the straightforward implementations, kept as the baseline: the
 JPEG round-trip through ``Image.fromarray`` of a permuted view and ``.convert("RGB")``, the
 resize's torch uint8 cast, the crop from four corners per output pixel gathered in one
 ``torch.gather``. Each part is timed on a render-like frame (gradients, a bright box, mild noise);

@@ -8,13 +8,11 @@ task. Needs ``model.policy.init_args.lora``.
 """
 from __future__ import annotations
 
-from lightning import Callback
-
-from callbacks.task_boundary import TaskBoundaryHooks
+from callbacks.task_boundary import ContinualMethod
 from modules.policy.lora import reset_adapter, snapshot_adapter
 
 
-class PerTaskAdapters(Callback, TaskBoundaryHooks):
+class PerTaskAdapters(ContinualMethod):
     def __init__(self):
         self._policy = None
         self._loaded_routes: dict[str, str] = {}
@@ -42,3 +40,5 @@ class PerTaskAdapters(Callback, TaskBoundaryHooks):
 
     def on_train_start(self, trainer, pl_module) -> None:
         pl_module.policy.adapter_routes.update(self._loaded_routes)
+
+    on_test_start = on_train_start  # train.py test of a checkpoint: each task with its adapter

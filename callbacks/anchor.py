@@ -7,12 +7,10 @@ fine-tuning (no anchor samples, so L_KL = L_GCV = 0).
 """
 from __future__ import annotations
 
-from lightning import Callback
-
-from callbacks.task_boundary import TaskBoundaryHooks
+from callbacks.task_boundary import ContinualMethod
 
 
-class AnchorCriticFreeze(Callback, TaskBoundaryHooks):
+class AnchorCriticFreeze(ContinualMethod):
     def on_task_end(self, trainer, pl_module, task_index: int) -> None:
         if task_index + 1 >= trainer.datamodule.num_tasks:
             return  # nothing follows the last task

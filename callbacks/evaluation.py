@@ -8,7 +8,12 @@ ends, so a crash keeps what was computed and nothing partial looks final), logs 
 scalars and an R heatmap, and prints the paths. With ``videos_per_task: V`` the first V
 episodes of every task before training and at each task end are saved as
 ``videos/<when>/task<i>_ep<e>.mp4`` in the run's log dir and shown as animations in
-TensorBoard (``callbacks/videos.py``).
+TensorBoard (``callbacks/videos.py``). ``env_worker_restarts`` in metrics.json counts the env
+workers restarted (datamodules/robust_env.py) in training and in evaluation.
+
+``python train.py test --config X [--ckpt_path Y]`` scores a checkpoint without training: each
+evaluation runs every task once and writes ``evaluation.json`` (per-task success and its mean)
+and the videos of that evaluation under ``videos/evaluation/``.
 
 Several evaluations can run side by side (e.g. the policy as trained, sampled, and its
 greedy decoding): each extra one gets a ``tag`` and writes ``metrics_<tag>.json``,
@@ -35,6 +40,8 @@ from torchrl.envs.utils import step_mdp
 from callbacks.metrics import continual_metrics, heatmap_image
 from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.videos import EpisodeRecorder, add_tensorboard_video, write_mp4
+from datamodules.robust_env import worker_restarts
+from modules.checkpoint_io import atomic_write_text
 from modules.timing import phase
 
 
@@ -43,13 +50,27 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
                  temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10,
                  tag: str = ""):
-        """``greedy``: argmax actions; else sampled at ``temperature`` (None: the policy's
-        training temperature; VLA-RL trains at 1.5-1.7 and evaluates greedily). ``tag``: names
-        a second evaluation's files and scalars (module docstring); empty for the main one."""
+        """
+        Args:
+            episodes_per_task: episodes per task and evaluation (LIBERO: episode e starts from the
+                task's fixed initial state e; 50 is LIBERO's protocol).
+            num_envs: envs run at once per rank.
+            greedy: argmax actions; else sampled at ``temperature``.
+            every_n_iterations: also evaluate every N iterations (success curves; 0: task ends only).
+            seed: seed of the evaluation episodes and of their sampled actions.
+            max_steps: step limit of an evaluation episode (the env's own limit applies first).
+            temperature: sampling temperature (null: the policy's training temperature).
+            videos_per_task: episodes of every task saved as MP4 at each evaluation.
+            video_fps: frames per second of the videos.
+            tag: names a second evaluation's files and scalars (``metrics_<tag>.json``); empty
+                for the main one.
+        """
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
         if num_envs <= 0:
             raise ValueError(f"PerTaskEvaluation.num_envs={num_envs!r}: must be > 0")
+        if max_steps <= 0:
+            raise ValueError(f"PerTaskEvaluation.max_steps={max_steps!r}: must be > 0 (env steps per episode)")
         if temperature is not None and (greedy or temperature <= 0):
             raise ValueError(f"PerTaskEvaluation.temperature={temperature!r}: must be > 0, with greedy: false")
         self.episodes, self.num_envs, self.greedy = episodes_per_task, num_envs, greedy
@@ -67,6 +88,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         self.every_n, self.seed, self.max_steps = every_n_iterations, seed, max_steps
         self.b: list[float] | None = None
         self.R: list[list[float] | None] | None = None
+        self.worker_restarts = {"step": 0, "start": 0}  # evaluation env workers restarted (robust_env.py)
         self.curves: list[dict] = []  # {"iteration", "task_trained", "success": [...]}
 
     # -- evaluation -------------------------------------------------------------------
@@ -94,6 +116,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(seed)
                 successes += self._run(env, policy, pl_module.device, recorder)
+            restarts = worker_restarts(env)
+            self.worker_restarts = {k: self.worker_restarts[k] + restarts[k] for k in restarts}
             env.close()
             if recorder is not None:
                 self._save_videos(trainer, recorder, task_index, video_dir, ids)
@@ -145,20 +169,52 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             self.R = [None] * K
             self._record(trainer, "before", self.b)
 
-    def on_task_end(self, trainer, pl_module, task_index):
+    def on_task_results(self, trainer, pl_module, task_index, iterations):
         row = self.evaluate_all(trainer, pl_module, f"after_task{task_index}")
         self.R[task_index] = row
-        self.curves.append({"iteration": trainer.current_epoch + 1, "task_trained": task_index,
+        self.curves.append({"iteration": iterations, "task_trained": task_index,
                             "success": row, "task_end": True})
         self._record(trainer, f"after task {task_index}", row)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._task_trained = trainer.datamodule.task_index  # at the epoch's end TaskSwitch may have moved on
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.every_n and (trainer.current_epoch + 1) % self.every_n == 0:
             row = self.evaluate_all(trainer, pl_module)
             self.curves.append({"iteration": trainer.current_epoch + 1,
-                                "task_trained": trainer.datamodule.task_index,
+                                "task_trained": self._task_trained,
                                 "success": row, "task_end": False})
             self._log_row(trainer, row)
+
+    # -- a checkpoint's score, without training (train.py test) ------------------------------
+    def on_test_epoch_end(self, trainer, pl_module):
+        self.score(trainer, pl_module)
+
+    def score(self, trainer, pl_module) -> list[float]:
+        """Every task of the stream once: prints the per-task success, logs it, writes
+        ``evaluation<_tag>.json`` and the first ``videos_per_task`` episodes of each task as
+        ``videos<_tag>/evaluation/task<i>_ep<e>.mp4`` in the run's log dir."""
+        success = self.evaluate_all(trainer, pl_module, "evaluation")
+        self._log_row(trainer, success)
+        log_dir = trainer.log_dir or "."  # a broadcast under DDP: every rank must ask
+        if trainer.global_rank != 0:
+            return success
+        tasks = [t.name for t in trainer.datamodule.tasks]
+        res = {"checkpoint": trainer.ckpt_path, "tasks": tasks, "episodes_per_task": self.episodes,
+               "greedy": self.greedy, "temperature": self.temperature, "success": success,
+               "mean_success": float(np.mean(success))}
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, self.metrics_file.replace("metrics", "evaluation", 1))
+        atomic_write_text(path, json.dumps(res, indent=2))
+        mode = "greedy" if self.greedy else f"sampled at temperature {self.temperature or 'of training'}"
+        width = max(len(t) for t in tasks)
+        source = trainer.ckpt_path or "weights of the config"
+        lines = [f"Success over {self.episodes} episodes per task ({mode}; {source})"]
+        lines += [f"  task {i}  {t:<{width}}  {v:.3f}" for i, (t, v) in enumerate(zip(tasks, success))]
+        lines += [f"  mean    {'':<{width}}  {res['mean_success']:.3f}", f"wrote {path}"]
+        print("\n".join(lines), flush=True)
+        return success
 
     # -- results ----------------------------------------------------------------------------
     def results(self, tasks) -> dict:
@@ -175,8 +231,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
 
     def _log_row(self, trainer, row):
         if trainer.logger is not None:
-            trainer.logger.log_metrics({f"{self.scalar_prefix}/success_task{i}": v for i, v in enumerate(row)},
-                                       step=trainer.current_epoch)
+            scalars = {f"{self.scalar_prefix}/success_task{i}": v for i, v in enumerate(row)}
+            scalars[f"{self.scalar_prefix}/worker_restarts"] = float(sum(self.worker_restarts.values()))
+            trainer.logger.log_metrics(scalars, step=trainer.current_epoch)
 
     def _record(self, trainer, label, row):
         self._log_row(trainer, row)
@@ -186,11 +243,14 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         rank_zero_info(f"[{self.scalar_prefix}] {label}: " + " ".join(f"{v:.2f}" for v in row))
         os.makedirs(log_dir, exist_ok=True)
         res = self.results(trainer.datamodule.tasks)
-        _atomic_write(os.path.join(log_dir, self.metrics_file), json.dumps(res, indent=2))
+        training = getattr(trainer.datamodule, "worker_restarts", None)
+        res["env_worker_restarts"] = {"training": training() if training else None,
+                                      "evaluation": self.worker_restarts}
+        atomic_write_text(os.path.join(log_dir, self.metrics_file), json.dumps(res, indent=2))
         rows = ["row," + ",".join(res["tasks"]), "before," + ",".join(f"{v:.4f}" for v in self.b)]
         rows += [f"after_task{j}," + ",".join(f"{v:.4f}" for v in r)
                  for j, r in enumerate(self.R) if r is not None]
-        _atomic_write(os.path.join(log_dir, self.r_file), "\n".join(rows) + "\n")
+        atomic_write_text(os.path.join(log_dir, self.r_file), "\n".join(rows) + "\n")
         if res["complete"]:
             self._final_report(trainer, res, log_dir)
 
@@ -201,28 +261,25 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                  "          " + " ".join(f"task{i:<3d}" for i in range(len(R))),
                  "before    " + " ".join(f"{v:7.2f}" for v in res["b"])]
         lines += [f"after {j:<3d} " + " ".join(f"{v:7.2f}" for v in r) for j, r in enumerate(R)]
-        lines.append("  ".join(f"{k}={v:+.3f}" for k, v in res["metrics"].items()))
+        lines.append("  ".join(f"{k}={v:+.3f}" if v is not None else f"{k}=undefined"
+                               for k, v in res["metrics"].items()))
         lines.append(f"wrote {os.path.join(log_dir, self.metrics_file)} and {os.path.join(log_dir, self.r_file)}")
         print("\n".join(lines), flush=True)
         exp = getattr(trainer.logger, "experiment", None)
         if exp is not None and hasattr(exp, "add_image"):
             exp.add_image(f"{self.scalar_prefix}/R", heatmap_image(R), trainer.current_epoch)
             for k, v in res["metrics"].items():
-                exp.add_scalar(f"{self.scalar_prefix}/{k}", v, trainer.current_epoch)
+                if v is not None:  # undefined for one task
+                    exp.add_scalar(f"{self.scalar_prefix}/{k}", v, trainer.current_epoch)
 
     @property
     def state_key(self) -> str:  # two evaluations in one trainer keep separate checkpoint state
         return self._generate_state_key(tag=self.tag) if self.tag else super().state_key
 
     def state_dict(self):
-        return {"b": self.b, "R": self.R, "curves": self.curves}
+        return {"b": self.b, "R": self.R, "curves": self.curves, "worker_restarts": dict(self.worker_restarts)}
 
     def load_state_dict(self, state):
         self.b, self.R, self.curves = state["b"], state["R"], state["curves"]
+        self.worker_restarts = dict(state.get("worker_restarts", self.worker_restarts))
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -10,14 +10,19 @@ loss (logged as ``train/ewc``). Use it instead of AnchorCriticFreeze
 from __future__ import annotations
 
 import torch
-from lightning import Callback
 
-from callbacks.task_boundary import TaskBoundaryHooks
+from callbacks.task_boundary import ContinualMethod
 from modules.ewc import diagonal_fisher, ewc_penalty
 
 
-class OnlineEWC(Callback, TaskBoundaryHooks):
+class OnlineEWC(ContinualMethod):
     def __init__(self, lam: float = 100.0, decay: float = 1.0, fisher_samples: int = 128):
+        """
+        Args:
+            lam: lambda, the weight of the EWC penalty lambda / 2 * sum F* (theta - theta*)^2.
+            decay: the running Fisher's decay per task, F* <- decay * F* + F_k (1: plain sum).
+            fisher_samples: states of the task's last rollout the Fisher is estimated on.
+        """
         if lam < 0:
             raise ValueError(f"OnlineEWC.lam={lam!r}: must be >= 0")
         if not 0.0 <= decay <= 1.0:

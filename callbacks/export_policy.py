@@ -1,8 +1,8 @@
 """ExportPolicy: at the end of training, writes the policy where RL configs load it from.
 
 ``path`` (default ``<log dir>/policy``): an OpenVLA checkpoint directory for an OpenVLA
-backbone, ``tiny_llava.pt`` for a tiny Llava, plus ``action_head.pt`` for an OFT policy and
-the demos' ``dataset_statistics.json`` (modules/policy/export.py). Written by rank 0 into
+backbone (an OpenVLA-OFT one, with OFT's action head file, for an OFT policy), ``tiny_llava.pt``
+for a tiny Llava, and the demos' ``dataset_statistics.json`` (modules/policy/export.py). Written by rank 0 into
 ``<path>.partial`` and renamed when complete, so a crash never leaves a directory that looks
 like a finished export.
 """

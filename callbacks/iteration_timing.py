@@ -72,6 +72,7 @@ class IterationTiming(Callback):
             file: the rows' file in the run's log directory (rank 0 writes it).
         """
         self.enabled, self.file = enabled, file
+        self._log_dir = None
         self.rows: list[dict] = []
         self._start: float | None = None
         self._iteration = None
@@ -94,6 +95,8 @@ class IterationTiming(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         set_enabled(self.enabled)
+        # trainer.log_dir is a collective under DDP: resolve it here, where every rank calls it
+        self._log_dir = trainer.log_dir
         if self.enabled:
             self._wrap_checkpoint_io(trainer)
 
@@ -120,12 +123,13 @@ class IterationTiming(Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics(row, step=step)
         self.rows.append({"iteration": "start" if self._iteration is None else self._iteration, **row})
-        if trainer.global_rank == 0 and trainer.log_dir:
-            os.makedirs(trainer.log_dir, exist_ok=True)
-            tmp = os.path.join(trainer.log_dir, self.file + ".tmp")
+        log_dir = self._log_dir
+        if trainer.global_rank == 0 and log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            tmp = os.path.join(log_dir, self.file + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(self.rows, f, indent=1)
-            os.replace(tmp, os.path.join(trainer.log_dir, self.file))
+            os.replace(tmp, os.path.join(log_dir, self.file))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._close_row(trainer)

@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the success matrix (specs/CRL-VLA.md).
+"""Continual-learning metrics from the success matrix (docs/method.md, "Metrics").
 
 R[j, i] = success on task i after training through task j (0-based here), b[i] = success of
 the starting model. CRL-VLA's FAR, BWT, FT, F and LIBERO's (Liu et al. 2023) FWT, NBT, AUC.
@@ -10,17 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def continual_metrics(R, b, in_task: list[list[float]] | None = None) -> dict[str, float]:
+def continual_metrics(R, b, in_task: list[list[float]] | None = None) -> dict[str, float | None]:
     R, b = np.asarray(R, float), np.asarray(b, float)
     T = R.shape[0]
     last = T - 1
     out = {"FAR": float(R[last].mean())}
-    out["BWT"] = float(np.mean([R[last, i] - R[i, i] for i in range(last)])) if T > 1 else 0.0
-    out["FT"] = float(np.mean([R[i - 1, i] - b[i] for i in range(1, T)])) if T > 1 else 0.0
-    out["F"] = float(np.mean([R[i:, i].max() - R[last, i] for i in range(last)])) if T > 1 else 0.0
+    # one task: nothing comes after it, so backward transfer and forgetting are undefined (None)
+    out["BWT"] = float(np.mean([R[last, i] - R[i, i] for i in range(last)])) if T > 1 else None
+    out["FT"] = float(np.mean([R[i - 1, i] - b[i] for i in range(1, T)])) if T > 1 else None
+    out["F"] = float(np.mean([R[i:, i].max() - R[last, i] for i in range(last)])) if T > 1 else None
     fwt = [float(np.mean(in_task[k])) if in_task and in_task[k] else R[k, k] for k in range(T)]
     out["FWT"] = float(np.mean(fwt))
-    out["NBT"] = float(np.mean([np.mean(R[k, k] - R[k + 1:, k]) for k in range(last)])) if T > 1 else 0.0
+    out["NBT"] = float(np.mean([np.mean(R[k, k] - R[k + 1:, k]) for k in range(last)])) if T > 1 else None
     out["AUC"] = float(np.mean([(fwt[k] + R[k + 1:, k].sum()) / (T - k) for k in range(T)]))
     return out
 

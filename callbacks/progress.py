@@ -18,6 +18,14 @@ from modules.timing import TIMER
 class TaskProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False,
                  line_per_iteration: bool | None = None):
+        """
+        Args:
+            refresh_rate: tqdm's refresh rate in minibatches (on a terminal).
+            process_position: tqdm's bar position (several bars at once).
+            leave: keep the finished bar on screen.
+            line_per_iteration: one printed line per PPO iteration instead of a bar (null: when
+                stderr is not a terminal).
+        """
         self.line_per_iteration = (not sys.stderr.isatty()) if line_per_iteration is None else line_per_iteration
         super().__init__(refresh_rate=0 if self.line_per_iteration else refresh_rate,
                          process_position=process_position, leave=leave)

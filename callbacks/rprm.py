@@ -17,7 +17,7 @@ sparse reward (no RPRM: 85.8 vs 90.2 on LIBERO-Spatial). This callback does it i
    ``min_auroc`` is set and the held-out AUROC falls below it: shaping then stays off for the
    run (sparse reward only; ``rprm/shaping_on`` logs the decision). VLA-RL has no such gate
    (default null); on BabyAI one RPRM of nine reached only AUROC 0.77 and its run never learned
-   (docs/results.md), which is why the kit offers it.
+   (docs/experiments/vla_rl_babyai.md), which is why the kit offers it.
 
 The policy keeps training on the sparse reward meanwhile. Idle when ``data.reward_shaping`` is
 null (the no-RPRM ablation) or already has a checkpoint. Single-process runs only: under DDP
@@ -46,7 +46,22 @@ class OnlineRPRM(Callback):
                  batch_size: int = 64, lr: float = 1e-4, weight_decay: float = 0.0,
                  pos_weight: float | None = None, balance: bool = True, seed: int = 0,
                  min_auroc: float | None = None):
-        """``balance``: class-balanced sampling of the train frames (positives are rare)."""
+        """
+        Args:
+            collect_iterations: iterations of successful episodes collected before training.
+            min_episodes: successful episodes needed before training (collection goes on until then).
+            max_episodes: successful episodes kept at most (null: all).
+            labeler: the pseudo-labelling rules (modules/vla_rl/pseudo_labels.py; null: defaults).
+            heldout_fraction: episodes held out for the RPRM's validation accuracy and AUROC.
+            epochs: training epochs of the RPRM.
+            batch_size: frames per RPRM training batch.
+            lr: AdamW learning rate of the RPRM.
+            weight_decay: AdamW weight decay of the RPRM.
+            pos_weight: BCE weight of the positive class (null: none).
+            balance: class-balanced sampling of the training frames (positives are rare).
+            seed: seed of the held-out split and the RPRM's training.
+            min_auroc: keep the shaping off if the held-out AUROC is below it (null: always on).
+        """
         for name, value, low in (("collect_iterations", collect_iterations, 1), ("min_episodes", min_episodes, 1),
                                  ("epochs", epochs, 1), ("batch_size", batch_size, 1)):
             if value < low:
@@ -128,7 +143,7 @@ class OnlineRPRM(Callback):
                         num_sanity_val_steps=0, default_root_dir=self.root)
         inner.fit(module, datamodule=data)
         ckpt = os.path.join(self.root, "rprm.ckpt")
-        inner.save_checkpoint(ckpt)
+        inner.save_checkpoint(ckpt, weights_only=False)
         self.trained, self.idle = True, True
         splits = index["splits"]
         metrics = {"rprm/episodes": float(self.episodes), "rprm/train_frames": float(splits["train"]["frames"]),

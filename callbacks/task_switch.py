@@ -5,6 +5,7 @@ import os
 
 import torch
 from lightning import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.task_boundary import TaskBoundaryHooks, announce
@@ -17,10 +18,24 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
     ``min_iterations``). At each task end it prints why the task ended (threshold or budget),
     logs ``task/iterations`` (the iterations it used; step = task index), announces the boundary, advances the stream and
     saves ``task{k}_end.ckpt`` (and, with LoRA, the task's adapter in PEFT's format under
-    ``adapters/task{k}``); after the last task it stops training."""
+    ``adapters/task{k}``) before the task's results (the evaluation of R's row k: a run resumed
+    from that checkpoint evaluates again); after the last task it stops training.
+
+    It acts after every other callback's end of iteration (it moves itself behind them, before
+    the checkpoint callbacks): those see the iteration's own task, and the task-end checkpoint
+    holds everything the iteration did."""
 
     def __init__(self, iterations_per_task: int = 20, success_threshold: float | None = None,
                  min_iterations: int = 1, success_window: int = 1, save_checkpoints: bool = True):
+        """
+        Args:
+            iterations_per_task: PPO iterations after which a task ends (its budget).
+            success_threshold: end a task earlier once the rollout success, averaged over the last
+                ``success_window`` iterations and all ranks, reaches it (null: budget only).
+            min_iterations: iterations a task runs before the threshold may end it.
+            success_window: iterations averaged for the threshold.
+            save_checkpoints: save ``task{k}_end.ckpt`` (and LoRA adapters) at every task end.
+        """
         if iterations_per_task <= 0:
             raise ValueError(f"TaskSwitch.iterations_per_task={iterations_per_task!r}: must be > 0")
         if success_threshold is not None and not 0 < success_threshold <= 1:
@@ -37,12 +52,27 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         self.iteration_in_task = 0
         self.recent_success: list[float] = []  # this task's last success_window rollout successes
         self.finished = False
+        self.task_started = False  # on_task_start announced for the current task
+        self.pending_results: tuple | None = None  # in the task-end checkpoint: (task, iterations), not evaluated yet
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        others = [c for c in trainer.callbacks if c is not self]
+        first_checkpoint = next((i for i, c in enumerate(others) if isinstance(c, Checkpoint)), len(others))
+        # a new list: Lightning's loop over the callbacks' setup in progress goes on over the old one
+        trainer.callbacks = others[:first_checkpoint] + [self] + others[first_checkpoint:]
 
     def on_train_start(self, trainer, pl_module):
+        if self.pending_results is not None:  # resumed from a task-end checkpoint: the evaluation again
+            (k, iterations), self.pending_results = self.pending_results, None
+            announce(trainer, pl_module, "on_task_results", k, iterations)
         if self.finished:
             trainer.should_stop = True
-        elif self.iteration_in_task == 0:
-            announce(trainer, pl_module, "on_task_start", trainer.datamodule.task_index)
+        elif not self.task_started:
+            self._start_task(trainer, pl_module, trainer.datamodule.task_index)
+
+    def _start_task(self, trainer, pl_module, k: int) -> None:
+        self.task_started = True
+        announce(trainer, pl_module, "on_task_start", k)
 
     @staticmethod
     def _rollout_success(pl_module) -> float | None:
@@ -86,21 +116,30 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         announce(trainer, pl_module, "on_task_end", k)
         self.iteration_in_task = 0
         self.recent_success = []
+        self.task_started = False
         if k + 1 < dm.num_tasks:
             dm.set_task(k + 1)
         else:
             self.finished = True
             trainer.should_stop = True
-        if self.save_checkpoints and log_dir:
-            trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"))
+        iterations = trainer.current_epoch + 1
+        if self.save_checkpoints and log_dir:  # the full state, before the evaluation: a kill there loses nothing
+            self.pending_results = (k, iterations)
+            trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"), weights_only=False)
+            self.pending_results = None
+        announce(trainer, pl_module, "on_task_results", k, iterations)
         if not self.finished:
-            announce(trainer, pl_module, "on_task_start", k + 1)
+            self._start_task(trainer, pl_module, k + 1)
 
     def state_dict(self):
         return {"iteration_in_task": self.iteration_in_task, "finished": self.finished,
-                "recent_success": list(self.recent_success)}
+                "recent_success": list(self.recent_success), "task_started": self.task_started,
+                "pending_results": self.pending_results}
 
     def load_state_dict(self, state):
         self.iteration_in_task = state["iteration_in_task"]
         self.finished = state["finished"]
         self.recent_success = list(state.get("recent_success", []))
+        # older checkpoints: a task had started if it had run an iteration
+        self.task_started = state.get("task_started", self.iteration_in_task > 0)
+        self.pending_results = state.get("pending_results")

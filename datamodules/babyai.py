@@ -1,6 +1,6 @@
 """BabyAI (minigrid) tasks as a batched TorchRL env speaking the VLA TensorDict schema.
 
-The default level, ``GoToObjectRoom``, is the CPU benchmark of ``shared/specs/ENVIRONMENT.md``:
+The default level, ``GoToObjectRoom``, is the kit's CPU benchmark:
 a 6x6 room holding the same three objects every episode (red ball, green key, blue box) at
 random cells, the agent at a random pose. Task i = "go to the <object i>". Success follows
 BabyAI GoTo: the target is in the cell in front of the agent after an action (reward
@@ -44,7 +44,7 @@ GOTO_OBJECTS = ("red ball", "green key", "blue box")
 _OBJ_CLASSES = {"ball": Ball, "key": Key, "box": Box}
 NAVIGATION_ACTIONS = 3  # left, right, forward
 MIN_ROOM_SIZE = 3
-DEFAULT_ROOM_SIZE = 6  # interior side of the GoToObjectRoom (ENVIRONMENT.md's benchmark room)
+DEFAULT_ROOM_SIZE = 6  # interior side of the GoToObjectRoom
 
 
 class GoToObjectRoom(MiniGridEnv):
@@ -78,9 +78,8 @@ class GoToObjectRoom(MiniGridEnv):
         rotated ``agent_dir + 1`` times by ``Grid.rotate_left``, encoded, the agent's cell empty),
         read from an encoding of the whole room padded with walls, made once per layout: only
         the agent moves here, so a step is one numpy slice and rotation instead of minigrid's
-        per-cell Python loops (the same arrays: tests/test_babyai_env.py; the env steps of one
-        quickstart rollout, 32 envs x 64, 140 instead of 396 ms on the 2-core machine:
-        bench/babyai_view.py)."""
+        per-cell Python loops (the same arrays: tests/test_babyai_env.py; the cost:
+        bench/babyai_view.py, docs/benchmarks.md)."""
         n = self.agent_view_size
         if self._encoded_grid is not self.grid:  # a new layout (reset) or a changed room
             wall = np.array(Wall().encode(), np.uint8)

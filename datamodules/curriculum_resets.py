@@ -12,6 +12,8 @@ sampling generator) is part of the datamodule's ``state_dict``, so it survives a
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, is_dataclass
+
 import torch
 
 from datamodules.curriculum import SuccessCurriculum
@@ -22,9 +24,26 @@ from datamodules.tasks import Task, init_state_count
 KNOBS = ("window", "target", "temperature", "floor")
 
 
+@dataclass
+class Curriculum:
+    """``data.curriculum``: which initial state each training reset uses (datamodules/curriculum.py).
+
+    Args:
+        window: last outcomes of a (task, initial state) averaged into its success p_k.
+        target: the success the sampling prefers (VLA-RL: 0.5).
+        temperature: width of the preference, P(k) ~ max(floor, exp(-|p_k - target| / temperature)).
+        floor: the least weight of a (task, initial state): every one is revisited.
+    """
+
+    window: int = 20
+    target: float = 0.5
+    temperature: float = 0.2
+    floor: float = 0.05
+
+
 class CurriculumResets:
-    def __init__(self, config: dict, tasks: list[Task], seed: int = 0):
-        config = read_knobs(config, KNOBS, "data.curriculum")
+    def __init__(self, config: Curriculum | dict, tasks: list[Task], seed: int = 0):
+        config = asdict(config) if is_dataclass(config) else read_knobs(config, KNOBS, "data.curriculum")
         try:
             self.curriculum = SuccessCurriculum(**config)
         except ValueError as err:
@@ -37,15 +56,22 @@ class CurriculumResets:
         self.env_tasks: list[int] = []
         self.last_queues: list[list[int]] = []  # the ids drawn for the current rollout (tests, logs)
 
-    def new_env(self, env_tasks: list[int], resets_per_rollout: int) -> InitStateQueues:
+    def new_env(self, env_tasks: list[int], resets_per_rollout: int, draw: bool = True) -> InitStateQueues:
         """The datamodule builds a training env whose env i pursues task ``env_tasks[i]``:
-        register those tasks' keys and return the queues (filled) to build the env with."""
+        register those tasks' keys and return the queues (filled, unless ``draw`` is false: a
+        resumed run sets them from its checkpoint) to build the env with."""
         self.env_tasks = list(env_tasks)
         for t in sorted(set(env_tasks)):
             self.curriculum.add_keys((t, s) for s in range(init_state_count(self.tasks[t])))
         self.queues = InitStateQueues(len(env_tasks), resets_per_rollout)
-        self.refill()
+        if draw:
+            self.refill()
         return self.queues
+
+    def set_queues(self, queues: list[list[int]]) -> None:
+        """Queues drawn earlier (a resumed run replaying its env), without a draw."""
+        self.queues.set(queues)
+        self.last_queues = queues
 
     def refill(self) -> None:
         """Draw every env's ids for the next rollout (among its task's initial states)."""

@@ -168,7 +168,7 @@ def load_task_demos(task: Task, folder: str, limit: int | None, camera: str, chu
     """One task's demo file -> (frames uint8 [N, 3, S, S] through the task's image pipeline,
     action chunks float32 [N, K, 7] in OpenVLA's convention)."""
     from datamodules.libero import libero_options, openvla_stages
-    from datamodules.libero_init_states import chw_frame
+    from datamodules.libero_env import chw_frame
 
     options = libero_options(task.params, where)
     if not crop and not options["center_crop"]:

@@ -1,5 +1,5 @@
 """What the forkserver of env workers imports once (``RobustEnvPool(start_method="forkserver")``):
-torch, tensordict and torchrl, the ~4-5 s of imports every spawned worker would repeat.
+torch, tensordict and torchrl, the seconds of imports every spawned worker would repeat.
 
 Not LIBERO or robosuite: importing robosuite starts a native thread (its OpenCV/numba imports),
 and a library thread that does not exist in a forked child is the classic fork deadlock;

@@ -3,14 +3,16 @@
 One process per env (``RobustEnvPool``: one MuJoCo sim and GL context each; crashed or hung
 workers are restarted and their episode counted as failed). Per worker one ``OpenVLALiberoEnv``:
 torchrl's ``LiberoEnv`` (VLA TensorDict schema, settle steps) with the kit's init-state choice
-(datamodules/libero_init_states.py) and OpenVLA's conventions inside its own step:
+(datamodules/libero_env.py) and OpenVLA's conventions inside its own step:
 
 * observations: the image as OpenVLA's evaluation computes it (rendered at ``render_size``,
   flipped 180 degrees, JPEG round-trip, TF's Lanczos3 resize to ``image_size``, 0.9-area centre
   crop: datamodules/openvla_image.py); with ``image_device`` the workers only JPEG, and the
   resize and crop run batched over all envs in the main process (``OpenVLAObservation``);
 * actions: the policy speaks OpenVLA's action convention, the sim LIBERO's
-  (``libero_action``).
+  (``libero_action``);
+* OpenVLA-OFT's observation (``wrist_camera: true``, ``proprio: axis_angle``): the wrist camera
+  through the same image pipeline, and the state as OFT's LIBERO evaluation builds it.
 
 Training resets draw init states at random; evaluation env ``i`` is pinned to init state
 ``init_state_ids[i]`` (the fixed-50-states protocol). On GPU machines each worker renders on
@@ -26,7 +28,7 @@ from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.envs import Transform, TransformedEnv
 
-from datamodules.libero_init_states import InitStateLiberoEnv
+from datamodules.libero_env import InitStateLiberoEnv
 from datamodules.libero_setup import SUITES, setup_libero
 from datamodules.openvla_image import jpeg_roundtrip, resize_and_crop
 from datamodules.robust_env import RobustEnvPool
@@ -40,10 +42,14 @@ LIBERO_OPTIONS = {
     "image_device": None,     # None: the whole image pipeline in each env worker (CPU); a device
                               # ("cuda", "cpu"): workers JPEG, the main process resizes + crops all envs at once there
     "wrist_camera": False,    # also render robot0_eye_in_hand as ("observation", "wrist_image")
+    "proprio": "quat",        # ("observation", "state"): "quat" = eef pos, eef quaternion (xyzw), gripper qpos (9-D,
+                              # torchrl's); "axis_angle" = eef pos, axis-angle, gripper qpos (8-D, OpenVLA-OFT's)
     "settle_steps": 10,       # no-op steps after reset (OpenVLA protocol)
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
     "step_timeout": 60.0,     # s; a worker that misses it is restarted (episode = failure)
     "reset_timeout": 600.0,   # s; includes building a fresh worker's env
+    "start_timeout": 300.0,   # s; a worker not ready by then (a hang while it builds its env) is started again
+    "start_retries": 2,       # start-up restarts of one worker in a row before the run stops with an error
     "start_method": "forkserver",  # env workers fork from one process that imported torch and
                                    # torchrl once ("spawn": each worker imports them again)
 }
@@ -83,8 +89,8 @@ def libero_action(action: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
 class OpenVLAObservation(Transform):
     """The main process's half of the pipeline when the LIBERO option ``image_device`` is set:
     ``openvla_stages`` on the batched images of all envs (default ``stages``: the whole pipeline).
-    On one H200 with 16 lock-step envs that was not faster than resizing in the workers (286 vs
-    294 env steps/s: the workers wait while the main process works; docs/benchmarks.md)."""
+    In lock-step stepping it does not beat resizing in the workers, which wait while the main
+    process works (docs/benchmarks.md)."""
 
     def __init__(self, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
                  in_keys=(("observation", "image"),), stages=("jpeg", "resize"), device=None):
@@ -115,21 +121,32 @@ class OpenVLALiberoEnv(InitStateLiberoEnv):
     shape); the action spec is OpenVLA's (gripper in [0, 1]) and each step's action is mapped
     to LIBERO's by ``libero_action``.
 
-    Done here rather than as torchrl ``Transform``s in a ``TransformedEnv`` around the env (as
-    until 8e30676): that plumbing cost 0.44 ms of a 4.3 ms simulation-free worker step on the
-    2-core machine, about as much as the Lanczos3 resize, on every step of every worker; on the
-    H200 machine it was within noise (bench/libero_env_breakdown.py, docs/benchmarks.md)."""
+    Done here rather than as torchrl ``Transform``s in a ``TransformedEnv`` around the env: that
+    plumbing costs about as much as the Lanczos3 resize on every step of every worker on a small
+    CPU (bench/libero_env_breakdown.py, docs/benchmarks.md)."""
 
     def __init__(self, *args, image_size: int = 224, jpeg_quality: int | None = 95, center_crop: bool = True,
-                 image_stages=("jpeg", "resize"), binarize_gripper: bool = True, **kwargs):
+                 image_stages=("jpeg", "resize"), binarize_gripper: bool = True, proprio: str = "quat", **kwargs):
         # read by _make_specs, which LiberoEnv's constructor calls
         self._image = dict(stages=tuple(image_stages), image_size=image_size, jpeg_quality=jpeg_quality,
                            center_crop=center_crop)
         self.binarize_gripper = binarize_gripper
+        self.proprio = proprio
         super().__init__(*args, **kwargs)
 
     def _read_image(self, image: np.ndarray) -> torch.Tensor:
         return openvla_stages(super()._read_image(image), **self._image)
+
+    def _read_state(self, obs: dict) -> torch.Tensor:
+        """``proprio: axis_angle``: OpenVLA-OFT's LIBERO state, eef position, the eef quaternion
+        as axis-angle (robosuite's ``quat2axisangle``, as OFT's evaluation), gripper qpos."""
+        if self.proprio == "quat":
+            return super()._read_state(obs)
+        from robosuite.utils.transform_utils import quat2axisangle
+
+        parts = (obs["robot0_eef_pos"], quat2axisangle(np.array(obs["robot0_eef_quat"], dtype=np.float64)),
+                 obs["robot0_gripper_qpos"])
+        return torch.from_numpy(np.concatenate(parts)).to(torch.float32)
 
     def _make_specs(self, env) -> None:
         super()._make_specs(env)
@@ -153,14 +170,14 @@ def worker_env(suite: str, task_id: int, *, seed: int, max_steps: int, init_stat
     env = OpenVLALiberoEnv(
         suite, task_id, num_workers=1, camera_height=options["render_size"],
         camera_width=options["render_size"], render_gpu_device_id=render_gpu,
-        env_kwargs={"camera_names": cameras},  # render only what is read (software GL: ~90 ms a camera)
+        env_kwargs={"camera_names": cameras},  # render only what is read: each camera is a full render
         wrist_camera="robot0_eye_in_hand" if options["wrist_camera"] else None,
         # episode ids beyond the suite's 50 states wrap around; training: the curriculum's queue or uniform
         pinned_init_state=init_state_id, init_state_queues=init_state_queues, worker_index=worker_index,
         max_episode_steps=max_steps, settle_steps=options["settle_steps"],
         image_size=options["image_size"], jpeg_quality=options["jpeg_quality"], center_crop=options["center_crop"],
         image_stages=("jpeg",) if options["image_device"] is not None else ("jpeg", "resize"),
-        binarize_gripper=options["binarize_gripper"])
+        binarize_gripper=options["binarize_gripper"], proprio=options["proprio"])
     env.set_seed(seed)
     return env
 
@@ -179,6 +196,8 @@ def libero_options(params: dict, where: str = "data.stream[i]") -> dict:
             raise ValueError(f"{where}.image_device={device!r}: not a torch device (null, cpu, cuda, cuda:0)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{where}.image_device={options['image_device']!r}: no CUDA device on this machine")
+    if options["proprio"] not in ("quat", "axis_angle"):
+        raise ValueError(f"{where}.proprio={options['proprio']!r}: expected quat or axis_angle")
     if options["start_method"] not in ("forkserver", "spawn"):
         raise ValueError(f"{where}.start_method={options['start_method']!r}: expected forkserver or spawn")
     return options
@@ -201,7 +220,8 @@ def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: i
         render_gpu=(i % n_gpus) if n_gpus else None, options=options,
         init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs)]
     pool = RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"],
-                         start_method=options["start_method"])
+                         start_method=options["start_method"], start_timeout=options["start_timeout"],
+                         start_retries=options["start_retries"])
     if options["image_device"] is None:
         return pool
     keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])

@@ -7,13 +7,16 @@ this module yields ``ppo_epochs`` x shuffled minibatches, and the rollout is dro
 No buffer feeds the policy gradient. The only stored data is the optional bounded memory
 of old-task states for the anchor terms (``anchor_source: memory``).
 
+A checkpoint holds the datamodule's state, including the training env's replay log
+(datamodules/env_replay.py): a resumed run's env continues the episodes it was in.
+
 The datamodule knows the stream and the current task; *when* the task changes is decided
 by the TaskSwitch callback (``set_task``), and old goals are registered by the anchor
 callback (``remember_task``).
 
 VLA-RL's parts, both off by default: ``curriculum`` (datamodules/curriculum_resets.py) picks
 the initial state of every training reset and learns from the finished episodes;
-``reward_shaping`` (datamodules/rprm_shaping.py) adds the RPRM's score to each rollout's reward
+``reward_shaping`` (datamodules/reward_shaping.py) adds the RPRM's score to each rollout's reward
 before the advantages. Callbacks that define ``on_rollout(trainer, pl_module, rollout)`` see
 each raw rollout first (callbacks/rprm.py collects its successful episodes).
 """
@@ -27,9 +30,12 @@ from tensordict import TensorDict
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
-from datamodules.curriculum_resets import CurriculumResets
-from datamodules.rprm_shaping import RewardShaping
+from datamodules.curriculum_resets import Curriculum, CurriculumResets
+from datamodules.env_replay import EnvReplayLog
+from datamodules.reward_shaping import RewardShaping
+from datamodules.robust_env import worker_restarts
 from datamodules.tasks import Task, check_joint, make_env, make_joint_env, parse_stream
+from modules.checkpoint_io import CheckpointError, rng_state, set_rng_state
 from modules.timing import phase
 
 ANCHOR_SOURCES = ("relabel", "memory")
@@ -61,12 +67,29 @@ class OnPolicyDataModule(LightningDataModule):
         memory_per_task: int = 512,
         joint: bool = False,
         seed: int = 0,
-        curriculum: dict | None = None,
+        curriculum: Curriculum | None = None,
         reward_shaping: dict | None = None,
     ):
-        """``curriculum``: {window, target, temperature, floor} (datamodules/curriculum.py) or
-        null; ``reward_shaping``: {rprm, checkpoint, scale, offset, only_nonterminal,
-        sparse_from_success, batch_size} (datamodules/rprm_shaping.py) or null."""
+        """The task stream and its rollouts: one PPO iteration's minibatches per Lightning epoch.
+
+        Args:
+            stream: the tasks in order, one mapping per entry: ``{env: babyai, level, target}`` or
+                ``{env: libero, suite, task_id | task_ids, ...}`` (datamodules/tasks.py lists the options).
+            num_envs: vectorised envs collecting each rollout (per DDP rank).
+            frames_per_batch: env steps per rollout, over all envs (a multiple of ``num_envs``).
+            ppo_epochs: passes over each rollout.
+            num_minibatches: minibatches per pass.
+            anchor_source: where anchor states come from: ``relabel`` (current states with old
+                instructions) or ``memory`` (stored states of old tasks).
+            anchor_fraction: anchor samples per current sample (``relabel``).
+            memory_per_task: states kept per finished task (``memory``).
+            joint: collect every task of the stream in every rollout (env i: task i mod K).
+            seed: seed of the envs and of the anchor sampling.
+            curriculum: VLA-RL's success curriculum over (task, initial state),
+                ``{window, target, temperature, floor}``; null: uniform draws.
+            reward_shaping: the RPRM's process reward, ``{rprm, checkpoint, scale, offset,
+                only_nonterminal, sparse_from_success, batch_size}`` (datamodules/reward_shaping.py); null: none.
+        """
         super().__init__()
         self.tasks: list[Task] = parse_stream(stream)
         if num_envs <= 0:
@@ -79,6 +102,9 @@ class OnPolicyDataModule(LightningDataModule):
         for name, value in (("ppo_epochs", ppo_epochs), ("num_minibatches", num_minibatches)):
             if value <= 0:
                 raise ValueError(f"data.{name}={value!r}: must be > 0")
+        if num_minibatches > frames_per_batch:
+            raise ValueError(f"data.num_minibatches={num_minibatches!r}: more minibatches than samples per iteration "
+                             f"(data.frames_per_batch={frames_per_batch})")
         if anchor_source not in ANCHOR_SOURCES:
             raise ValueError(f"data.anchor_source={anchor_source!r}: expected one of {ANCHOR_SOURCES}")
         if not 0.0 < anchor_fraction <= 1.0:
@@ -102,8 +128,11 @@ class OnPolicyDataModule(LightningDataModule):
         self._collector = None
         self._collector_key = None
         self.env_version = 0  # +1 per training env built (episodes do not continue across envs)
+        self.env_log = EnvReplayLog()  # what the training env went through: replayed on resume (exactly)
+        self._replay = False  # a resumed run: the next env built replays env_log
+        self._restarts_closed = {"step": 0, "start": 0}  # env workers restarted in the closed envs
         # VLA-RL: the curriculum over (task, initial state) and the RPRM's reward shaping
-        self.curriculum = None if curriculum is None else CurriculumResets(dict(curriculum), self.tasks, seed)
+        self.curriculum = None if curriculum is None else CurriculumResets(curriculum, self.tasks, seed)
         self.reward_shaping = None if reward_shaping is None else RewardShaping(dict(reward_shaping))
 
     # -- the stream ----------------------------------------------------------------------
@@ -125,6 +154,7 @@ class OnPolicyDataModule(LightningDataModule):
     def set_task(self, index: int) -> None:
         self.task_index = index
         self._close_collector()
+        self.env_log.clear()
 
     def remember_task(self, index: int) -> None:
         """Register task ``index`` as an old goal (and, with memory, keep some of its states)."""
@@ -167,27 +197,45 @@ class OnPolicyDataModule(LightningDataModule):
 
     def _new_collector(self, module, key) -> None:
         self._close_collector()
+        # a resumed run rebuilds its env where the checkpoint left it (datamodules/env_replay.py),
+        # without moving the RNGs the checkpoint restored (building draws: the collector's probe)
+        replay, self._replay = self._replay, False
+        rng = rng_state() if replay else None
         # each rank its own envs and seeds; a new seed block per task
         seed = self.seed + 100_003 * self.rank + 1_009 * self.task_index
         queues = None
         if self.curriculum is not None:  # at most frames_per_env + 1 resets per env and rollout
-            queues = self.curriculum.new_env(self.env_tasks(), self.frames_per_batch // self.num_envs + 1)
+            queues = self.curriculum.new_env(self.env_tasks(), self.frames_per_batch // self.num_envs + 1,
+                                             draw=not replay)
         env = (make_joint_env(self.tasks, self.num_envs, seed, queues) if self.joint
                else self.make_env(self.task, self.num_envs, seed, None, queues))
         self.env_version += 1
         # envs step on their own device (CPU for BabyAI/LIBERO), the policy on the module's
-        self._collector = Collector(env, module.acting_policy(), frames_per_batch=self.frames_per_batch,
+        acting = module.acting_policy()
+        self._collector = Collector(env, acting, frames_per_batch=self.frames_per_batch,
                                     total_frames=-1, env_device=env.device,
                                     policy_device=module.device, storing_device=module.device,
                                     # the policy is stateless (no InitTracker/recurrent state)
                                     auto_register_policy_transforms=False)
         self._collector_iter = iter(self._collector)
         self._collector_key = key
+        if replay:
+            self.env_log.replay(self._collector_iter, acting, self.curriculum)
+            set_rng_state(rng)
+        else:
+            self.env_log.record_build(self.curriculum)
 
     def _close_collector(self) -> None:
         if self._collector is not None:
+            self._restarts_closed = self.worker_restarts()
             self._collector.shutdown()
         self._collector = None
+
+    def worker_restarts(self) -> dict[str, int]:
+        """Training env workers restarted in the run so far (datamodules/robust_env.py): ``step``
+        (mid-episode; the episode counted as failed) and ``start`` (while starting)."""
+        now = worker_restarts(self._collector.env) if self._collector is not None else {"step": 0, "start": 0}
+        return {k: self._restarts_closed[k] + now[k] for k in now}
 
     def iteration(self):
         module = self.trainer.lightning_module
@@ -198,6 +246,7 @@ class OnPolicyDataModule(LightningDataModule):
         if self.curriculum is not None:
             extra.update(self.curriculum.update(rollout, self.trainer))
             self.curriculum.refill()  # the next rollout's initial states, from the updated curriculum
+        self.env_log.record_rollout(rollout.get("action"), self.curriculum)
         for cb in self.trainer.callbacks:  # raw rollouts for callbacks (callbacks/rprm.py)
             if hasattr(cb, "on_rollout"):
                 cb.on_rollout(self.trainer, module, rollout)
@@ -207,6 +256,9 @@ class OnPolicyDataModule(LightningDataModule):
             rollout, self.anchor_goals, self.anchor_fraction,
             self.memory if self.anchor_source == "memory" else None)
         module.train()
+        restarts = self.worker_restarts()
+        extra.update({"env/worker_restarts": float(restarts["step"]),
+                      "env/worker_start_restarts": float(restarts["start"])})
         module.rollout_stats = {**stats, **extra}
         self._last_samples = samples
         del rollout
@@ -218,12 +270,21 @@ class OnPolicyDataModule(LightningDataModule):
             perm = torch.randperm(n, device=samples.device)
             aperm = torch.randperm(na, device=samples.device) if na else None
             for k in range(self.num_minibatches):
-                batch = {"cur": samples[perm[k * mb:(k + 1) * mb]]}
-                if na:
+                idx = perm[k * mb:(k + 1) * mb]
+                if not len(idx):  # ceil-sized minibatches leave the last ones empty when k does not divide n
+                    continue
+                batch = {"cur": samples[idx]}
+                if na and len(aperm[k * mba:(k + 1) * mba]):
                     batch["anchor"] = anchors[aperm[k * mba:(k + 1) * mba]]
                 yield batch
 
     def setup(self, stage: str | None = None) -> None:
+        backbone = getattr(self.trainer.lightning_module.policy, "backbone", None) if self._trainer_ok() else None
+        for i, task in enumerate(self.tasks):  # a word the tokenizer does not know would become its <unk>
+            unknown = [] if task.instruction is None or backbone is None else backbone.unknown_words(task.instruction)
+            if unknown:
+                raise ValueError(f"data.stream[{i}]={task.name!r}: the instruction {task.instruction!r} has words "
+                                 f"outside the policy's vocabulary: {unknown} (model.policy.init_args.backbone)")
         shaping = self.reward_shaping
         if (shaping is not None and not shaping.active and self._trainer_ok()
                 and not any(getattr(cb, "trains_rprm", False) for cb in self.trainer.callbacks)):
@@ -234,17 +295,29 @@ class OnPolicyDataModule(LightningDataModule):
         return DataLoader(_RolloutMinibatches(self), batch_size=None, num_workers=0,
                           collate_fn=_identity)
 
+    def test_dataloader(self):
+        """One empty step: ``train.py test`` scores the stream's tasks in the evaluation
+        callbacks (callbacks/evaluation.py), not from batches."""
+        return DataLoader([0], batch_size=None, num_workers=0)
+
     def teardown(self, stage: str) -> None:
         self._close_collector()
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"task_index": self.task_index, "anchor_goals": list(self.anchor_goals),
+        return {"stream": [t.name for t in self.tasks], "task_index": self.task_index,
+                "anchor_goals": list(self.anchor_goals),
                 "memory": None if self.memory is None else self.memory.to_dict(),
                 "curriculum": None if self.curriculum is None else self.curriculum.state_dict(),
-                "reward_shaping": None if self.reward_shaping is None else self.reward_shaping.state_dict()}
+                "reward_shaping": None if self.reward_shaping is None else self.reward_shaping.state_dict(),
+                "env_log": self.env_log.state_dict(), "worker_restarts": self.worker_restarts()}
 
     def load_state_dict(self, state: dict) -> None:
+        names = [t.name for t in self.tasks]
+        fitting = not self._trainer_ok() or self.trainer.state.fn == "fit"  # train.py test may score other tasks
+        if fitting and state.get("stream", names) != names:  # R's rows and the anchors' goals belong to the stream
+            raise CheckpointError(f"data.stream={names}: the checkpoint (--ckpt_path) was trained on the stream "
+                                  f"{state['stream']}; resume with the same data.stream")
         self.set_task(state["task_index"])
         self.anchor_goals = list(state["anchor_goals"])
         mem = state.get("memory")
@@ -253,6 +326,12 @@ class OnPolicyDataModule(LightningDataModule):
             self.curriculum.load_state_dict(state["curriculum"])
         if self.reward_shaping is not None and state.get("reward_shaping") is not None:
             self.reward_shaping.load_state_dict(state["reward_shaping"])
+        self._restarts_closed = dict(state.get("worker_restarts", self._restarts_closed))
+        # older checkpoints: the env starts afresh; under DDP the checkpoint holds rank 0's log,
+        # so the other ranks' envs start afresh too (exact resume is for single-process runs)
+        if fitting and state.get("env_log") is not None and self.rank == 0:
+            self.env_log.load_state_dict(state["env_log"])
+            self._replay = bool(self.env_log)
 
 
 def _identity(batch):

@@ -10,8 +10,8 @@ degrees (torchrl's ``LiberoEnv`` does that); ``resize_image`` JPEG-encodes and d
 
 Why not torchrl's ``OpenVLAImagePreprocessor``: its ``torch_reference`` backend computes this
 pipeline but needs torchvision (for the JPEG codec), which does not import beside the CPU torch
-build the kit pins (ENVIRONMENT.md), and it resizes by gathering spans (12 ms per 256 px image
-on one core of the 2-core machine, ad-hoc timing); its ``pil`` backend resizes before the JPEG round-trip and crops with PIL's
+build the kit pins, and it resizes by gathering spans, several times slower than the matrix
+products below; its ``pil`` backend resizes before the JPEG round-trip and crops with PIL's
 Lanczos, which is not what OpenVLA saw. Here: the JPEG round-trip with PIL (libjpeg), TF's
 Lanczos3 weights as two small matrices (``W_h @ image @ W_w^T``; on the CPU in banded blocks,
 bench/libero_env_breakdown.py; one batched call on a GPU for all envs), TF's crop in float32. Checked
@@ -38,8 +38,7 @@ def jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
     views of the CHW planes, and the decoded one is read out band by band (PIL's "R", "G", "B"
     raw packers) into the CHW output. The same bytes and pixels as going through
     ``Image.fromarray(image.permute(1, 2, 0).numpy())`` and ``np.asarray(...convert("RGB"))``
-    without their interleaving copies: 1.2 -> 0.82 ms per 256 px frame on the 2-core machine,
-    PIL's own encode + decode being 0.68 ms of it (bench/openvla_image_parts.py)."""
+    without their interleaving copies (bench/openvla_image_parts.py times both)."""
     from PIL import Image
 
     flat = images.reshape(-1, *images.shape[-3:]).cpu().contiguous()
@@ -69,8 +68,8 @@ def jpeg_bytes(planes: np.ndarray, quality: int) -> bytes:
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float values in [0, 256) -> uint8, truncated (a C cast, as ``x.to(torch.uint8)``). On the
-    CPU through numpy into a torch-owned tensor: torch's float -> uint8 cast took 0.086 ms per
-    3x224x224 image on the 2-core machine, numpy's 0.023 ms (bench/openvla_image_parts.py)."""
+    CPU through numpy into a torch-owned tensor: numpy's cast is the cheaper one there
+    (bench/openvla_image_parts.py)."""
     if x.device.type != "cpu":
         return x.to(torch.uint8)
     out = torch.empty(x.shape, dtype=torch.uint8)
@@ -105,7 +104,7 @@ def lanczos3_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _matrix_on(in_size: int, out_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    # a torch-owned copy: arithmetic with tensors viewing numpy memory ran ~10x slower here (alignment)
+    # a torch-owned copy: arithmetic on tensors that view numpy memory is slow (alignment)
     return torch.from_numpy(lanczos3_matrix(in_size, out_size)).to(device, dtype).clone()
 
 
@@ -131,9 +130,9 @@ def _bands_on(in_size: int, out_size: int, device: torch.device) -> tuple[tuple[
 def lanczos3_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> uint8 [..., 3, size, size]: tf.image.resize(lanczos3, antialias)
     then round half to even and clip, as OpenVLA's ``resize_image``. Any device, any batch.
-    On the CPU in float32 through the banded blocks of the weight matrices (2.3x faster than the
-    dense ``W_h @ image @ W_w^T`` on the H200 machine's CPU, 2.9x on the 2-core machine:
-    bench/libero_env_breakdown.py, docs/benchmarks.md); on a GPU dense, in float64
+    On the CPU in float32 through the banded blocks of the weight matrices (each output row
+    reads ~7 input rows, so most of the dense ``W_h @ image @ W_w^T`` multiplies zeros;
+    bench/libero_env_breakdown.py times both); on a GPU dense, in float64
     (where float32 matmuls may run in TF32). TF itself accumulates in float32, so either rounds
     differently from TF only where a value lies within ~1e-4 of .5 (~1e-5 of the pixels)."""
     if images.shape[-2:] == (size, size):
@@ -189,7 +188,7 @@ def _crop_on(h: int, w: int, device: torch.device):
     top, bottom, ylerp = crop_axis(h, h)
     left, right, xlerp = crop_axis(w, w)
     r0, r1 = int(top.min()), int(bottom.max()) + 1
-    # torch-owned copies: arithmetic with tensors viewing numpy memory ran ~10x slower here (alignment)
+    # torch-owned copies: arithmetic on tensors that view numpy memory is slow (alignment)
     tensors = [torch.from_numpy(a).to(device).clone() for a in (top - r0, bottom - r0, ylerp[:, None], xlerp)]
     return r0, r1, *tensors, _runs(left), _runs(right)
 
@@ -204,13 +203,11 @@ def center_crop(images: torch.Tensor) -> torch.Tensor:
 def _crop_rounded(images: torch.Tensor) -> torch.Tensor:
     """``center_crop`` of uint8 images or of float ones holding integers 0..255 (the resize's
     output before its uint8 cast). Separable, with TF's float32 operations in TF's order, so the
-    same bits as lerping the four gathered corners of every output pixel (the version before,
-    kept in bench/openvla_image_parts.py): x / 255 of the rows the crop reads; the x-lerp
-    ``l + (r - l) * xlerp`` once per input row, its left and right columns cut as contiguous
-    slices (12 runs for 224 px: ``torch.cat`` of them 0.06 ms, ``gather`` 0.09, ``index_select``
-    along the last dim 0.2); then the top and bottom rows picked (``index_select`` along rows,
-    0.016 ms) and y-lerped. 1.2 -> 0.53 ms per 224 px image on the 2-core machine
-    (bench/openvla_image_parts.py)."""
+    same bits as lerping the four gathered corners of every output pixel (that per-pixel version
+    is kept in bench/openvla_image_parts.py as the reference): x / 255 of the rows the crop
+    reads; the x-lerp ``l + (r - l) * xlerp`` once per input row, its left and right columns cut
+    as contiguous slices (12 runs for 224 px: cheaper than a ``gather`` or an ``index_select``
+    along the last dim); then the top and bottom rows picked and y-lerped."""
     h, w = images.shape[-2:]
     r0, r1, top, bottom, ylerp, xlerp, left, right = _crop_on(h, w, images.device)
     rows = images[..., r0:r1, :]

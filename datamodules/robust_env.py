@@ -7,6 +7,11 @@ and restarted in the background; its current episode ends as a failure: the step
 its last good observation with reward 0, ``done`` and ``truncated`` true (so GAE bootstraps
 from a real observation: no NaN reaches the loss), ``success`` false and ``env_failed``
 true; the next reset waits for the fresh worker. ``failures`` counts them for logging.
+Start-up is guarded the same way: a worker that dies while it builds its env, or has not
+answered after ``start_timeout`` seconds (a hung EGL context, a stuck import), is killed and
+started again, up to ``start_retries`` times in a row (then one error line); ``start_restarts``
+counts them. The training datamodule and the evaluation report both counts (TensorBoard
+``env/worker_restarts``; ``env_worker_restarts`` in metrics.json).
 
 Workers hold one unbatched torchrl env each (built by a picklable ``make_env()``) and answer
 ``reset`` and ``step`` over a pipe.
@@ -30,9 +35,8 @@ FAILED_KEY = "env_failed"
 
 def _send(conn, obj) -> None:
     """Pickled by value. ``Connection.send`` goes through torch's ForkingPickler, which moves
-    every tensor into a shared-memory segment of its own and passes its fd over a socket: with
-    8 cheap workers a batched step took 38.8 ms that way, 10.8 ms this way (bench/env_pool_overhead.py,
-    with ``_to_wire``)."""
+    every tensor into a shared-memory segment of its own and passes its fd over a socket, a cost
+    per tensor per step (bench/env_pool_overhead.py, docs/benchmarks.md)."""
     conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -42,7 +46,7 @@ def _recv(conn):
 
 def _to_wire(td: TensorDictBase) -> dict:
     """A worker's transition as a flat {key tuple: numpy array or python object (strings)}:
-    3x cheaper to pickle than the TensorDict itself."""
+    cheaper to pickle than the TensorDict itself."""
     return _flatten(td.numpy())
 
 
@@ -57,10 +61,9 @@ def _flatten(data: dict, prefix: tuple = ()) -> dict:
 
 
 def _batch(rows: list[dict]) -> TensorDictBase:
-    """Workers' flat rows -> one TensorDict [n]: one ``np.stack`` per key. Building a TensorDict
-    per worker and ``torch.stack``-ing them cost ~30 ms per step with 16 LIBERO workers on an H200
-    (bench/libero_worker_profile.py), the main process then being the bottleneck; the assembly
-    alone: bench/env_pool_assembly.py."""
+    """Workers' flat rows -> one TensorDict [n]: one ``np.stack`` per key, instead of a
+    TensorDict per worker stacked with ``torch.stack``: in lock-step every worker waits while the
+    main process assembles the batch."""
     td = TensorDict(batch_size=[len(rows)])
     for key in rows[0]:
         values = [r[key] for r in rows]
@@ -110,10 +113,12 @@ class RobustEnvPool(EnvBase):
     environment up before that (LIBERO pools: ``setup_libero``)."""
 
     def __init__(self, makers: list, step_timeout: float = 60.0, reset_timeout: float = 600.0,
-                 start_method: str = "spawn"):
+                 start_method: str = "spawn", start_timeout: float = 300.0, start_retries: int = 2):
         n = len(makers)
         super().__init__(batch_size=torch.Size([n]), device="cpu")
         self.makers, self.step_timeout, self.reset_timeout = list(makers), step_timeout, reset_timeout
+        self.start_timeout, self.start_retries = start_timeout, start_retries
+        self.start_restarts = 0
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(["datamodules.env_worker_preload"])  # no effect once it runs
@@ -125,8 +130,12 @@ class RobustEnvPool(EnvBase):
         for i in range(n):
             self._start(i)
         specs = None
-        for i in range(n):
-            specs = self._await_ready(i, reset_timeout)
+        try:
+            for i in range(n):
+                specs = self._await_ready(i)
+        except RuntimeError:
+            self.close()
+            raise
         batched = [n]
         obs = specs["observation"].expand(*batched)
         obs[FAILED_KEY] = Categorical(2, (*batched, 1), dtype=torch.bool)
@@ -144,22 +153,39 @@ class RobustEnvPool(EnvBase):
         child.close()
         self._procs[i], self._conns[i], self._ready[i] = proc, parent, False
 
-    def _await_ready(self, i: int, timeout: float) -> dict:
-        if not self._conns[i].poll(timeout):
-            raise TimeoutError(f"env worker {i} did not start within {timeout:.0f} s")
-        tag, specs = _recv(self._conns[i])
-        self._ready[i] = True
-        return specs
+    def _await_ready(self, i: int) -> dict:
+        """Worker i's specs, once it has built its env; a worker that dies or hangs meanwhile is
+        started again (at most ``start_retries`` times in a row)."""
+        for attempt in range(self.start_retries + 1):
+            why = f"did not start within {self.start_timeout:g} s"
+            if self._conns[i].poll(self.start_timeout):
+                try:
+                    _, specs = _recv(self._conns[i])
+                    self._ready[i] = True
+                    return specs
+                except (EOFError, OSError):
+                    self._procs[i].join(timeout=5)
+                    why = f"died while starting (exit code {self._procs[i].exitcode})"
+            if attempt == self.start_retries:
+                raise RuntimeError(f"env worker {i} {why}, {attempt + 1} times in a row (its own error, if any, is "
+                                   "printed above)")
+            self.start_restarts += 1
+            print(f"[env] worker {i} {why}: started again", flush=True)
+            self._kill(i)
+            self._start(i)
 
     def _restart(self, i: int, why: str) -> None:
         self.failures += 1
         print(f"[env] worker {i} {why}: restarted, its episode counted as failed", flush=True)
+        self._kill(i)
+        self._start(i)
+
+    def _kill(self, i: int) -> None:
         proc = self._procs[i]
         if proc.is_alive():
             proc.kill()
         proc.join(timeout=5)
         self._conns[i].close()
-        self._start(i)
 
     def worker_pid(self, i: int) -> int:
         return self._procs[i].pid
@@ -194,12 +220,12 @@ class RobustEnvPool(EnvBase):
         ids = [i for i in range(self.batch_size[0]) if mask is None or bool(mask[i])]
         for i in ids:
             if not self._ready[i]:
-                self._await_ready(i, self.reset_timeout)
+                self._await_ready(i)
         got = self._call(ids, [("reset", None)] * len(ids), self.reset_timeout)
         for i in ids:
             if i not in got:  # one retry on a fresh worker; a second failure is not transient
                 self._restart(i, "failed to reset")
-                self._await_ready(i, self.reset_timeout)
+                self._await_ready(i)
                 again = self._call([i], [("reset", None)], self.reset_timeout)
                 if i not in again:
                     raise RuntimeError(f"env worker {i} failed to reset twice in a row")
@@ -256,7 +282,7 @@ class RobustEnvPool(EnvBase):
         pass  # each worker's maker carries its own seed
 
     def close(self, *, raise_if_closed: bool = True) -> None:
-        """All workers are told first, then awaited: each closes its sim and GL context (~0.3 s
+        """All workers are told first, then awaited: each closes its sim and GL context (slow
         for LIBERO) at the same time as the others, not one after another."""
         live = [i for i, conn in enumerate(self._conns) if conn is not None]
         for i in live:
@@ -277,3 +303,17 @@ class RobustEnvPool(EnvBase):
             conn.close()
             self._conns[i] = None
         self.is_closed = True
+
+
+def worker_restarts(env) -> dict[str, int]:
+    """The restarts of the ``RobustEnvPool`` inside ``env`` (through wrappers: ``.env``, ``.base_env``):
+    ``{"step": failed workers restarted mid-episode, "start": workers started again}``; zeros for
+    in-process envs."""
+    for _ in range(8):  # a few wrappers deep at most
+        if env is None or isinstance(env, RobustEnvPool):
+            break
+        inner = getattr(env, "base_env", None)
+        env = inner if inner is not None else getattr(env, "env", None)
+    if not isinstance(env, RobustEnvPool):
+        return {"step": 0, "start": 0}
+    return {"step": env.failures, "start": env.start_restarts}

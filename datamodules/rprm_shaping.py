@@ -1,113 +1,91 @@
-"""``data.reward_shaping``: VLA-RL's process reward on every collected rollout.
+"""VLA-RL's process reward: a frozen RPRM's score added to the sparse success reward.
 
-    data.reward_shaping:
-      rprm: {class_path: modules.vla_rl.rprm.RPRM, init_args: {...}}   # the RPRM's architecture
-      checkpoint: PATH   # an RPRMModule checkpoint (scripts/train_rprm.py); null: trained online
-      scale: 0.1         # reward = sparse + scale * (score - offset)   (datamodules/reward_shaping.py)
-      offset: 0.0
-      only_nonterminal: false
-      sparse_from_success: false
-      batch_size: 256    # RPRM scoring batch
+    reward_t = r_sparse_t + scale * (score_t - offset) * m_t
 
-The datamodule applies it to each rollout before the advantages (one batched, no-grad RPRM pass
-over all frames). With ``checkpoint: null`` the shaping stays off until ``activate`` is called
-with a checkpoint: callbacks/rprm.py ``OnlineRPRM`` trains the RPRM on pseudo-labels from the
-run's own successful episodes, then activates it. Either way the checkpoint path is part of the
-datamodule's state, so a resumed run shapes with the same RPRM.
+r_sparse_t: the env's reward (or the success flag with ``sparse_from_success``);
+score_t = RPRM(o_{t+1}, instruction) in [0, 1]: does the step's *result* (the next frame) complete
+a sub-task; m_t = 1, or with ``only_nonterminal`` 0 on terminated steps (there the success
+reward alone pays). ``offset`` (default 0, the paper's form) can centre the score so that merely
+staying alive is not rewarded. The unshaped reward and the score are kept under their own keys
+(``("next", "reward_sparse")``, ``("next", "rprm_score")``) so success is logged separately.
 
-Logged per iteration: ``rollout/reward_sparse`` (the unshaped reward), ``rollout/rprm_score`` (mean
-RPRM score, while active), ``rollout/rprm_active``; ``rollout/reward_mean`` (CRLModule) is the
-reward PPO trains on, ``rollout/success`` the success rate.
+Where it applies: on a **collected rollout** (``forward`` on a [B, T] tensordict with ``"next"``):
+the datamodule calls it once per iteration before the advantages, so the RPRM scores all B x T
+frames in a few large no-grad batches (not one small call per env step). It also works inside
+an env (``TransformedEnv(env, RPRMRewardShaping(...))``, through ``_step``), one call per step.
 """
 from __future__ import annotations
 
-import os
+import torch
+from tensordict import TensorDictBase
+from torchrl.data import Unbounded
+from torchrl.envs.transforms import Transform
 
-from datamodules.knobs import read_knobs
-from datamodules.reward_shaping import RPRMRewardShaping
-
-KNOBS = {"rprm": None, "checkpoint": None, "scale": 0.1, "offset": 0.0, "only_nonterminal": False,
-         "sparse_from_success": False, "batch_size": 256}
-KEY = "data.reward_shaping"
+from datamodules.tasks import instructions_of
 
 
-def build_rprm(spec: dict, key: str = f"{KEY}.rprm"):
-    """An RPRM from its ``{class_path, init_args}`` (typed and checked by jsonargparse, as the CLI does)."""
-    from jsonargparse import ArgumentError, ArgumentParser
+class RPRMRewardShaping(Transform):
+    def __init__(self, rprm, scale: float = 0.1, offset: float = 0.0, only_nonterminal: bool = False,
+                 sparse_from_success: bool = False, batch_size: int = 256,
+                 image_key=("observation", "image"), instruction_key="language_instruction",
+                 reward_key="reward", sparse_key="reward_sparse", score_key="rprm_score",
+                 terminated_key="terminated", success_key="success"):
+        """``rprm``: any module with ``score(images, instructions) -> [N]`` (modules/vla_rl/rprm.py);
+        it is frozen here (no grad, eval mode)."""
+        super().__init__(in_keys=[image_key, instruction_key], out_keys=[reward_key, sparse_key, score_key])
+        if batch_size < 1:
+            raise ValueError(f"reward_shaping.batch_size={batch_size!r}: must be >= 1")
+        self.rprm = rprm.requires_grad_(False).eval()
+        self.scale, self.offset, self.batch_size = float(scale), float(offset), batch_size
+        self.only_nonterminal, self.sparse_from_success = only_nonterminal, sparse_from_success
+        self.image_key, self.instruction_key = image_key, instruction_key
+        self.reward_key, self.sparse_key, self.score_key = reward_key, sparse_key, score_key
+        self.terminated_key, self.success_key = terminated_key, success_key
 
-    from modules.vla_rl.rprm import RPRM
+    def train(self, mode: bool = True):
+        return super().train(False)  # the RPRM stays frozen (no dropout) whatever the caller does
 
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--rprm", type=RPRM)
-    try:
-        cfg = parser.parse_object({"rprm": spec})
-    except ArgumentError as err:  # jsonargparse's multi-line report -> one line naming the key
-        raise ValueError(f"{key}: {' '.join(str(err).split())}") from None
-    try:
-        return parser.instantiate(cfg).rprm
-    except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"{key}: {err}") from None
+    @torch.no_grad()
+    def _scores(self, images: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        shape = images.shape[:-3]
+        flat = images.reshape(-1, *images.shape[-3:])
+        return self.rprm.score(flat, instructions, batch_size=self.batch_size).reshape(shape)
 
+    def _shape(self, step: TensorDictBase, nxt: TensorDictBase) -> TensorDictBase:
+        """Write the shaped reward into ``nxt`` (the t+1 data); the instruction is read at t."""
+        if self.sparse_key in nxt.keys(include_nested=True):
+            sparse = nxt.get(self.sparse_key)  # already shaped once: start again from the sparse reward
+        elif self.sparse_from_success:
+            sparse = nxt.get(self.success_key).to(nxt.get(self.reward_key).dtype)
+        else:
+            sparse = nxt.get(self.reward_key)
+        score = self._scores(nxt.get(self.image_key), instructions_of(step, self.instruction_key))
+        score = score.to(sparse.device, sparse.dtype).reshape(sparse.shape)
+        bonus = self.scale * (score - self.offset)
+        if self.only_nonterminal:
+            bonus = bonus * (~nxt.get(self.terminated_key)).to(bonus.dtype)
+        nxt.set(self.sparse_key, sparse.clone())
+        nxt.set(self.score_key, score)
+        nxt.set(self.reward_key, sparse + bonus)
+        return nxt
 
-def _check_checkpoint(path: str, key: str = f"{KEY}.checkpoint") -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}={path!r}: no such file (train one with scripts/train_rprm.py, or set it "
-                                "to null and add callbacks.rprm.OnlineRPRM to train it on the run's own rollouts)")
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """A collected rollout (any batch shape, e.g. [B, T]) with ``"next"``: shaped in place."""
+        self._shape(tensordict, tensordict.get("next"))
+        return tensordict
 
+    # -- inside an env -------------------------------------------------------------------------
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        return self._shape(tensordict, next_tensordict)
 
-class RewardShaping:
-    def __init__(self, config: dict):
-        cfg = {**KNOBS, **read_knobs(config, KNOBS, KEY)}
-        if not isinstance(cfg["rprm"], dict) or "class_path" not in cfg["rprm"]:
-            raise ValueError(f"{KEY}.rprm={cfg['rprm']!r}: expected the RPRM as {{class_path, init_args}}")
-        kinds = {"scale": ((int, float), "a number"), "offset": ((int, float), "a number"),
-                 "only_nonterminal": (bool, "true or false"), "sparse_from_success": (bool, "true or false"),
-                 "batch_size": (int, "an integer"), "checkpoint": ((str, type(None)), "a path or null")}
-        for name, (kind, what) in kinds.items():
-            value = cfg[name]
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise ValueError(f"{KEY}.{name}={value!r}: expected {what}")
-        if cfg["batch_size"] < 1:
-            raise ValueError(f"{KEY}.batch_size={cfg['batch_size']!r}: must be >= 1")
-        if cfg["checkpoint"] is not None:
-            _check_checkpoint(cfg["checkpoint"])  # before building a (possibly 7B) model
-        self.options = {k: cfg[k] for k in ("scale", "offset", "only_nonterminal", "sparse_from_success",
-                                             "batch_size")}
-        self.rprm = build_rprm(cfg["rprm"])
-        self.transform: RPRMRewardShaping | None = None
-        self.checkpoint: str | None = None
-        if cfg["checkpoint"] is not None:
-            self.activate(cfg["checkpoint"])
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        zeros = torch.zeros(*tensordict_reset.batch_size, 1, device=tensordict_reset.device)
+        tensordict_reset.set(self.sparse_key, zeros)
+        tensordict_reset.set(self.score_key, zeros.clone())
+        return tensordict_reset
 
-    @property
-    def active(self) -> bool:
-        return self.transform is not None
-
-    def activate(self, checkpoint: str) -> None:
-        """Load the RPRM's weights from an RPRMModule checkpoint, freeze it, shape from now on."""
-        from modules.vla_rl.rprm_module import load_rprm_weights
-
-        _check_checkpoint(checkpoint)
-        load_rprm_weights(self.rprm, checkpoint)
-        self.transform = RPRMRewardShaping(self.rprm, **self.options)  # freezes the RPRM
-        self.checkpoint = checkpoint
-
-    def __call__(self, rollout, device) -> dict[str, float]:
-        """Shape a [envs, T] rollout in place; returns the stats to log."""
-        nxt = rollout.get("next")
-        if not self.active:
-            if self.options["sparse_from_success"]:  # the same sparse reward before and after activation
-                nxt.set("reward", nxt.get("success").to(nxt.get("reward").dtype))
-            return {"rollout/reward_sparse": float(nxt.get("reward").mean()), "rollout/rprm_active": 0.0}
-        self.rprm.to(device)
-        self.transform(rollout)
-        return {"rollout/reward_sparse": float(nxt.get("reward_sparse").mean()),
-                "rollout/rprm_score": float(nxt.get("rprm_score").mean()), "rollout/rprm_active": 1.0}
-
-    def state_dict(self) -> dict:
-        return {"checkpoint": self.checkpoint}
-
-    def load_state_dict(self, state: dict) -> None:
-        path = state.get("checkpoint")
-        if path is not None and path != self.checkpoint:
-            self.activate(path)
+    def transform_observation_spec(self, observation_spec):
+        shape = (*observation_spec.shape, 1)
+        for key in (self.sparse_key, self.score_key):
+            observation_spec[key] = Unbounded(shape=shape, device=observation_spec.device)
+        return observation_spec

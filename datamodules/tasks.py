@@ -48,6 +48,7 @@ class Task:
 
 
 ENV_KINDS = ("babyai", "libero", "toy_vla")
+BABYAI_OPTIONS = ("room_size", "objects", "num_init_states", "tile_size")  # BabyAIEnv's per-task arguments
 
 
 def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
@@ -80,7 +81,14 @@ def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
         max_steps = entry.pop("max_steps", None)
         if max_steps is not None and int(max_steps) <= 0:
             raise ValueError(f"{where}.max_steps={max_steps!r}: must be > 0")
+        unknown = sorted(set(entry) - set(BABYAI_OPTIONS))
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}={entry[unknown[0]]!r}: unknown babyai option (known: level, "
+                             f"target, max_steps, {', '.join(BABYAI_OPTIONS)})")
         _check_babyai(where, level, target, entry.get("room_size"), entry.get("objects"))
+        tile = entry.get("tile_size", 8)
+        if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
+            raise ValueError(f"{where}.tile_size={tile!r}: must be a positive integer (pixels per cell)")
         n_init = entry.get("num_init_states")
         if n_init is not None and (not isinstance(n_init, int) or isinstance(n_init, bool) or n_init < 1):
             raise ValueError(f"{where}.num_init_states={n_init!r}: must be a positive integer")

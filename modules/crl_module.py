@@ -17,16 +17,17 @@ Each step is timed under a named phase (modules/timing.py; logged by callbacks/i
 from __future__ import annotations
 
 import math
-import random
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from lightning import LightningModule
 from tensordict import TensorDict
 
 from datamodules.tasks import instructions_of
+from modules.checkpoint_io import check_fits, rng_state, set_rng_state
+from modules.chunk_critic import ChunkQCritic
 from modules.critics import frozen_copy, make_critic
+from modules.lora_checkpoint import drop_frozen_base, restore_frozen_base
 from modules.losses import crl_loss
 from modules.policy.backbone import EncodedPrompts, cat_prompts
 from modules.policy.base import VLAPolicy, act_in_chunks
@@ -35,6 +36,7 @@ from modules.returns import gae, mc_returns
 from modules.rollout_policy import RolloutPolicy
 from modules.timing import phase
 
+MIN_GAMMA_LAMBDA = 1e-6  # the smallest gamma and gamma * gae_lambda accepted (CRLModule.__init__)
 PROMPT_KEYS = ("input_ids", "attention_mask", "image_mask", "goal_mask")
 
 
@@ -48,7 +50,7 @@ def _prompts_from_td(td) -> EncodedPrompts:
 
 
 def _require(name: str, value: float, low: float = 0.0, strict: bool = False) -> None:
-    if value is None or value < low or (strict and value == low):
+    if value is None or not math.isfinite(value) or value < low or (strict and value == low):
         op = ">" if strict else ">="
         raise ValueError(f"model.{name}={value!r}: must be {op} {low}")
 
@@ -79,24 +81,30 @@ class CRLModule(LightningModule):
         target_chunk_size: int | None = None,
         micro_batch_size: int | None = None,
     ):
-        """Args (the loss's coefficients are Eq. 8's, ``modules/losses.py``):
-            policy: the VLA (``TokenVLAPolicy`` or ``OFTPolicy``).
-            critic_hidden_sizes: hidden widths of the critics' MLP on [phi(s); emb(g)].
-            policy_lr, critic_lr, adam_eps: AdamW (no weight decay) for the policy and the critic.
-            clip_eps: PPO's ratio clip.
-            alpha: weight of L_KL, the KL to the old policy on old goals.
-            beta_v: weight of L_GCV, the anchor critic's value consistency on old goals.
-            eta: weight of L_MC, the trainable critic's regression on the returns.
-            entropy_coef: entropy bonus (0: none).
-            gamma, gae_lambda: discount and GAE's lambda.
-            value_target: the critic's target, ``mc`` (Monte-Carlo returns) or ``gae`` (GAE's returns).
-            normalize_advantage: standardise the advantages per minibatch.
-            target_kl: stop the iteration's PPO epochs once the approximate KL exceeds it (null: never).
-            max_grad_norm: gradient-norm clip, per optimiser.
-            critic_warmup_iterations: iterations at the start of each task that train the critic only.
-            critic_detach_features: the critic's loss does not reach the policy's features.
-            critic_type: ``v`` (V(s, g)) or ``q`` (Q(s, a, g); token policies).
-            q_advantage: with ``critic_type: q``, ``q`` (Q(s, a) - E_pi Q(s, .)) or ``gae``.
+        """The policy, its critics and the PPO / CRL-VLA update (Eq. 8, docs/method.md).
+
+        Args:
+            policy: the VLA policy (``modules.policy.TokenVLAPolicy`` or ``OFTPolicy``).
+            critic_hidden_sizes: hidden widths of the critic MLP on [phi(s); emb(g)].
+            policy_lr: AdamW learning rate of the policy's trainable weights.
+            critic_lr: AdamW learning rate of the critic head.
+            adam_eps: AdamW epsilon of both optimisers.
+            clip_eps: PPO's clipping range epsilon of the probability ratio.
+            alpha: weight of L_KL, the KL to the frozen old policy on old goals.
+            beta_v: weight of L_GCV, the frozen anchor critic's value consistency on old goals.
+            eta: weight of L_MC, the trainable critic's value regression.
+            entropy_coef: weight of the policy-entropy bonus (0: none).
+            gamma: discount factor.
+            gae_lambda: GAE's lambda for the advantages.
+            value_target: the critic's regression target: ``mc`` (Monte-Carlo returns) or ``gae``.
+            normalize_advantage: standardise the advantages of every minibatch.
+            target_kl: stop an iteration's PPO epochs once the approximate KL exceeds it (null: never).
+            max_grad_norm: gradient-norm clipping of each optimiser's parameters.
+            critic_warmup_iterations: iterations after each critic (re)start with the policy frozen.
+            critic_detach_features: the value losses train the critic head only, not phi(s) / emb(g).
+            critic_type: ``v`` for V(s, g) heads, ``q`` for Q(s, a, g) heads (CRL-VLA (Q); a chunk
+                policy's: Q(s, chunk, g), modules/chunk_critic.py).
+            q_advantage: with Q heads, ``q`` (Q(s, a) - E_pi Q(s, .)) or ``gae`` (GAE, baseline E_pi Q).
             target_chunk_size: rows per ``act`` call when targets are computed without gradient
                 (V(s') at truncations, the old policy on anchor samples). null: the acting batch
                 when the policy keeps a static decode cache (those passes then reuse its cache
@@ -111,9 +119,19 @@ class CRLModule(LightningModule):
             _require(name, locals()[name], strict=True)
         for name in ("alpha", "beta_v", "eta", "entropy_coef", "critic_warmup_iterations"):
             _require(name, locals()[name])
+        _require("adam_eps", adam_eps, strict=True)
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= locals()[name] <= 1.0:
                 raise ValueError(f"model.{name}={locals()[name]!r}: must be in [0, 1]")
+        # torchrl's vectorised GAE fails (an IndexError) for gamma * lambda = 0 or below ~1e-7; the MC
+        # return is GAE with lambda = 1
+        if gamma < MIN_GAMMA_LAMBDA:
+            raise ValueError(f"model.gamma={gamma!r}: must be >= {MIN_GAMMA_LAMBDA:g} (torchrl's GAE fails below)")
+        if gamma * gae_lambda < MIN_GAMMA_LAMBDA:
+            raise ValueError(f"model.gae_lambda={gae_lambda!r}: gamma * gae_lambda = {gamma * gae_lambda:.3g} "
+                             f"must be >= {MIN_GAMMA_LAMBDA:g} (torchrl's GAE fails below)")
+        if any(not isinstance(h, int) or h <= 0 for h in critic_hidden_sizes):
+            raise ValueError(f"model.critic_hidden_sizes={list(critic_hidden_sizes)!r}: layer widths must be > 0")
         if value_target not in ("mc", "gae"):
             raise ValueError(f"model.value_target={value_target!r}: expected 'mc' or 'gae'")
         if q_advantage not in ("q", "gae"):
@@ -127,15 +145,16 @@ class CRLModule(LightningModule):
         self.automatic_optimization = False
         self.policy = policy
         # V(s, g), or Q(s, a, g) for CRL-VLA (Q): advantage Q(s, a) - E_{a'~pi} Q(s, a')
-        if critic_type == "q" and not getattr(policy, "token_actions", True):
-            raise ValueError(f"model.critic_type='q': not supported with {type(policy).__name__} (continuous "
-                             "action chunks; the Q head one-hot encodes action tokens): use 'v'")
-        self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
-                                  getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None),
-                                  goal_dim=policy.goal_dim)
+        if critic_type == "q" and not getattr(policy, "token_actions", True):  # continuous chunks (OFT)
+            self.critic = ChunkQCritic(policy.feature_dim, critic_hidden_sizes, policy.chunk_size, policy.action_dim,
+                                       policy.action_low, policy.action_high, goal_dim=policy.goal_dim)
+        else:
+            self.critic = make_critic(critic_type, policy.feature_dim, critic_hidden_sizes,
+                                      getattr(policy, "action_tokens", None), getattr(policy, "action_bins", None),
+                                      goal_dim=policy.goal_dim)
         self.anchor_critic: torch.nn.Module | None = None
         self.old_policy = None  # TokenVLAPolicy (frozen copy) or AdapterPolicy (LoRA)
-        self.critic_age = 0  # iterations since the trainable critic was (re)initialised
+        self.critic_age = 0  # iterations started since the trainable critic was (re)initialised
         # extra loss terms registered by baseline callbacks (e.g. online EWC): name -> () -> scalar
         self.penalties: dict = {}
         self.rollout_stats: dict[str, float] = {}
@@ -202,7 +221,7 @@ class CRLModule(LightningModule):
         need &= ~terminated
         if need.any():
             nxt = rollout.get("next")[need]
-            nout = self._act_for_targets(self.policy.act, nxt.get(("observation", "image")),
+            nout = self._act_for_targets(self.policy.act, self.policy.observation(nxt),
                                          self.policy.encode(instructions_of(nxt)),
                                          greedy=True)  # greedy: the distribution is what counts, and no RNG draw
             next_value[need] = self.critic.state_value(nout.phi, nout.emb, nout.token_log_probs)
@@ -217,7 +236,7 @@ class CRLModule(LightningModule):
 
         prompts = self.policy.encode(instructions_of(flat))
         samples = TensorDict({
-            "image": flat.get(("observation", "image")),
+            "image": self.policy.observation(flat),
             "tokens": flat.get("action_tokens"),
             "log_prob": flat.get("sample_log_prob"),
             "advantage": advantage.reshape(-1),
@@ -295,7 +314,7 @@ class CRLModule(LightningModule):
             self.clip_gradients(opt_policy, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             self.clip_gradients(opt_critic, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             opt_critic.step()
-            warming_up = self.critic_age < hp.critic_warmup_iterations
+            warming_up = self.critic_age <= hp.critic_warmup_iterations
             if not warming_up:  # critic warm-up (VLA-RL): the policy stays frozen
                 opt_policy.step()
 
@@ -358,17 +377,23 @@ class CRLModule(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
+        # counted when the iteration starts: a checkpoint written at an iteration's end (by a callback,
+        # which Lightning runs before this module's epoch-end hook) holds the age the next one builds on
+        self.critic_age += 1
 
     def on_train_batch_start(self, batch, batch_idx):
         if self._stop_epoch:
             return -1  # approx-KL early stop: skip the remaining PPO minibatches
 
     def on_train_epoch_end(self) -> None:
-        self.critic_age += 1
         if self.rollout_stats:
             self.log_dict(self.rollout_stats, sync_dist=True, prog_bar=False)
             if "rollout/success" in self.rollout_stats:
                 self.log("success", self.rollout_stats["rollout/success"], prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        """``train.py test``: the evaluation callbacks run the episodes (callbacks/evaluation.py)."""
+        return None
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -382,9 +407,10 @@ class CRLModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["crl"] = {
             "has_anchor": self.has_anchor, "critic_age": self.critic_age,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate()},
+            "rng": rng_state(),
         }
+        if self.policy.uses_lora:  # the trainable state only; the frozen base is referenced
+            drop_frozen_base(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("crl", {})
@@ -393,9 +419,9 @@ class CRLModule(LightningModule):
         if state.get("has_anchor"):  # create the frozen modules so their weights load
             self.anchor_critic = frozen_copy(self.critic)
             self.old_policy = self.policy.snapshot()
+        if "frozen_base" in checkpoint:
+            restore_frozen_base(self, checkpoint)
+        check_fits(self, checkpoint["state_dict"])
         self.critic_age = state.get("critic_age", 0)
-        rng = state.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+        if state.get("rng"):
+            set_rng_state(state["rng"])

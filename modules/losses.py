@@ -1,4 +1,4 @@
-"""The CRL-VLA objective (Eq. 8 of the paper, specs/CRL-VLA.md), one term per function.
+"""The CRL-VLA objective (Eq. 8 of the paper), one term per function (docs/method.md).
 
     L = -L_PPO + alpha * L_KL + beta_V * L_GCV + eta * L_MC  (- c_ent * H, optional)
 

@@ -1,6 +1,7 @@
 """The acting side of the policy as a TensorDict module, for TorchRL collectors."""
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -13,7 +14,8 @@ from modules.timing import phase
 
 
 class RolloutPolicy(TensorDictModuleBase):
-    """Reads ``("observation", "image")`` and ``language_instruction``; writes ``action``,
+    """Reads the policy's observation (``("observation", "image")``; ``VLAPolicy.observation``) and
+    ``language_instruction``; writes ``action``,
     the action tokens, their log-prob, the per-token action distribution and the features phi(s), emb(g) (kept in the rollout
     so values need no second forward)."""
 
@@ -29,21 +31,36 @@ class RolloutPolicy(TensorDictModuleBase):
         self.policy = policy
         self.greedy = greedy
         self.temperature = temperature
+        self._replay: deque = deque()
+        self._last_out: dict | None = None
+
+    def replay_actions(self, actions: torch.Tensor) -> None:
+        """Queue a recorded rollout's actions [envs, T, ...]: the next T calls return them instead
+        of acting (a resumed run replays its env, datamodules/on_policy.py); the other outputs
+        are the last real call's, which nothing reads (the replayed rollouts are dropped)."""
+        self._replay.extend(actions.unbind(1))
 
     @torch.no_grad()
     def forward(self, td: TensorDictBase) -> TensorDictBase:
+        if self._replay:
+            if self._last_out is not None:
+                td.update(self._last_out)
+            action = self._replay.popleft()
+            td.set("action", action if td.device is None else action.to(td.device))
+            return td
         instructions = instructions_of(td)
         prompts = self.policy.encode(instructions)
         adapter = self.policy.routed_adapter(instructions)  # per-task adapters (callbacks/adapters.py)
         with active_adapter(self.policy.backbone.model, adapter) if adapter else nullcontext(), \
                 _temperature(self.policy, self.temperature), phase("acting"):
-            out = self.policy.act(td.get(("observation", "image")), prompts, greedy=self.greedy)
+            out = self.policy.act(self.policy.observation(td), prompts, greedy=self.greedy)
         td.set("action", self.policy.env_action(out.tokens))
         td.set("action_tokens", out.tokens)
         td.set("sample_log_prob", out.log_prob)
         td.set("token_log_probs", out.token_log_probs)  # pi(.|s, g) per token (Q critic's baseline)
         td.set("phi", out.phi)
         td.set("emb", out.emb)
+        self._last_out = {k: td.get(k) for k in self.out_keys}
         return td
 
 

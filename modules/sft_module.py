@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from lightning import LightningModule
 
+from modules.checkpoint_io import check_fits, rng_state, set_rng_state
+from modules.lora_checkpoint import drop_frozen_base, restore_frozen_base
 from modules.policy.base import VLAPolicy
 from modules.rollout_policy import RolloutPolicy, _temperature
 
@@ -96,6 +98,19 @@ class SFTModule(LightningModule):
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=False, on_epoch=True, batch_size=n,
                       sync_dist=True)
         return loss
+
+    # -- checkpoints: RNG and, with LoRA, the frozen base as a reference (as CRLModule's) ---------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sft"] = {"rng": rng_state()}
+        if self.policy.uses_lora:
+            drop_frozen_base(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "frozen_base" in checkpoint:
+            restore_frozen_base(self, checkpoint)
+        check_fits(self, checkpoint["state_dict"])
+        if checkpoint.get("sft", {}).get("rng"):
+            set_rng_state(checkpoint["sft"]["rng"])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")

@@ -10,18 +10,46 @@ the same start states, the success of the policy sampled at its training tempera
 
     python scripts/greedy_loops.py RUN_DIR [RUN_DIR ...] [--n 64] [--seed 12345]
 
-RUN_DIR as for scripts/greedy_actions.py (the latest task-end checkpoint is used).
+RUN_DIR holds ``config.yaml`` and ``checkpoints/`` (the latest task<k>_end.ckpt, else last.ckpt);
+full fine-tuning or one LoRA adapter (not per-task adapters).
 """
 from __future__ import annotations
 
+import argparse
+import glob
 import os
 import sys
 
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lightning.pytorch.cli import instantiate_class  # noqa: E402
+
 from datamodules.tasks import make_env, parse_stream  # noqa: E402
-from scripts.greedy_actions import load_policy, run_dir_args  # noqa: E402
+from modules.policy import TokenVLAPolicy  # noqa: E402
+
+
+def load_policy(run: str) -> TokenVLAPolicy:
+    cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
+    args = dict(cfg["model"]["policy"]["init_args"])
+    policy = TokenVLAPolicy(**{**args, "backbone": instantiate_class((), args["backbone"])})
+    ends = sorted(glob.glob(os.path.join(run, "checkpoints", "task*_end.ckpt")))
+    path = ends[-1] if ends else os.path.join(run, "checkpoints", "last.ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    policy.load_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")})
+    return policy.eval(), cfg, path
+
+
+def run_dir_args(doc: str, argv, seed: int) -> argparse.Namespace:
+    """The arguments of the run-directory diagnostics: RUN_DIR..., --n, --seed (one torch thread)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=seed)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    return args
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ case "$stage" in
   rl)
     test -f "$OUT/sft_policy/config.json" || { echo "rl: no $OUT/sft_policy (run the sft stage)"; exit 1; }
     "$PY" scripts/sweep.py --config configs/crl_libero_small.yaml --method crl= \
-        --method seq_ft=configs/ablations/seq_ft_libero_small.yaml --seeds 0 1 --out "$OUT/rl" \
+        --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" \
         --time_limit "$LIMIT" --resume \
     && echo "rl: complete ($OUT/rl)" ;;
   table)

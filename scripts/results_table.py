@@ -114,8 +114,8 @@ def seed_table(runs: dict) -> list[str]:
                 cells.append("")
                 continue
             m = r["metrics"]
-            cells.append(" ".join(f"{v:.2f}" for v in r["R"][-1])
-                         + f" ({m['FAR']:.2f} / {m['BWT']:+.2f} / {m['F']:.2f})")
+            bwt, f = (("n/a" if m[k] is None else format(m[k], spec)) for k, spec in (("BWT", "+.2f"), ("F", ".2f")))
+            cells.append(" ".join(f"{v:.2f}" for v in r["R"][-1]) + f" ({m['FAR']:.2f} / {bwt} / {f})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines + [""]
 

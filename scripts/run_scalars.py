@@ -77,7 +77,7 @@ def write_scalars(run_dir: str, out_csv: str, tags=DEFAULT_TAGS) -> int:
         w = csv.writer(f)
         w.writerow(["step", WALL, *tags])
         for s in steps:
-            w.writerow([s, f"{wall[s] - t0:.0f}" if s in wall else "",
+            w.writerow([s, f"{wall[s] - t0:.1f}" if s in wall else "",
                         *(f"{columns[t][s]:.4g}" if s in columns[t] else "" for t in tags)])
     return len(steps)
 

@@ -32,10 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / parallel)")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--resume", action="store_true",
-                   help="runs with a checkpoints/last.ckpt and no complete metrics.json go on from it; "
-                        "complete runs are skipped")
+                   help="runs with a checkpoints/last.ckpt and no complete metrics.json go on from it (exactly: "
+                        "the same results as one uninterrupted run, docs/reliability.md); complete runs are skipped")
     p.add_argument("--time_limit", type=float, default=None,
-                   help="seconds; runs still going then are stopped (SIGTERM) and can --resume later")
+                   help="seconds; runs still going then are stopped (SIGTERM: each stops at once with its "
+                        "last.ckpt, written after every iteration) and can --resume later")
     p.add_argument("extra", nargs="*", help="after '--': more train.py arguments for every run")
     args = p.parse_args(argv)
     methods = []

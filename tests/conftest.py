@@ -33,12 +33,15 @@ def tiny_policy():
 def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, tasks=3,
                  ckpt_every=1, extra_callbacks=None, ablation=None, videos=0, switch=None,
                  eval_episodes=4):
-    """The quickstart config (merged with ``configs/ablations/<ablation>.yaml`` if given)
-    shrunk to seconds: 8 envs x 16 steps, ``eval_episodes`` evaluation episodes per task (one
-    env each). ``switch``: more TaskSwitch arguments (e.g. ``{"success_threshold": 0.05}``)."""
+    """The quickstart config (merged with ``configs/ablations/<ablation>.yaml`` if given: a name or
+    a list of names, merged in order) shrunk to seconds: 8 envs x 16 steps, ``eval_episodes``
+    evaluation episodes per task (one env each). ``anchor=False``: no continual-learning method.
+    ``switch``: more TaskSwitch arguments (e.g. ``{"success_threshold": 0.05}``)."""
     cfg = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml"))
-    if ablation:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{ablation}.yaml")))
+    for overlay in [ablation] if isinstance(ablation, str) else (ablation or []):
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{overlay}.yaml")))
+    if not anchor:
+        cfg.method = None
     cfg.trainer.logger.init_args.save_dir = str(tmp_path / "runs")
     cfg.trainer.logger.init_args.name = name
     cfg.trainer.enable_progress_bar = False
@@ -48,8 +51,6 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
         if path.endswith("TaskSwitch"):
             cb.init_args.iterations_per_task = iterations
             cb.init_args.update(switch or {})
-        if path.endswith("AnchorCriticFreeze") and not anchor:
-            continue
         if path.endswith("PerTaskEvaluation"):
             cb.init_args.episodes_per_task = eval_episodes
             cb.init_args.num_envs = eval_episodes
@@ -75,7 +76,7 @@ def small_config(tmp_path, name="run", iterations=2, anchor=True, extra=None, ta
 
 def print_config(*args) -> str:
     """``train.py ARGS --print_config`` in this process, its stdout. The parse-and-print path
-    only (jsonargparse prints and exits before anything is instantiated), without the ~12 s of
+    only (jsonargparse prints and exits before anything is instantiated), without the
     imports a ``train.py`` subprocess pays; train.py's thread setting is undone after."""
     import contextlib
     import io
@@ -93,7 +94,7 @@ def print_config(*args) -> str:
 
 
 class TrainForkServer:
-    """``tests/train_forks.py``, started at the session's first ``run_train`` and kept until its
+    """``tests/helpers/train_forks.py``, started at the session's first ``run_train`` and kept until its
     end: every run is a child forked after train.py's imports, not a new interpreter."""
 
     def __init__(self):
@@ -103,7 +104,7 @@ class TrainForkServer:
         if self.proc is None or self.proc.poll() is not None:  # not started yet, or ended
             self.close()
             self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (the server's stderr, open while it runs)
-            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_forks.py")], cwd=ROOT,
+            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "helpers", "train_forks.py")], cwd=ROOT,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                          env=train_env())
         self.proc.stdin.write(json.dumps({"argv": list(argv), "timeout": timeout, "env": train_env()}) + "\n")
@@ -111,7 +112,7 @@ class TrainForkServer:
         answer = self.proc.stdout.readline()
         if not answer:
             self.log.seek(0)
-            raise RuntimeError(f"tests/train_forks.py ended without answering: {self.log.read()[-3000:]}")
+            raise RuntimeError(f"tests/helpers/train_forks.py ended without answering: {self.log.read()[-3000:]}")
         return SimpleNamespace(**json.loads(answer))
 
     def close(self) -> None:
@@ -139,7 +140,7 @@ def train_env() -> dict:
 def run_train(*args, timeout=900, fresh=False):
     """``python train.py ARGS``: its ``returncode``, ``stdout`` and ``stderr``. Served by the
     session's fork server (``TrainForkServer``): the same return code and output, without the
-    ~12 s of imports a new interpreter pays; a run past ``timeout`` seconds is killed
+    imports a new interpreter pays; a run past ``timeout`` seconds is killed
     (returncode -14). ``fresh``: a new interpreter (``subprocess.run``, which raises
     ``TimeoutExpired``), for DDP runs, whose launcher starts the other ranks by re-running
     the command line."""

@@ -1,6 +1,7 @@
 """OpenVLA action tokens -> continuous actions: values worked by hand, and the checkpoint's stats."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +51,41 @@ def test_policy_env_action_decodes_several_tokens(tiny_policy, tmp_path):
     action = policy.env_action(torch.tensor([[255, 0, 128]]))
     assert action.dtype == torch.float32
     assert torch.allclose(action, torch.tensor([[-1 + 1 / 255, 2 - 1 / 255, 0.0]]), atol=1e-6)
+
+
+# -- OpenVLA's own code as the reference (prismatic/vla/action_tokenizer.py, predict_action) ----------
+def _openvla_window_ids(actions: np.ndarray, bins: int = 256) -> np.ndarray:
+    edges = np.linspace(-1.0, 1.0, bins)  # float64
+    return bins - np.digitize(np.clip(actions, -1.0, 1.0), edges)
+
+
+def test_bin_edges_are_openvlas_float64_ones():
+    """Actions within a float32 rounding of a bin edge: torchrl's float32 edges put some of them one
+    bin off; the kit's codec gives OpenVLA's bin for all 700,000."""
+    from torchrl.data import VocabTailActionTokenizer
+
+    edges = np.linspace(-1.0, 1.0, 256)
+    near = np.concatenate([edges, np.nextafter(edges, 2), np.nextafter(edges, -2)]).astype(np.float32)
+    rng = np.random.default_rng(0)
+    actions = np.concatenate([near, rng.uniform(-1.1, 1.1, 700_000 - len(near)).astype(np.float32)])
+    expected = _openvla_window_ids(actions.astype(np.float64))
+    kit = make_action_codec(256).encode(torch.from_numpy(actions)).numpy()
+    torchrl = VocabTailActionTokenizer(256).encode(torch.from_numpy(actions)).numpy()
+    assert np.array_equal(kit, expected)
+    assert (torchrl != expected).sum() > 0  # the reference differs from the float32 edges here
+
+
+def test_denormalisation_is_predict_actions_without_epsilon(tmp_path):
+    """OpenVLA's predict_action: 0.5 * (a + 1) * (q99 - q01) + q01 in float64 (OpenVLA-OFT adds 1e-8
+    to the range, which moves actions of a narrow dimension)."""
+    stats = {"k": {"action": {"q01": [-1e-7, 0.25], "q99": [1e-7, 0.75], "mask": [True, True]}}}
+    (tmp_path / "dataset_statistics.json").write_text(json.dumps(stats))
+    codec = make_action_codec(256, str(tmp_path), "k")
+    tokens = torch.arange(256)[:, None].repeat(1, 2)
+    edges = np.linspace(-1.0, 1.0, 256)
+    centres = ((edges[:-1] + edges[1:]) / 2)[np.clip(256 - tokens.numpy() - 1, 0, 254)]
+    q01, q99 = np.array([-1e-7, 0.25]), np.array([1e-7, 0.75])
+    expected = (0.5 * (centres + 1) * (q99 - q01) + q01).astype(np.float32)
+    assert np.array_equal(codec.decode(tokens).numpy(), expected)
+    with_epsilon = (0.5 * (centres + 1) * (q99 - q01 + 1e-8) + q01).astype(np.float32)
+    assert not np.array_equal(with_epsilon, expected)

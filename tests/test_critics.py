@@ -3,7 +3,7 @@ import torch
 
 from modules.critics import GoalConditionedCritic, GoalConditionedQCritic
 from modules.crl_module import CRLModule
-from test_crl_module import _rollout
+from helpers.rollouts import babyai_rollout as _rollout
 
 
 def test_v_critic_ignores_the_action():

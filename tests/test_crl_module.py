@@ -2,27 +2,18 @@
 real Lightning Trainer across a task boundary."""
 import pytest
 import torch
+from helpers.rollouts import babyai_rollout as _rollout
 from lightning import Callback, Trainer
-from torchrl.collectors import Collector
 
 from callbacks.anchor import AnchorCriticFreeze
 from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.task_switch import TaskSwitch
-from datamodules.babyai import BabyAIEnv
 from datamodules.on_policy import OnPolicyDataModule
 from modules.crl_module import CRLModule
 from modules.policy.backbone import EncodedPrompts
 
 STREAM = [{"env": "babyai", "level": "GoToObjectRoom", "target": t}
           for t in ("red ball", "green key", "blue box")]
-
-
-def _rollout(module, target="green key", n_env=4, T=8):
-    env = BabyAIEnv(target=target, num_envs=n_env, seed=0)
-    c = Collector(env, module.acting_policy(), frames_per_batch=n_env * T, total_frames=-1)
-    batch = next(iter(c))
-    c.shutdown()
-    return batch
 
 
 def test_relabelled_anchor_samples_and_targets(tiny_policy):

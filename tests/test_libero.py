@@ -12,7 +12,7 @@ pytest.importorskip("libero")
 pytestmark = pytest.mark.libero
 
 from datamodules.libero import LIBERO_OPTIONS, libero_action, worker_env  # noqa: E402
-from datamodules.libero_init_states import chw_frame  # noqa: E402
+from datamodules.libero_env import chw_frame  # noqa: E402
 from datamodules.libero_setup import task_language  # noqa: E402
 from datamodules.tasks import parse_stream  # noqa: E402
 
@@ -270,7 +270,7 @@ def test_libero_smoke_config_end_to_end(tmp_path):
     import os
 
     from conftest import run_train
-    from test_videos import read_mp4
+    from helpers.videos import read_mp4
 
     res = run_train("--config", "configs/libero_smoke.yaml",
                     f"--trainer.logger.init_args.save_dir={tmp_path}",

@@ -1,6 +1,7 @@
 """LoRA through PEFT: only adapters train, the old policy is a second adapter on the same
 base weights, adapters load with PeftModel.from_pretrained, and a full run with CRL."""
 import glob
+import json
 import os
 
 import pytest
@@ -91,25 +92,52 @@ def test_adapter_saved_in_peft_format_loads_with_from_pretrained(tmp_path):
 
 
 @pytest.mark.slow
-def test_crl_with_lora_runs_and_saves_adapters_per_task(tmp_path):
-    cfg = small_config(tmp_path, "lora", iterations=1, tasks=2,
+def test_crl_with_lora_saves_adapters_and_slim_checkpoints_that_resume_exactly(tmp_path):
+    """2 tasks x 2 iterations with LoRA, uninterrupted; then stopped after iteration 2 (task 1, the old
+    policy's adapter in place) and resumed from its last.ckpt: the same metrics.json and weights. The
+    checkpoints hold the trainable state and a record of the frozen base instead of its weights."""
+    cfg = small_config(tmp_path, "lora", iterations=2, tasks=2, eval_episodes=2,
                        extra={"model.policy.init_args.lora": LORA})
     res = run_train("--config", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
-    log_dir = glob.glob(str(tmp_path / "runs" / "lora" / "version_*"))[0]
+    full_dir = glob.glob(str(tmp_path / "runs" / "lora" / "version_*"))[0]
     for k in (0, 1):
-        assert os.path.isfile(os.path.join(log_dir, "adapters", f"task{k}", "adapter_model.safetensors"))
-    ckpt = torch.load(os.path.join(log_dir, "checkpoints", "task1_end.ckpt"), weights_only=False)
+        assert os.path.isfile(os.path.join(full_dir, "adapters", f"task{k}", "adapter_model.safetensors"))
+    ckpt = torch.load(os.path.join(full_dir, "checkpoints", "task1_end.ckpt"), weights_only=False)
     keys = ckpt["state_dict"].keys()
     assert any(".old." in k for k in keys) and not any(k.startswith("old_policy.") for k in keys)
-    # resuming at the boundary recreates the old adapter before the weights load
-    res = run_train("--config", cfg, "--ckpt_path", os.path.join(log_dir, "checkpoints", "task0_end.ckpt"))
+    # slim: no frozen base weight (LoRA adapters, critics, buffers only), the base recorded instead
+    base = ckpt["frozen_base"]
+    assert base["source"] == "checkpoints/tiny_llava_babyai.pt" and base["files"][0][0] == "tiny_llava_babyai.pt"
+    assert len(base["tensors"]) > 20 and not set(base["tensors"]) & set(keys)
+    assert all(".lora_" in k for k in keys if k.startswith("policy.") and k.endswith(".weight")
+               and "layers." in k and "_proj." in k)
+
+    res = run_train("--config", cfg, "--trainer.max_epochs=3")  # stops inside task 1: exit 3
+    assert res.returncode == 3, res.stderr[-3000:]
+    stopped_dir = max(glob.glob(str(tmp_path / "runs" / "lora" / "version_*")), key=os.path.getmtime)
+    last = os.path.join(stopped_dir, "checkpoints", "last.ckpt")
+    assert torch.load(last, weights_only=False)["epoch"] == 2
+    res = run_train("--config", cfg, "--ckpt_path", last)
     assert res.returncode == 0, res.stderr[-3000:]
+    resumed_dir = max(glob.glob(str(tmp_path / "runs" / "lora" / "version_*")), key=os.path.getmtime)
+    assert json.load(open(os.path.join(resumed_dir, "metrics.json"))) == json.load(
+        open(os.path.join(full_dir, "metrics.json")))
+    a = torch.load(os.path.join(full_dir, "checkpoints", "last.ckpt"), weights_only=False)["state_dict"]
+    b = torch.load(os.path.join(resumed_dir, "checkpoints", "last.ckpt"), weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # another base (the random-init tiny VLM instead of the pretrained one): one line, exit 2
+    res = run_train("--config", cfg, "--ckpt_path", last,
+                    "--model.policy.init_args.backbone.init_args.checkpoint=null")
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and line.startswith("error: model.policy.init_args.backbone (source None): ")
+    assert "weights differ from the configured base" in line and "Traceback" not in res.stderr
 
 
 @pytest.mark.slow
 def test_per_task_adapters_isolate_tasks_and_survive_resume(tmp_path):
-    cfg = small_config(tmp_path, "pta", iterations=2, tasks=2, ablation="per_task_adapters")
+    cfg = small_config(tmp_path, "pta", iterations=2, tasks=2, ablation=["lora", "per_task_adapters"])
     res = run_train("--config", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     log_dir = glob.glob(str(tmp_path / "runs" / "pta" / "version_*"))[0]

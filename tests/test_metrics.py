@@ -32,3 +32,10 @@ def test_heatmap_shape_and_values():
     img = heatmap_image(R, cell=2)
     assert img.shape == (3, 6, 6) and img.dtype == np.uint8
     assert img[1, 0, 0] == int(0.9 * 255)
+
+
+def test_one_task_leaves_transfer_and_forgetting_undefined():
+    """With one task nothing follows it: BWT, FT, F and NBT are undefined (None in metrics.json), not 0."""
+    m = continual_metrics([[0.7]], [0.2])
+    assert {k for k, v in m.items() if v is None} == {"BWT", "FT", "F", "NBT"}
+    assert m["FAR"] == m["FWT"] == m["AUC"] == 0.7

@@ -96,7 +96,8 @@ def test_greedy_is_the_mean_and_the_chunk_depends_on_image_and_goal():
     assert torch.equal(out.tokens, out.token_log_probs[..., 0])
     assert (out.tokens[0] - out.tokens[1]).abs().max() > 1e-5  # the goal matters
     assert (out.tokens[0] - out.tokens[2]).abs().max() > 1e-5  # the image matters
-    assert torch.allclose(out.phi[0], out.phi[1], atol=1e-6)  # image first: phi(s) ignores the goal
+    # bidirectional attention (OFT): the image positions read the instruction, so phi(s) does too
+    assert (out.phi[0] - out.phi[1]).abs().max() > 1e-5
 
 
 def test_placeholder_slots_are_the_placeholders_input_embeddings():
@@ -214,11 +215,35 @@ def test_crl_loss_uses_the_closed_form_laplace_kl():
     assert terms["kl_old"].item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
-def test_q_critic_is_refused_with_one_line():
+def test_chunk_q_critic_reads_the_executed_chunk_and_averages_over_the_policy():
+    from modules.chunk_critic import ChunkQCritic
     from modules.crl_module import CRLModule
 
-    with pytest.raises(ValueError, match="model.critic_type='q'.*OFTPolicy"):
-        CRLModule(make_oft(), critic_type="q")
+    module = CRLModule(make_oft(), critic_type="q", critic_hidden_sizes=[16])
+    q = module.critic
+    assert isinstance(q, ChunkQCritic) and q.net[0].in_features == 32 + 32 + K * D
+    phi, emb = torch.randn(3, 32), torch.randn(3, 32)
+    chunk = torch.rand(3, K, D) * 2 - 1
+    outside = chunk.clone()
+    outside[:, 0, 0] = torch.tensor([3.0, -5.0, 1.5])  # the env executes it clipped to [-1, 1]
+    clipped = outside.clamp(-1, 1)
+    assert torch.allclose(q(phi, emb, outside), q(phi, emb, clipped))
+    assert (q(phi, emb, chunk) - q(phi, emb, chunk.flip(1))).abs().max() > 1e-4  # the order of the steps counts
+    # E_pi Q: the mean of Q over chunks drawn from Laplace(mu, b); b -> 0 gives Q(s, mu)
+    mu = torch.rand(3, K, D) - 0.5
+    params = torch.stack([mu, torch.full_like(mu, -20.0)], -1)
+    assert torch.allclose(q.state_value(phi, emb, params), q(phi, emb, mu), atol=1e-5)
+    params = torch.stack([mu, torch.full_like(mu, math.log(0.3))], -1)
+    torch.manual_seed(5)
+    got = q.state_value(phi, emb, params)
+    torch.manual_seed(5)
+    from modules.policy.laplace import laplace_sample
+
+    draws = laplace_sample(mu[:, None].expand(3, 8, K, D), params[:, None, ..., 1].expand(3, 8, K, D))
+    by_hand = torch.stack([q(phi, emb, draws[:, m]) for m in range(8)], 1).mean(1)
+    assert torch.allclose(got, by_hand, atol=1e-6)
+    with pytest.raises(ValueError, match=r"chunks \[B, 4, 2\]"):
+        q(phi, emb, torch.zeros(3, 7))
 
 
 # -- the chunk executor on torchrl's ToyVLAEnv ------------------------------------------------
@@ -344,32 +369,34 @@ def test_toy_vla_stream_parsing_and_bad_input():
 
 
 # -- train.py end to end -------------------------------------------------------------------------
-def oft_args(tmp_path, name, anchor):
+RUNS = {"crl": (True, None), "seq_ft": (False, None), "crl_q": (True, "crl_q")}  # name: (anchor, ablation)
+
+
+def oft_args(tmp_path, name):
     """The documented composition: quickstart (shrunk) + configs/policies/oft_tiny.yaml, then
     two of its tasks and 8 envs x 8 chunks (32 env steps) per iteration."""
+    anchor, ablation = RUNS[name]
     overlay = tmp_path / "two_tasks.yaml"
     overlay.write_text("data:\n  frames_per_batch: 64\n  stream:\n"
                        "    - {env: toy_vla, instruction: move to the green target, max_steps: 32}\n"
                        "    - {env: toy_vla, instruction: reach the green marker, max_steps: 32}\n")
-    return ["--config", small_config(tmp_path, name, iterations=1, anchor=anchor, tasks=2),
+    return ["--config", small_config(tmp_path, f"oft_{name}", iterations=1, anchor=anchor, tasks=2, ablation=ablation),
             "--config", os.path.join(ROOT, "configs", "policies", "oft_tiny.yaml"), "--config", str(overlay)]
 
 
 @pytest.fixture(scope="module")
 def oft_runs(tmp_path_factory):
-    """Both runs, each its own train.py process (forked after the imports): {anchor: (dir, result)}."""
-    cases = [True, False]
-    runs = run_train_cases(tmp_path_factory, cases, lambda anchor, d: oft_args(
-        d, "oft_crl" if anchor else "oft_seq", anchor), timeout=600)
-    return dict(zip(cases, runs))
+    """Every run, each its own train.py process (forked after the imports): {name: (dir, result)}."""
+    runs = run_train_cases(tmp_path_factory, list(RUNS), lambda name, d: oft_args(d, name), timeout=600)
+    return dict(zip(RUNS, runs))
 
 
-@pytest.mark.parametrize("anchor", [True, False], ids=["crl", "seq_ft"])
-def test_train_py_one_iteration_per_task(oft_runs, anchor):
-    name = "oft_crl" if anchor else "oft_seq"
-    tmp_path, res = oft_runs[anchor]
+@pytest.mark.parametrize("name", list(RUNS))
+def test_train_py_one_iteration_per_task(oft_runs, name):
+    anchor, ablation = RUNS[name]
+    tmp_path, res = oft_runs[name]
     assert res.returncode == 0, res.stderr[-3000:]
-    paths = glob.glob(str(tmp_path / "runs" / name / "version_*" / "metrics.json"))
+    paths = glob.glob(str(tmp_path / "runs" / f"oft_{name}" / "version_*" / "metrics.json"))
     with open(paths[0]) as f:
         m = json.load(f)
     assert m["complete"] and len(m["R"]) == 2 and all(len(r) == 2 for r in m["R"])
@@ -381,7 +408,10 @@ def test_train_py_one_iteration_per_task(oft_runs, anchor):
     state = ckpt["state_dict"]
     assert state["policy.head.log_scale"].shape == (K, D)
     assert ("old_policy.head.log_scale" in state) == anchor  # full fine-tuning: a frozen copy
-    assert state["critic.net.0.weight"].shape[1] == 2 * 32
+    # V(s, g) reads [phi; emb]; CRL-VLA (Q)'s chunk critic also the K x D chunk (anchor Q head too)
+    width = 2 * 32 + (K * D if ablation == "crl_q" else 0)
+    assert state["critic.net.0.weight"].shape[1] == width
+    assert ("anchor_critic.net.0.weight" in state) == anchor
 
 
 @pytest.mark.libero

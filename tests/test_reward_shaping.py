@@ -1,13 +1,13 @@
 """Reward shaping with a real (tiny, frozen) RPRM on rollouts of the real BabyAI env:
 reward = sparse + scale * score, the sparse reward and the score kept under their own keys."""
 import torch
-from test_rprm import make_rprm
+from helpers.rprm import make_rprm
 from torchrl.collectors import Collector
 from torchrl.envs import TransformedEnv
 from torchrl.envs.utils import RandomPolicy, check_env_specs
 
 from datamodules.babyai import BabyAIEnv
-from datamodules.reward_shaping import RPRMRewardShaping
+from datamodules.rprm_shaping import RPRMRewardShaping
 
 SCALE = 0.5
 

@@ -4,6 +4,7 @@ with the same keys (the LIBERO version of the kill test is in tests/test_libero.
 import functools
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -74,8 +75,8 @@ def test_workers_get_the_environment_of_when_they_start(start_method, monkeypatc
 
 def test_one_instruction_for_all_workers_is_one_non_tensor_value():
     """Workers that share an instruction give one ``NonTensorData`` for the batch (as BabyAIEnv
-    does; stacking 16 per-row values cost ~0.5 ms of the main process per step,
-    docs/benchmarks.md); ``instructions_of`` reads both forms. Different ones stay a stack."""
+    does; stacking per-row values costs the main process on every step, docs/benchmarks.md);
+    ``instructions_of`` reads both forms. Different ones stay a stack."""
     from tensordict import NonTensorData, NonTensorStack
     from torchrl.envs.utils import step_mdp
 
@@ -92,3 +93,47 @@ def test_one_instruction_for_all_workers_is_one_non_tensor_value():
     finally:
         same.close()
         mixed.close()
+
+
+def _die_first_time(marker: str, seed: int):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)  # dies while it builds its env
+    return _make(seed, INSTRUCTIONS[1])
+
+
+def _hang_first_time(marker: str, seed: int):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(600)  # hangs while it builds its env (a stuck EGL context, an import lock)
+    return _make(seed, INSTRUCTIONS[2])
+
+
+def _always_die():
+    os._exit(5)
+
+
+def test_workers_that_die_or_hang_while_starting_are_started_again(tmp_path):
+    from torchrl.envs import TransformedEnv
+
+    from datamodules.robust_env import worker_restarts
+
+    RobustEnvPool([functools.partial(_make, 0, "warm up")], start_method="forkserver").close()  # the forkserver
+    makers = [functools.partial(_make, 0, INSTRUCTIONS[0]), functools.partial(_die_first_time, str(tmp_path / "d"), 1),
+              functools.partial(_hang_first_time, str(tmp_path / "h"), 2)]
+    start = time.monotonic()
+    pool = RobustEnvPool(makers, start_method="forkserver", start_timeout=15.0, start_retries=1)
+    try:
+        assert 15.0 <= time.monotonic() - start < 120.0  # waited out the hang once, not 600 s
+        assert pool.start_restarts == 2 and pool.failures == 0
+        td = pool.reset()
+        assert list(td["language_instruction"]) == INSTRUCTIONS and not td["env_failed"].any()
+        out = pool.step(td.set("action", torch.zeros(3, 7)))["next"]
+        assert not out["env_failed"].any()
+        # the counts the datamodule and the evaluation log, found through env wrappers
+        assert worker_restarts(TransformedEnv(pool)) == {"step": 0, "start": 2}
+        assert worker_restarts(_make(0, "in-process")) == {"step": 0, "start": 0}
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeError, match=r"env worker 0 died while starting \(exit code 5\), 2 times in a row"):
+        RobustEnvPool([_always_die], start_method="forkserver", start_retries=1)

@@ -9,24 +9,13 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, WORDS
+from helpers.rprm import LORA, make_rprm
 from lightning import Trainer
 
 from datamodules.rprm_data import RPRMDataModule
-from modules.policy import TinyLlava
 from modules.vla_rl.label_store import LabelledFrames, LabelledFrameWriter
 from modules.vla_rl.metrics import binary_accuracy, binary_auroc
-from modules.vla_rl.rprm import QUESTION_WORDS, RPRM
 from modules.vla_rl.rprm_module import RPRMModule, load_rprm_weights
-
-LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-
-
-def make_rprm(seed=0, lora=LORA):
-    backbone = TinyLlava(words=WORDS + QUESTION_WORDS, action_bins=3, hidden_size=32, vision_hidden_size=32,
-                         layers=1, vision_layers=1, heads=2, seed=seed)
-    torch.manual_seed(seed)  # the head's init
-    return RPRM(backbone, lora=lora)
-
 
 # -- AUROC ------------------------------------------------------------------------------------
 def test_auroc_hand_computed():

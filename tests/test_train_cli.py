@@ -1,4 +1,4 @@
-"""train.py end to end: bad input, a full tiny stream, 2-process DDP, and exact resume."""
+"""train.py end to end: bad input, a full tiny stream, 2-process DDP (exact resume: tests/test_exact_resume.py)."""
 import glob
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, print_config, run_train, run_train_cases, small_config
-from test_videos import read_mp4
+from helpers.videos import read_mp4
 
 BAD = [
     ("--data.stream=[]", "data.stream"),
@@ -108,7 +108,7 @@ def test_ddp_two_processes(tmp_path):
     # a task may end early on the rollout success pooled over both ranks (every rank must end
     # it at the same iteration, or the collectives of the next iteration mismatch)
     cfg = small_config(tmp_path, "ddp", tasks=2, iterations=3, extra_callbacks=[
-        {"class_path": "tests.weight_checksum.WeightChecksum", "init_args": {"out_dir": str(sums)}}],
+        {"class_path": "tests.helpers.weight_checksum.WeightChecksum", "init_args": {"out_dir": str(sums)}}],
         switch={"success_threshold": 0.05, "success_window": 2})
     res = run_train("--config", cfg, "--trainer.devices=2", "--trainer.strategy=ddp", fresh=True)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -132,86 +132,37 @@ def test_ddp_two_processes(tmp_path):
     assert rank0 == rank1
 
 
-@pytest.mark.slow
-def test_resume_mid_stream_lands_on_same_task_anchors_and_R(tmp_path):
-    cfg = small_config(tmp_path, "resume", iterations=2, tasks=3)
-    res = run_train("--config", cfg)
-    assert res.returncode == 0, res.stderr[-3000:]
-    full, log_dir = _metrics(tmp_path, "resume")
-    ckpts = os.path.join(log_dir, "checkpoints")
-    mid = os.path.join(ckpts, "task0_end.ckpt")
-    state = torch.load(mid, weights_only=False)
-    assert state["crl"]["has_anchor"]
-    # resume from the end of task 0: the run must continue on task 1 with the anchors and R
-    res2 = run_train("--config", cfg, f"--ckpt_path={mid}")
-    assert res2.returncode == 0, res2.stderr[-3000:]
-    resumed, log_dir2 = _metrics(tmp_path, "resume")
-    assert log_dir2 != log_dir
-    assert resumed["b"] == full["b"]
-    assert resumed["R"][0] == full["R"][0]  # R so far restored, not recomputed
-    # each of the two evaluations restores its own R (separate checkpoint state keys)
-    assert sum("PerTaskEvaluation" in key for key in state["callbacks"]) == 2
-    greedy_full = json.load(open(os.path.join(log_dir, "metrics_greedy.json")))
-    greedy_resumed = json.load(open(os.path.join(log_dir2, "metrics_greedy.json")))
-    assert greedy_resumed["R"][0] == greedy_full["R"][0] and greedy_resumed["b"] == greedy_full["b"]
-    assert resumed["complete"] and len(resumed["R"]) == 3
-    r2 = torch.load(os.path.join(log_dir2, "checkpoints", "task1_end.ckpt"), weights_only=False)
-    r1 = torch.load(os.path.join(ckpts, "task1_end.ckpt"), weights_only=False)
-    assert r2["epoch"] == r1["epoch"]  # same iteration count at the same boundary
-    # the anchor critic restored from the checkpoint is the one frozen at the end of task 0
-    a_mid = {k: v for k, v in state["state_dict"].items() if k.startswith("anchor_critic.")}
-    a_r2 = {k: v for k, v in r2["state_dict"].items() if k.startswith("anchor_critic.")}
-    a_r1 = {k: v for k, v in r1["state_dict"].items() if k.startswith("anchor_critic.")}
-    assert a_mid and set(a_mid) == set(a_r2)
-    # after task 1 the anchor is re-frozen from the task-1 critic: differs from the task-0 one
-    assert any((a_mid[k] - a_r2[k]).abs().max() > 0 for k in a_mid)
-    assert set(a_r1) == set(a_r2)
-
-
 @pytest.mark.parametrize("configs", [["configs/quickstart.yaml"], ["configs/crl.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/ewc.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/lwf.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/crl_q.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/crl_q_gae.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/mtl.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/er.yaml"],
-                                     ["configs/quickstart.yaml", "configs/ablations/per_task_adapters.yaml"],
                                      ["configs/quickstart.yaml", "configs/ablations/seq_ft.yaml",
                                       "configs/ablations/lora.yaml"],
+                                     ["configs/quickstart.yaml", "configs/ablations/lora.yaml",
+                                      "configs/ablations/per_task_adapters.yaml"],
                                      ["configs/quickstart.yaml", "configs/streams/babyai5.yaml"]])
 def test_configs_parse_and_print(configs):
+    """Base configs and stacks of ablations parse; the method is the last file's that sets one."""
     args = [a for c in configs for a in ("--config", os.path.join(ROOT, c))]
     out = print_config(*args)
     assert "model:" in out and "data:" in out and "stream:" in out
-    has_anchor = "AnchorCriticFreeze" in out
-    no_anchor = ("configs/ablations/seq_ft.yaml", "configs/ablations/ewc.yaml", "configs/ablations/mtl.yaml",
-                 "configs/ablations/per_task_adapters.yaml")
-    assert has_anchor == (not any(c in configs for c in no_anchor))
-    lora_on = any(c in configs for c in ("configs/ablations/lora.yaml", "configs/ablations/per_task_adapters.yaml"))
-    assert ("lora:" in out and ("r: 8" in out)) == lora_on
-    assert ("q_advantage: gae" in out) == ("configs/ablations/crl_q_gae.yaml" in configs)
+    method = ("method: null" if "configs/ablations/seq_ft.yaml" in configs
+              else "class_path: callbacks.adapters.PerTaskAdapters" if "configs/ablations/per_task_adapters.yaml" in configs
+              else "class_path: callbacks.anchor.AnchorCriticFreeze")
+    assert method in out and out.count("AnchorCriticFreeze") == ("AnchorCriticFreeze" in method)
+    assert ("r: 8" in out) == ("configs/ablations/lora.yaml" in configs)
 
 
-# ablations that replace the quickstart's callback list (a YAML list is replaced whole when
-# merged), and the callbacks each one swaps in for AnchorCriticFreeze
-LIST_REPLACING = {"seq_ft": [], "ewc": ["callbacks.ewc.OnlineEWC"], "mtl": [],
-                  "per_task_adapters": ["callbacks.adapters.PerTaskAdapters"]}
-
-
-@pytest.mark.parametrize("ablation", sorted(LIST_REPLACING))
-def test_ablation_callbacks_are_the_quickstart_ones_minus_the_anchor(ablation):
-    """Same budget, same evaluation, same checkpoints as CRL: an ablation's copy of the list may
-    differ from the quickstart's only by AnchorCriticFreeze and its own method callback (a
-    changed TaskSwitch budget in quickstart.yaml must be changed in the copies too)."""
+def test_a_method_in_the_callback_list_and_in_method_is_one_clear_error(tmp_path):
+    """An old-style config that lists AnchorCriticFreeze in trainer.callbacks, with an ablation
+    that sets method: two methods would run; one line says so instead."""
     from omegaconf import OmegaConf
 
-    base = OmegaConf.load(os.path.join(ROOT, "configs", "quickstart.yaml")).trainer.callbacks
-    ablation_cbs = OmegaConf.load(os.path.join(ROOT, "configs", "ablations", f"{ablation}.yaml")).trainer.callbacks
-    expected = [OmegaConf.to_container(c) for c in base if not c.class_path.endswith("AnchorCriticFreeze")]
-    got = [OmegaConf.to_container(c) for c in ablation_cbs if c.class_path not in LIST_REPLACING[ablation]]
-    assert got == expected
-    assert [c.class_path for c in ablation_cbs if c.class_path in LIST_REPLACING[ablation]] == LIST_REPLACING[ablation]
+    cfg = OmegaConf.load(small_config(tmp_path, "two", iterations=1, tasks=2))
+    cfg.trainer.callbacks.insert(1, {"class_path": "callbacks.anchor.AnchorCriticFreeze"})
+    OmegaConf.save(cfg, tmp_path / "two.yaml")
+    res = run_train("--config", str(tmp_path / "two.yaml"), timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: method=callbacks.anchor.AnchorCriticFreeze: trainer.callbacks already holds a "
+        "continual-learning method (AnchorCriticFreeze); keep one")
 
 
 ABLATIONS = ["seq_ft", "ewc", "lwf", "crl_q", "crl_q_gae", "mtl", "er"]

@@ -5,20 +5,10 @@ import io
 import numpy as np
 import torch
 from PIL import Image
+from helpers.videos import read_mp4
 from tensordict import TensorDict
 
 from callbacks.videos import EpisodeRecorder, add_tensorboard_video, to_hwc_uint8, write_mp4
-
-
-def read_mp4(path):
-    import cv2
-
-    cap, frames = cv2.VideoCapture(path), []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            return frames
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
 
 
 def _ramp(T=12, h=48, w=64):

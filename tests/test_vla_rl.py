@@ -69,7 +69,7 @@ def scalars(log_dir) -> dict[str, list[float]]:
 def rprm_checkpoint(path):
     """An RPRMModule-style checkpoint of the smoke config's RPRM with a random head that spreads
     the scores (what scripts/train_rprm.py would write; only ``state_dict`` is read)."""
-    from datamodules.rprm_shaping import build_rprm
+    from datamodules.reward_shaping import build_rprm
 
     spec = OmegaConf.to_container(OmegaConf.load(SMOKE).data.reward_shaping.rprm)
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ ONLINE = {"collect_iterations": 2, "min_episodes": 6, "epochs": 2, "batch_size":
 
 
 def online_config(tmp, probe_name):
-    probe = {"class_path": "tests.curriculum_probe.StateProbe", "init_args": {"out": str(tmp / probe_name)}}
+    probe = {"class_path": "tests.helpers.curriculum_probe.StateProbe", "init_args": {"out": str(tmp / probe_name)}}
     return vla_rl_config(tmp, "online", iterations=2, online=ONLINE, ckpt_every=True, extra_callbacks=[probe],
                          extra={"data.frames_per_batch": 192})  # 32 steps per env: enough successes
 

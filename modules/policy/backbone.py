@@ -6,6 +6,7 @@ built from a config and a real checkpoint loaded from disk run through the same 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,7 @@ class VLMBackbone(nn.Module):
     image_token_id: int
     prompt_suffix_ids: tuple[int, ...] = ()  # appended after the prompt's tokens (OpenVLA: 29871)
     image_position: str = "first"  # or "after_instruction" (see EncodedPrompts)
+    source: str | None = None  # the local file or folder the weights came from (None: built from a config)
 
     def __init__(self):
         super().__init__()
@@ -100,8 +102,20 @@ class VLMBackbone(nn.Module):
         end = self.tokenizer.vocab_size
         return torch.arange(end - bins, end)
 
+    def unknown_words(self, instruction: str) -> list[str]:
+        """The words of ``instruction`` that the tokenizer maps to its unknown token (a word-level
+        vocabulary such as the tiny VLM's has them; byte-level BPE tokenizers do not)."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return []
+        return [w for w in instruction.split() if unk in self.tokenizer(w, add_special_tokens=False)["input_ids"]]
+
     def _tokenize_one(self, instruction: str) -> tuple[list[int], list[bool]]:
         if instruction not in self._prompt_cache:
+            unknown = self.unknown_words(instruction)
+            if unknown:  # the stream's fixed instructions are checked at the start (OnPolicyDataModule.setup)
+                warnings.warn(f"instruction {instruction!r}: {unknown} are not in the tokenizer's vocabulary and "
+                              "become its unknown token", stacklevel=2)
             text = self.prompt(instruction)
             start = text.find(instruction.lower()) if instruction.lower() in text else text.find(instruction)
             end = start + len(instruction)

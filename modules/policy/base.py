@@ -9,7 +9,11 @@ class (not a ``Union`` type) so the CLI's errors for either stay one line.
   entropy, phi, emb`` (one backbone forward each);
 * ``env_action(actions)`` -> what the env takes; ``snapshot()`` -> the frozen old policy;
 * ``feature_dim`` (width of phi(s)), ``goal_dim`` (of emb(g)), ``uses_lora``, ``backbone``;
-* ``act_batch_hint()``: the batch size ``act`` is cheapest at (a kept decode cache), or None.
+* ``act_batch_hint()``: the batch size ``act`` is cheapest at (a kept decode cache), or None;
+* ``observation(td)``: what ``act`` / ``evaluate`` take as ``images`` from an env TensorDict:
+  ``("observation", "image")`` uint8 [B, 3, H, W] by default; a policy with more inputs (OFT:
+  the wrist camera and the proprioceptive state) returns a TensorDict of them, which the CRL
+  module indexes, concatenates and stores as it does an image tensor.
 """
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ class VLAPolicy(nn.Module):
     def act_batch_hint(self) -> int | None:
         """Rows per ``act`` call that reuse what acting already allocated (None: any size)."""
         return None
+
+    def observation(self, td):
+        """The policy's input from an env TensorDict (batched like ``td``)."""
+        return td.get(("observation", "image"))
 
 
 def act_in_chunks(act, images: torch.Tensor, prompts, chunk: int, pad: bool, greedy: bool):

@@ -166,7 +166,19 @@ class HFVisionLanguageBackbone(VLMBackbone):
 
     def __init__(self, pretrained: str | None = None, config: dict | None = None, dtype: str = "float32",
                  attention: str | None = None, prompt_template: str | None = None, seed: int | None = None):
+        """
+        Args:
+            pretrained: a local checkpoint directory of a supported family (PaliGemma, Idefics3,
+                SmolVLM, Llava); nothing is downloaded.
+            config: a tiny random model instead, ``{family, ...sizes}``.
+            dtype: ``float32`` (CPU) or ``bfloat16`` (GPU).
+            attention: prefix-LM families only: ``image``, ``prefix`` or ``causal`` attention
+                (null: the family's default).
+            prompt_template: the prompt around ``{instruction}`` (null: the family's default).
+            seed: seed of a tiny model's random weights.
+        """
         super().__init__()
+        self.source = pretrained
         if (pretrained is None) == (config is None):
             raise ValueError(f"{KEY}: give exactly one of pretrained (a local directory) or config "
                              f"(a tiny model), got pretrained={pretrained!r}, config={config!r}")

@@ -8,6 +8,7 @@ Adapters are saved in PEFT's own format (``PeftModel.from_pretrained`` loads the
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -38,6 +39,31 @@ def _branches_in_backbone_dtype(model: PeftModel) -> None:
             for branch in (*module.lora_A.values(), *module.lora_B.values()):
                 if type(branch) is torch.nn.Linear:
                     branch.__class__ = _BranchLinear
+
+
+@dataclass
+class LoRA:
+    """PEFT LoRA adapters on a backbone; the base weights stay frozen.
+
+    Args:
+        r: rank of each adapter's update B A.
+        alpha: scaling of the update (alpha / r * B A).
+        dropout: dropout on the adapters' input.
+        target_modules: the linear layers adapted, by name, or ``all-linear``.
+        compute_dtype: ``float32`` (PEFT's: the branches multiply in float32) or ``backbone``
+            (in the backbone's dtype, bf16 on a GPU, from float32 master weights).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    compute_dtype: str = "float32"
+
+
+def lora_kwargs(lora: LoRA | dict) -> dict:
+    """``apply_lora``'s keyword arguments from a ``LoRA`` (the CLI's) or a plain mapping."""
+    return asdict(lora) if is_dataclass(lora) else dict(lora)
 
 
 def apply_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers import PreTrainedTokenizerFast
 
+from modules.checkpoint_io import CheckpointError, require_keys, safe_load
 from modules.policy.backbone import VLMBackbone
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -40,13 +41,27 @@ class TinyLlava(VLMBackbone):
                  vision_hidden_size: int = 64, vision_layers: int = 2, initializer_range: float = 0.02,
                  position_init_std: float | None = None, seed: int | None = None,
                  image_position: str = "first", checkpoint: str | None = None):
-        """``image_position``: ``first`` (OpenVLA's order: BOS, image, prompt) or
-        ``after_instruction`` (BOS, "In: ... <instruction>", image, "?\nOut:"; see
-        ``modules.policy.backbone.EncodedPrompts``).
-        ``checkpoint``: a file written by ``scripts/pretrain_tiny_vlm.py`` (a VLM pretrained
-        without actions); its weights replace the random ones, and every init arg it stores must
-        equal the one given here (``seed`` aside)."""
+        """
+        Args:
+            words: the vocabulary, as phrases whose words become tokens (the instructions').
+            action_bins: action tokens at the vocabulary's tail.
+            image_size: side of the (square) input image in pixels.
+            patch_size: side of a vision patch in pixels.
+            hidden_size: width of the language model.
+            layers: language-model layers.
+            heads: attention heads (vision and language).
+            vision_hidden_size: width of the vision tower.
+            vision_layers: vision-tower layers.
+            initializer_range: std of the random weights (0.1 lets attention learn from scratch).
+            position_init_std: std of the vision position embeddings (null: ``initializer_range``).
+            seed: seed of the random weights (null: the global RNG).
+            image_position: ``first`` (OpenVLA's order: BOS, image, prompt) or
+                ``after_instruction`` (BOS, "In: ... <instruction>", image, "?\nOut:").
+            checkpoint: a file from ``scripts/pretrain_tiny_vlm.py`` (a VLM pretrained without
+                actions); every architecture argument it stores must equal the one given here.
+        """
         super().__init__()
+        self.source = checkpoint
         # what a checkpoint must agree with (the vocabulary as a set of words)
         self.init_args = init_args = dict(
             words=sorted({w for s in words for w in s.lower().split()}), action_bins=action_bins,
@@ -103,7 +118,12 @@ class TinyLlava(VLMBackbone):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{key}.checkpoint={path!r}: no such file "
                                     "(scripts/pretrain_tiny_vlm.py writes one)")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = safe_load(path, f"{key}.checkpoint")
+        if isinstance(saved, dict) and "loops" in saved and "state_dict" in saved:
+            raise CheckpointError(f"{key}.checkpoint={path!r}: a train.py checkpoint, not a pretrained VLM "
+                                  "(scripts/pretrain_tiny_vlm.py writes those); to go on from it use --ckpt_path")
+        require_keys(saved, ("init_args", "state_dict"), f"{key}.checkpoint={path!r}",
+                     "a pretrained tiny VLM (scripts/pretrain_tiny_vlm.py)")
         for name, value in saved["init_args"].items():
             if init_args.get(name) != value:
                 raise ValueError(f"{key}.{name}={init_args.get(name)!r}: the checkpoint {path} "

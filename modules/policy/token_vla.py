@@ -1,8 +1,8 @@
 """An autoregressive token VLA: a vision-language backbone whose action is a short sequence
 of action tokens (the last ``action_bins`` ids of the vocabulary, as in OpenVLA).
 
-* Sampling is restricted to the action tokens (VLA-RL's public code sampled the full
-  vocabulary; see specs/VLA-RL.md) and uses ``logits / temperature``.
+* Sampling is restricted to the action tokens (a token outside them has no action; VLA-RL's
+  public code sampled the whole vocabulary) and uses ``logits / temperature``.
 * log pi(a | s, g) = sum over the action tokens of log_softmax(logits / T) at the token,
   computed the same way when acting (prefill + KV-cached decode) and when training
   (one teacher-forced forward over prompt + action tokens).
@@ -41,7 +41,7 @@ from modules.critics import frozen_copy
 from modules.policy.action_codec import make_action_codec
 from modules.policy.base import VLAPolicy
 from modules.policy.backbone import EncodedPrompts, VLMBackbone, positions_from_mask
-from modules.policy.lora import TRAIN_ADAPTER, AdapterPolicy, apply_lora, snapshot_adapter
+from modules.policy.lora import TRAIN_ADAPTER, AdapterPolicy, LoRA, apply_lora, lora_kwargs, snapshot_adapter
 
 
 @dataclass
@@ -79,16 +79,28 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class TokenVLAPolicy(VLAPolicy):
     def __init__(self, backbone: VLMBackbone, action_tokens: int = 1, action_bins: int = 3,
-                 temperature: float = 1.0, lora: dict | None = None,
+                 temperature: float = 1.0, lora: LoRA | None = None,
                  norm_stats: str | None = None, unnorm_key: str | None = None,
                  decoding: str = "dynamic", compile_decode: bool = False, gradient_checkpointing: bool = False,
                  feature_pooling: str = "image_mean"):
-        """``lora``: PEFT LoRA on the backbone ({r, alpha, dropout, target_modules}); None:
-        full fine-tuning. With LoRA the frozen old policy is a second adapter.
-        ``norm_stats`` (a checkpoint directory or JSON file) and ``unnorm_key``: how several
-        action tokens decode to a continuous action (modules/policy/action_codec.py).
-        ``decoding``, ``compile_decode``, ``gradient_checkpointing``, ``feature_pooling``: see the
-        module docstring."""
+        """
+        Args:
+            backbone: the vision-language model (``TinyLlava``, ``OpenVLABackbone``,
+                ``HFVisionLanguageBackbone``).
+            action_tokens: tokens per action (OpenVLA: 7, one per action dimension).
+            action_bins: bins per token: the last ``action_bins`` ids of the vocabulary.
+            temperature: sampling temperature while training (log-probs use the same).
+            lora: PEFT LoRA on the backbone, ``{r, alpha, dropout, target_modules}``; null: full
+                fine-tuning. With LoRA the frozen old policy is a second adapter.
+            norm_stats: a checkpoint directory or JSON file with q01/q99 statistics, to
+                de-normalise token actions (modules/policy/action_codec.py); null: bin centres.
+            unnorm_key: the dataset entry of ``norm_stats`` (e.g. ``libero_goal_no_noops``).
+            decoding: ``dynamic``, ``static`` (preallocated KV cache) or ``cuda_graph`` (OpenVLA only).
+            compile_decode: ``torch.compile`` the decode step (``static`` / ``cuda_graph``).
+            gradient_checkpointing: recompute every layer's activations in the backward pass.
+            feature_pooling: phi(s): ``image_mean``, ``last`` (the last prompt position) or
+                ``image_flat`` (tiny backbones only).
+        """
         super().__init__()
         if action_tokens < 1 or action_bins < 2:
             raise ValueError(f"action_tokens={action_tokens}, action_bins={action_bins}: "
@@ -107,7 +119,7 @@ class TokenVLAPolicy(VLAPolicy):
         self.backbone = backbone
         self.uses_lora = lora is not None
         if self.uses_lora:
-            backbone.model = apply_lora(backbone.model, **lora)
+            backbone.model = apply_lora(backbone.model, **lora_kwargs(lora))
         # instruction -> LoRA adapter used when acting on it (per-task adapters); others: default
         self.adapter_routes: dict[str, str] = {}
         self.action_tokens, self.action_bins, self.temperature = action_tokens, action_bins, temperature

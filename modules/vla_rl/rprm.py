@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from modules.policy.backbone import VLMBackbone
-from modules.policy.lora import apply_lora
+from modules.policy.lora import LoRA, apply_lora, lora_kwargs
 
 DEFAULT_QUESTION = "In: Is this step completing a sub-task of {instruction}?\nOut:"
 # the question's words, for a word-level tokenizer (TinyLlava(words=...))
@@ -44,7 +44,7 @@ def use_question(backbone: VLMBackbone, template: str) -> None:
 
 
 class RPRM(nn.Module):
-    def __init__(self, backbone: VLMBackbone, lora: dict | None = None, question: str = DEFAULT_QUESTION,
+    def __init__(self, backbone: VLMBackbone, lora: LoRA | None = None, question: str = DEFAULT_QUESTION,
                  head_dropout: float = 0.0):
         """``lora``: PEFT LoRA on the VLM ({r, alpha, dropout, target_modules}; VLA-RL fine-tunes
         the RPRM with LoRA); None: the whole VLM trains."""
@@ -52,7 +52,7 @@ class RPRM(nn.Module):
         use_question(backbone, question)
         hidden = backbone.hidden_size
         if lora is not None:
-            backbone.model = apply_lora(backbone.model, **lora)
+            backbone.model = apply_lora(backbone.model, **lora_kwargs(lora))
         self.backbone = backbone
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(hidden, 1))
 

@@ -65,7 +65,11 @@ class RPRMModule(LightningModule):
 def load_rprm_weights(rprm: RPRM, checkpoint_path: str) -> RPRM:
     """Load an RPRMModule checkpoint's ``rprm.*`` weights into an RPRM built from the same config
     (what the reward shaping does before freezing it)."""
-    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    from modules.checkpoint_io import require_keys, safe_load
+
+    key = "data.reward_shaping.checkpoint"
+    ckpt = safe_load(checkpoint_path, key)
+    require_keys(ckpt, ("state_dict",), f"{key}={checkpoint_path!r}", "a Lightning checkpoint")
     state = {k[len("rprm."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("rprm.")}
     if not state:
         raise ValueError(f"{checkpoint_path}: no 'rprm.*' weights (not an RPRMModule checkpoint)")

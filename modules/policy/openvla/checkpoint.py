@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from modules.policy.openvla.adapter import merge_adapter
 from modules.policy.openvla.config import TIMM_TOWERS, TowerSpec, llama_config, make_config
 from modules.policy.openvla.modeling import PrismaticForActionPrediction
 
@@ -170,13 +171,19 @@ def _tensors(files: list[str]):
                 yield name, f.get_tensor(name)
 
 
-def load_checkpoint(path: str, key: str, dtype: torch.dtype = torch.float32) -> PrismaticForActionPrediction:
-    """Build on the meta device (no random init of 7B weights), then assign the converted tensors."""
+def load_checkpoint(path: str, key: str, dtype: torch.dtype = torch.float32, adapter: str | None = None,
+                    adapter_key: str = "adapter") -> PrismaticForActionPrediction:
+    """Build on the meta device (no random init of 7B weights), then assign the converted tensors.
+    ``adapter``: a PEFT LoRA adapter folder merged into the weights as they load
+    (modules/policy/openvla/adapter.py)."""
     config = read_config(path, key)
     with torch.device("meta"):
         model = PrismaticForActionPrediction(config)
     expected = model.state_dict()
-    state, unknown = convert_all(_tensors(_weight_files(path, key)), config.tower_specs, expected, dtype)
+    items = _tensors(_weight_files(path, key))
+    if adapter is not None:
+        items = merge_adapter(items, adapter, adapter_key)
+    state, unknown = convert_all(items, config.tower_specs, expected, dtype)
     missing = sorted(set(expected) - set(state))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in state and state[k].shape != expected[k].shape]

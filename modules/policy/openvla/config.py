@@ -1,4 +1,4 @@
-"""What an OpenVLA ("Prismatic") model is made of, as the kit builds it (specs/OPENVLA.md).
+"""What an OpenVLA ("Prismatic") model is made of, as the kit builds it.
 
 An OpenVLA checkpoint's config.json names its vision towers by timm model id only; the
 shapes below are those timm ids' (timm's ``vit_large_patch14_reg4_dinov2`` and
@@ -17,6 +17,7 @@ LLAMA_BASE_VOCAB = 32000  # Llama-2 tokenizer; the action tokens are its last 25
 PAD_TOKEN_ID = 32000  # OpenVLA's added <PAD>
 PAD_TO_MULTIPLE_OF = 64  # embedding rows 32000..32063: <PAD> and 63 rows never trained
 IMAGE_PLACEHOLDER_ID = 32001  # kit-only: a padding row the tokenizer never emits; its embedding is never read
+PROPRIO_PLACEHOLDER_ID = 32002  # kit-only, OpenVLA-OFT: the proprio token's position (its embedding is replaced)
 
 
 @dataclass(frozen=True)

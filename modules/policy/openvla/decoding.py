@@ -2,9 +2,9 @@
 decode steps.
 
 ``TokenVLAPolicy.act`` decodes exactly ``action_tokens`` tokens: one prefill over image + prompt,
-then ``action_tokens - 1`` single-token steps. At batch 16 on an H100 a 7B model's decode step
-is ~5 ms of weight reads but ~19 ms of Python and kernel launches (ENVIRONMENT.md), so the
-steps are recorded once as a CUDA graph and replayed.
+then ``action_tokens - 1`` single-token steps. At small batches a 7B model's decode step costs
+far more in Python and kernel launches than in weight reads, so the steps are recorded once as a
+CUDA graph and replayed (measurements: docs/benchmarks.md).
 
 What this module does differently from the backbone's own forward (and nothing else):
 * the prefill and the decode steps run the Llama's own layers (``embed`` -> rotary ->

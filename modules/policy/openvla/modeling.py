@@ -4,7 +4,7 @@ Laid out like transformers' Llava so the kit's ``VLMBackbone`` uses it unchanged
 ``PrismaticForActionPrediction.model`` (``PrismaticModel``: towers + projector + ``LlamaModel``)
 returns last hidden states and the KV cache; ``lm_head`` is ``get_output_embeddings()``.
 
-Sequence contract (specs/OPENVLA.md): ``[BOS, n_patches projected patches, prompt tokens...]``.
+The sequence OpenVLA's checkpoints were trained on: ``[BOS, n_patches projected patches, prompt tokens...]``.
 OpenVLA's own code splices the patches in after position 0; the kit marks those positions with
 placeholder ids in ``input_ids`` instead (the same sequence, but left padding and batches with
 different prompt lengths work) and scatters the projected patches over them.

@@ -1,7 +1,7 @@
 """OpenVLA's tokenizer: read verbatim from a checkpoint's tokenizer.json, or built offline with
 the Llama-2 layout for tiny models and tests.
 
-The layout OpenVLA relies on (specs/OPENVLA.md): 32000 base ids with <unk> 0, <s> 1 (BOS),
+The layout OpenVLA's checkpoints rely on: 32000 base ids with <unk> 0, <s> 1 (BOS),
 </s> 2; byte-fallback pieces <0x00>..<0xFF> at 3..258 (so "\\n" is 13); "▁" (the empty piece
 OpenVLA appends after "Out:") at 29871; the last 256 base ids, 31744..31999, are the action
 tokens; <PAD> is an added token, id 32000. The pipeline is Llama-2's tokenizer.json one:

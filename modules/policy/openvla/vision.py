@@ -1,4 +1,4 @@
-"""OpenVLA's fused vision backbone on transformers' own towers (specs/OPENVLA.md, "Vision").
+"""OpenVLA's fused vision backbone on transformers' own towers.
 
 Contract points:
 * pixel_values [B, 6, S, S]: channels 0-2 go to DINOv2, channels 3-5 to SigLIP;
@@ -6,7 +6,11 @@ Contract points:
   ``get_intermediate_layers(n={depth - 2})``, no final norm), so the kit builds depth - 1 blocks
   and no final norm / pooling head at all (nothing unused to train, load or sync);
 * prefix tokens (DINOv2's class + 4 registers) are dropped; features are concatenated per
-  patch: [B, n_patches, D_dino + D_siglip].
+  patch: [B, n_patches, D_dino + D_siglip];
+* several images per sample (OpenVLA-OFT: third-person + wrist camera): pixel_values
+  [B, 6 n, S, S], image i in channels 6i..6i+5; each image goes through the towers on its own
+  (the n images of a batch run as one batch of B n) and their patches follow each other:
+  [B, n n_patches, D], image 0's first.
 """
 from __future__ import annotations
 
@@ -64,6 +68,12 @@ class PrismaticVisionBackbone(nn.Module):
         return self.specs[0].patches
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        b, channels, h, w = pixel_values.shape
+        views = channels // 6
+        if channels != 6 * views or views < 1:
+            raise ValueError(f"pixel_values with {channels} channels: expected 6 per image")
+        if views > 1:  # [B, 6n, S, S] -> [B n, 6, S, S] -> features [B, n patches, D]
+            return self(pixel_values.reshape(b * views, 6, h, w)).reshape(b, -1, self.embed_dim)
         img, img_fused = torch.split(pixel_values, [3, 3], dim=1)
         patches = self.featurizer(pixel_values=img).last_hidden_state[:, self.specs[0].prefix_tokens:]
         fused = self.fused_featurizer(pixel_values=img_fused).last_hidden_state[:, self.specs[1].prefix_tokens:]
