@@ -64,3 +64,50 @@ def test_names_are_openvla_s(exported):
     assert "vision_backbone.fused_featurizer.pos_embed" in names
     assert "language_model.lm_head.weight" in names
     assert not any(".blocks.2." in n for n in names)  # the last block is never built
+
+
+@pytest.mark.parametrize("proprio", [False, True])
+def test_oft_policy_exports_as_an_openvla_oft_folder(tmp_path, proprio):
+    """An OFT policy trained in the kit (here: weights moved off their init) exports to an OpenVLA-OFT
+    folder that main's OFT loader reads: the same greedy chunk, log-probs and env actions."""
+    from modules.policy import OFTOpenVLABackbone
+    from modules.policy.export import HEAD_FILE, PROPRIO_FILE, export_policy
+    from modules.policy.oft_vla import OFTPolicy
+
+    torch.manual_seed(0)
+    kw = dict(chunk_size=4, action_dim=7, head_hidden=24, head_blocks=2, init_scale=0.1, unnorm_key="demo_key")
+    stats = {"demo_key": {**STATS["demo_key"], "proprio": {"q01": [-1.0] * 8, "q99": [1.0] * 8, "mask": [True] * 8}}}
+    backbone = OFTOpenVLABackbone(config=TINY, num_images=1, proprio=proprio)
+    stats_file = tmp_path / "stats.json"
+    stats_file.write_text(json.dumps(stats))
+    trained = OFTPolicy(backbone, norm_stats=str(stats_file), **kw)
+    with torch.no_grad():  # what SFT moves (not OFT's zero action placeholders, nor the Laplace scale)
+        for name, p in trained.named_parameters():
+            if p.requires_grad and name != "head.log_scale":
+                p.add_(0.01 * torch.randn_like(p))
+    path = str(tmp_path / "policy")
+    export_policy(trained, path, stats)
+    files = set(os.listdir(path))
+    assert HEAD_FILE in files and (PROPRIO_FILE in files) == proprio
+    loaded = OFTPolicy(OFTOpenVLABackbone(pretrained=path, num_images=1), norm_stats=path, **kw)
+    assert loaded.backbone.uses_proprio == proprio
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    if proprio:
+        from tensordict import TensorDict
+
+        images = TensorDict({"image": images, "state": torch.randn(2, 8)}, batch_size=[2])
+    prompts = ["put the bowl on the plate"] * 2
+    a, b = (p.act(images, p.encode(prompts), greedy=True) for p in (trained, loaded))
+    assert torch.allclose(a.tokens, b.tokens, atol=1e-5)
+    assert torch.allclose(a.log_prob, b.log_prob, atol=1e-4)  # the Laplace scale: init_scale in both
+    assert torch.allclose(trained.env_action(a.tokens), loaded.env_action(b.tokens), atol=1e-5)
+
+
+def test_oft_export_refuses_what_oft_s_format_cannot_hold(tmp_path):
+    from modules.policy.export import export_policy
+    from modules.policy.oft_vla import OFTPolicy
+
+    policy = OFTPolicy(OpenVLABackbone(config=TINY), chunk_size=2, learned_slots=True)
+    with pytest.raises(ValueError, match=r"learned_slots=true: OFT's checkpoint format"):
+        export_policy(policy, str(tmp_path / "policy"))
+    assert not os.path.exists(tmp_path / "policy")
