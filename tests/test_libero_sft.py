@@ -226,6 +226,42 @@ def test_sft_loss_falls_on_the_demos(demos, kind):
         assert np.mean(losses[-5:]) < min(ratio * losses[0], 1.05 * constant), (losses, constant)
 
 
+def test_sft_checkpoint_loads_safely_and_resumes_exactly(demos, tmp_path):
+    """An SFT run stopped after its first iteration and resumed from last.ckpt (loaded with
+    weights_only=True by the kit's checkpoint plugin) ends with the uninterrupted run's weights,
+    bit for bit: the demo sampler's generator, the global RNGs and the optimizer come back."""
+    from lightning import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from datamodules.demo_data import DemoDataModule
+    from modules.checkpoint_io import KitCheckpointIO
+    from modules.policy import OpenVLABackbone, TokenVLAPolicy
+    from modules.sft_module import SFTModule
+
+    def run(name, epochs, ckpt=None):
+        seed_everything(0, verbose=False)
+        policy = TokenVLAPolicy(OpenVLABackbone(config={**TINY_OPENVLA, "seed": 0}), action_tokens=7,
+                                action_bins=256, norm_stats=demos, unnorm_key=KEY)
+        module = SFTModule(policy, lr=1e-3, warmup_steps=2)
+        dm = DemoDataModule([{**STREAM, "task_ids": [8]}], demos, batch_size=4, steps_per_iteration=2,
+                            random_crop=True, unnorm_key=KEY)
+        trainer = Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+                          default_root_dir=str(tmp_path / name), plugins=[KitCheckpointIO()],
+                          callbacks=[ModelCheckpoint(dirpath=str(tmp_path / name), every_n_epochs=1, save_top_k=1,
+                                                     filename="last", enable_version_counter=False)])
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        return module
+
+    whole = run("whole", 2)
+    run("stopped", 1)
+    resumed = run("stopped", 2, str(tmp_path / "stopped" / "last.ckpt"))
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert not torch.equal(whole.policy.backbone.model.lm_head.weight,
+                           run("fresh", 1).policy.backbone.model.lm_head.weight)  # the second iteration moved them
+
+
 def _overlay(tmp_path, name: str, content: dict) -> str:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(content))
