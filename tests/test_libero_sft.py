@@ -305,8 +305,7 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
     rl = _overlay(tmp_path, "rl", {
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "logger": _logger(tmp_path, "rl"),
                     "callbacks": [{"class_path": "callbacks.task_switch.TaskSwitch",
-                                   "init_args": {"iterations_per_task": 1}},
-                                  {"class_path": "callbacks.anchor.AnchorCriticFreeze"}, _evaluation()]},
+                                   "init_args": {"iterations_per_task": 1}}, _evaluation()]},
         "model": {"policy": {"init_args": {"backbone": {"init_args": {"pretrained": export}}, "norm_stats": export}},
                   "critic_hidden_sizes": [16, 16], "critic_warmup_iterations": 0},
         "data": {"stream": [{**STREAM, "task_ids": [8]}], "num_envs": 1, "frames_per_batch": 8,
