@@ -1,10 +1,11 @@
 """Entry point: python train.py [test] --config configs/quickstart.yaml [--trainer.devices 2 ...]
 
-A LightningCLI (omegaconf parser mode) over CRLModule and OnPolicyDataModule. Every knob is
-in the YAML and shows with --print_config. Training: --ckpt_path resumes a run where it
-stopped. ``test`` (or ``validate``, the same): scores the policy of --ckpt_path (or, without
-it, the weights the config loads, e.g. an OpenVLA checkpoint folder) on every task of the
-stream with the config's evaluation callbacks, without training.
+A LightningCLI (omegaconf parser mode) over CRLModule and OnPolicyDataModule, or with
+``stage: sft`` over SFTModule and DemoDataModule (modules/stages.py). Every knob is in the
+YAML and shows with --print_config. Training: --ckpt_path resumes a run where it stopped.
+``test`` (or ``validate``, the same): scores the policy of --ckpt_path (or, without it, the
+weights the config loads, e.g. an OpenVLA checkpoint folder) on every task of the stream with
+the config's evaluation callbacks, without training.
 """
 from __future__ import annotations
 
@@ -133,15 +134,23 @@ def _run(argv: list[str], evaluate: bool, tmp: str) -> int:
     from callbacks.iteration_timing import IterationTiming
     from callbacks.task_boundary import ContinualMethod, with_method
     from callbacks.task_switch import TaskSwitch
-    from datamodules.on_policy import OnPolicyDataModule
     from modules import run_checks
     from modules.checkpoint_io import KitCheckpointIO
-    from modules.crl_module import CRLModule
+    from modules.stages import STAGES, requested_stage, stage_classes
+
+    try:
+        stage = requested_stage(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    module_class, data_class = stage_classes(stage)  # rl: CRLModule, OnPolicyDataModule; sft: modules/stages.py
 
     _quiet_library_chatter()
 
     class CLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
+            parser.add_argument("--stage", type=str, default="rl", choices=list(STAGES),
+                                help="rl (CRL / PPO on env rollouts) or sft (supervised fine-tuning on demonstrations)")
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="resume from this Lightning checkpoint (train.py test: score it)")
             parser.add_argument("--seed", type=int, default=0, help="global seed (seed_everything)")
@@ -176,7 +185,7 @@ def _run(argv: list[str], evaluate: bool, tmp: str) -> int:
     cli = None
     try:
         run_checks.check_config_files(argv)
-        cli = CLI(CRLModule, OnPolicyDataModule, run=False, args=run_checks.nested_nulls_as_config(argv, tmp),
+        cli = CLI(module_class, data_class, run=False, args=run_checks.nested_nulls_as_config(argv, tmp),
                   parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                   save_config_kwargs={"overwrite": True}, seed_everything_default=False)
         # atomic checkpoint writes; --ckpt_path loaded with weights_only=True (modules/checkpoint_io.py)

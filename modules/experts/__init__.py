@@ -1,0 +1,1 @@
+"""Scripted experts on privileged simulator state (demonstrations for SFT)."""

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# LIBERO on one GPU, from nothing: scripted demonstrations -> SFT of a small OpenVLA -> CRL-VLA
+# and Seq-FT on LIBERO-Goal tasks 8 -> 1 -> 4 (2 seeds each) -> the table. docs/libero_one_gpu.md.
+#
+#   bash scripts/libero_one_gpu.sh demos   # 50 scripted demos per task, 16 processes (EGL)
+#   bash scripts/libero_one_gpu.sh sft     # SFT; rerun until it prints "sft: complete"
+#   bash scripts/libero_one_gpu.sh rl      # CRL and Seq-FT x seeds 0 1; rerun until "rl: complete"
+#   bash scripts/libero_one_gpu.sh table   # R matrices, FAR/BWT/FT/F, plots
+#
+# Every command stops itself inside 10 minutes (--time_limit, default 540 s; TIME_LIMIT=... to
+# change) and the next call of the same stage resumes from the runs' last.ckpt. Demos land in
+# data/libero_goal_scripted/, runs in runs/libero_one_gpu/ (the paths the two configs name);
+# each run's wall time adds up in its wall_s.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=runs/libero_one_gpu          # configs/sft_libero_small.yaml exports to $OUT/sft_policy
+DEMOS=data/libero_goal_scripted   # configs/sft_libero_small.yaml's data.demos
+LIMIT=${TIME_LIMIT:-540}
+export MUJOCO_GL=${MUJOCO_GL:-egl}
+
+stage=${1:?usage: libero_one_gpu.sh demos|sft|rl|table}
+case "$stage" in
+  demos)
+    if [ -f "$DEMOS/collection.json" ]; then echo "demos: complete ($DEMOS)"; exit 0; fi
+    rm -rf "$DEMOS"
+    "$PY" scripts/write_libero_demos.py --tasks 8 1 4 --demos 50 --out "$DEMOS" --size 128 --processes 16
+    echo "demos: complete ($DEMOS)" ;;
+  sft)
+    "$PY" scripts/sweep.py --config configs/sft_libero_small.yaml --method sft= --seeds 0 --out "$OUT" \
+        --time_limit "$LIMIT" --resume \
+    && echo "sft: complete ($OUT/sft_policy)" ;;
+  rl)
+    test -f "$OUT/sft_policy/config.json" || { echo "rl: no $OUT/sft_policy (run the sft stage)"; exit 1; }
+    "$PY" scripts/sweep.py --config configs/crl_libero_small.yaml --method crl= \
+        --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" \
+        --time_limit "$LIMIT" --resume \
+    && echo "rl: complete ($OUT/rl)" ;;
+  table)
+    "$PY" scripts/results_table.py "$OUT/rl" --out "$OUT/rl/table.md"
+    "$PY" scripts/plots.py "$OUT/rl" --out "$OUT/rl/figures"
+    cat "$OUT/rl/table.md" ;;
+  *) echo "unknown stage $stage: demos|sft|rl|table" >&2; exit 2 ;;
+esac
