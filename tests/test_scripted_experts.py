@@ -57,6 +57,6 @@ def test_expert_succeeds_on_the_stream_tasks(task_id):
 
 @pytest.mark.libero
 @pytest.mark.slow
-@pytest.mark.parametrize("task_id", [0, 2, 3, 5, 6, 7])  # 9 succeeds from some states only (docs/libero_one_gpu.md)
+@pytest.mark.parametrize("task_id", [0, 2, 3, 5, 6, 7, 9])
 def test_expert_succeeds_on_the_other_tasks(task_id):
     _succeeds(task_id)
