@@ -28,11 +28,9 @@ Medians over ``--reps`` repetitions after a warm-up; a table is printed last.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 from tensordict import TensorDict
@@ -40,7 +38,7 @@ from tensordict import TensorDict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from openvla_gpu import (INSTRUCTIONS, T0, batch_inputs, build, crl_step, free, log, median_time,  # noqa: E402
-                         peak_gib, ppo_step, reset_peak)
+                         peak_gib, ppo_step, reset_peak, run_sections)
 
 from modules.critics import GoalConditionedCritic, frozen_copy  # noqa: E402
 from modules.policy import OpenVLABackbone, TokenVLAPolicy  # noqa: E402
@@ -190,18 +188,7 @@ def main():
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__, "args": vars(args)}
     log(res)
-    for name, fn in (("acting", bench_acting), ("update", bench_update)):
-        if name in args.skip:
-            continue
-        try:
-            fn(args, dev, dtype, res)
-        except Exception:  # noqa: BLE001 -- keep what was measured
-            log(f"section {name} FAILED")
-            traceback.print_exc()
-        free(dev)
-        if args.out:  # after every section: a later failure keeps what was measured
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1, default=str)
+    run_sections({"acting": bench_acting, "update": bench_update}, args, dev, res, args, dev, dtype, res)
     print(table(res), flush=True)
 
 

@@ -170,7 +170,8 @@ def bench_acting(args, backbone, dev, res):
     g = policies["cuda_graph"]
     images, prompts = batch_inputs(g, 1, dev)
     g.act(images, prompts)
-    dec, shape = g._decoder, g._decoder._shape
+    dec = g._decoder
+    shape = next(reversed(dec._shapes.values()))  # the shape the act above used
     if dev.type == "cuda":
         res["weight_read"]["graph_step_b1_s"] = median_time(lambda: dec._replay_or_capture(lm, shape), dev, reps=20)
         log(f"captured 1-token decode step at batch 1: {res['weight_read']['graph_step_b1_s'] * 1e3:.2f} ms")
@@ -325,6 +326,23 @@ def bench_update(args, backbone, dev, res):
         log(f"{name} at micro-batch {mb}: {out[name]}")
 
 
+def run_sections(sections: dict, args, dev, res, *fn_args) -> None:
+    """``fn(*fn_args)`` for each section not in ``args.skip``; a failing section is reported and
+    the next one runs; ``res`` is written to ``args.out`` after every section."""
+    for name, fn in sections.items():
+        if name in args.skip:
+            continue
+        try:
+            fn(*fn_args)
+        except Exception:  # noqa: BLE001 -- keep what was measured
+            log(f"section {name} FAILED")
+            traceback.print_exc()
+        free(dev)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+
+
 def table(res):
     lines = []
     r = res.get("weight_read", {})
@@ -401,18 +419,7 @@ def main():
     res["params"] = n_params
     log(f"built {n_params / 1e9:.3f} B params, dtype {next(backbone.parameters()).dtype}, "
         f"memory {torch.cuda.memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.1f} GiB")
-    for name, fn in (("acting", bench_acting), ("update", bench_update)):
-        if name in args.skip:
-            continue
-        try:
-            fn(args, backbone, dev, res)
-        except Exception:  # noqa: BLE001 -- keep what was measured
-            log(f"section {name} FAILED")
-            traceback.print_exc()
-        free(dev)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    run_sections({"acting": bench_acting, "update": bench_update}, args, dev, res, args, backbone, dev, res)
     print(table(res), flush=True)
 
 

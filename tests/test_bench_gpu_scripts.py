@@ -1,4 +1,5 @@
-"""bench/oft_gpu.py (the OFT GPU benchmark) on the CPU with tiny models: every section measures."""
+"""The GPU benchmarks (bench/openvla_gpu.py, bench/oft_gpu.py) on the CPU with tiny models: every
+section runs and measures."""
 from __future__ import annotations
 
 import json
@@ -24,3 +25,17 @@ def test_oft_benchmark_runs_every_section_on_the_cpu(tmp_path):
     assert set(r["update"]) == {"2", "4"} and all(u["samples_per_s"] > 0 for u in r["update"].values())
     assert r["crl_vs_ppo"]["crl"]["step_s"] > 0 and r["crl_vs_ppo"]["ppo"]["step_s"] > 0
     assert "| 4 |" in res.stdout  # the table
+
+
+def test_openvla_benchmark_runs_every_section_on_the_cpu(tmp_path):
+    out = tmp_path / "openvla.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "openvla_gpu.py"), "--small", "--reps", "1",
+                          "--train_reps", "1", "--modes", "generate", "cuda_graph", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FAILED" not in res.stdout + res.stderr
+    r = json.loads(out.read_text())
+    for row in r["acting"].values():
+        assert all(row[k] > 0 for k in ("prefill", "generate", "act_cuda_graph"))
+    assert all(u["samples_per_s"] > 0 for u in r["update"].values()) and len(r["update"]) == 4
+    assert r["crl_vs_ppo"]["crl"]["step_s"] > 0 and r["crl_vs_ppo"]["ppo"]["step_s"] > 0
