@@ -38,7 +38,7 @@ from tensordict import TensorDict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from openvla_gpu import (INSTRUCTIONS, T0, batch_inputs, build, crl_step, free, log, median_time,  # noqa: E402
-                         peak_gib, ppo_step, reset_peak, run_sections)
+                         ppo_step, run_sections, timed_step)
 
 from modules.critics import GoalConditionedCritic, frozen_copy  # noqa: E402
 from modules.policy import OpenVLABackbone, TokenVLAPolicy  # noqa: E402
@@ -112,14 +112,8 @@ def bench_update(args, dev, dtype, res):
             continue
         obs, prompts = oft_inputs(policy, mb, dev, seed=mb)
         chunks = torch.rand(mb, K, D, device=dev) * 2 - 1
-        free(dev)
-        reset_peak(dev)
-        try:
-            t = median_time(lambda: ppo_step(policy, critic, opt, obs, prompts, chunks), dev, args.train_reps)
-            rows[mb] = {"samples_per_s": mb / t, "step_s": t, "peak_gib": peak_gib(dev)}
-        except torch.OutOfMemoryError:
-            rows[mb] = {"samples_per_s": None, "step_s": None, "peak_gib": "OOM"}
-            opt.zero_grad(set_to_none=True)
+        rows[mb] = timed_step(lambda: ppo_step(policy, critic, opt, obs, prompts, chunks), dev, args.train_reps, opt,
+                              samples=mb)
         log(f"update micro-batch {mb}: {rows[mb]}")
     mb = args.crl_micro
     n_anchor = mb // 2  # data.anchor_fraction 0.5 (the kit's default)
@@ -129,13 +123,7 @@ def bench_update(args, dev, dtype, res):
     out = res.setdefault("crl_vs_ppo", {"micro_batch": mb, "anchors": n_anchor})
     for name, fn in (("ppo", lambda: ppo_step(policy, critic, opt, obs, prompts, chunks)),
                      ("crl", lambda: crl_step(policy, old, critic, anchor_critic, opt, obs, prompts, chunks, n_anchor))):
-        free(dev)
-        reset_peak(dev)
-        try:
-            out[name] = {"step_s": median_time(fn, dev, args.train_reps), "peak_gib": peak_gib(dev)}
-        except torch.OutOfMemoryError:
-            out[name] = {"step_s": None, "peak_gib": "OOM"}
-            opt.zero_grad(set_to_none=True)
+        out[name] = timed_step(fn, dev, args.train_reps, opt)
         log(f"{name} at micro-batch {mb}: {out[name]}")
 
 

@@ -259,6 +259,22 @@ def crl_step(policy, old, critic, anchor_critic, opt, images, prompts, tokens, n
     opt.zero_grad(set_to_none=True)
 
 
+def timed_step(fn, dev, reps, opt, samples=None) -> dict:
+    """Median seconds of a training step ``fn`` and the peak memory it reached (from a freed
+    cache); an out-of-memory step is recorded as such. ``samples``: also samples/s."""
+    free(dev)
+    reset_peak(dev)
+    try:
+        t = median_time(fn, dev, reps)
+        row = {"step_s": t, "peak_gib": peak_gib(dev)}
+    except torch.OutOfMemoryError:
+        row = {"step_s": None, "peak_gib": "OOM"}
+        opt.zero_grad(set_to_none=True)
+    if samples is not None:
+        row["samples_per_s"] = samples / row["step_s"] if row["step_s"] else None
+    return row
+
+
 def profile_step(fn, res, key, top=25):
     """torch.profiler over one update step: the kernels that take the GPU time, printed and kept."""
     from torch.profiler import ProfilerActivity, profile
@@ -289,15 +305,9 @@ def bench_update(args, backbone, dev, res):
                 continue
             images, prompts = batch_inputs(policy, mb, dev, seed=mb)
             tokens = torch.randint(0, 256, (mb, 7), device=dev)
-            free(dev)
-            reset_peak(dev)
             key = f"mb{mb}_ckpt{int(ckpt)}"
-            try:
-                t = median_time(lambda: ppo_step(policy, critic, opt, images, prompts, tokens), dev, args.train_reps)
-                rows[key] = {"samples_per_s": mb / t, "step_s": t, "peak_gib": peak_gib(dev)}
-            except torch.OutOfMemoryError:
-                rows[key] = {"samples_per_s": None, "step_s": None, "peak_gib": "OOM"}
-                opt.zero_grad(set_to_none=True)
+            rows[key] = timed_step(lambda: ppo_step(policy, critic, opt, images, prompts, tokens), dev,
+                                   args.train_reps, opt, samples=mb)
             log(f"update {key}: {rows[key]}")
             if args.profile and dev.type == "cuda" and rows[key]["step_s"] and not ckpt and mb == args.micro[0]:
                 profile_step(lambda: ppo_step(policy, critic, opt, images, prompts, tokens), res, key)
@@ -315,14 +325,7 @@ def bench_update(args, backbone, dev, res):
     for name, fn in (("ppo", lambda: ppo_step(policy, critic, opt, images, prompts, tokens)),
                      ("crl", lambda: crl_step(policy, old, critic, anchor_critic, opt, images, prompts, tokens,
                                               n_anchor))):
-        free(dev)
-        reset_peak(dev)
-        try:
-            t = median_time(fn, dev, args.train_reps)
-            out[name] = {"step_s": t, "peak_gib": peak_gib(dev)}
-        except torch.OutOfMemoryError:
-            out[name] = {"step_s": None, "peak_gib": "OOM"}
-            opt.zero_grad(set_to_none=True)
+        out[name] = timed_step(fn, dev, args.train_reps, opt)
         log(f"{name} at micro-batch {mb}: {out[name]}")
 
 
