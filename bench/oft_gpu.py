@@ -38,9 +38,9 @@ from tensordict import TensorDict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from openvla_gpu import (INSTRUCTIONS, T0, batch_inputs, build, crl_step, free, log, median_time,  # noqa: E402
-                         ppo_step, run_sections, timed_step)
+                         ppo_step, run_sections, timed_step, training_parts)
 
-from modules.critics import GoalConditionedCritic, frozen_copy  # noqa: E402
+from modules.critics import frozen_copy  # noqa: E402
 from modules.policy import OpenVLABackbone, TokenVLAPolicy  # noqa: E402
 from modules.policy.backbone import positions_from_mask  # noqa: E402
 from modules.policy.oft_vla import OFTPolicy  # noqa: E402
@@ -100,11 +100,7 @@ def bench_acting(args, dev, dtype, res):
 def bench_update(args, dev, dtype, res):
     policy = OFTPolicy(build(args, dev, dtype, OFTOpenVLABackbone, num_images=2, proprio=True),
                        chunk_size=K, action_dim=D, lora=dict(LORA)).to(dev)
-    policy.train()
-    critic = GoalConditionedCritic(policy.feature_dim, [256, 256]).to(dev)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    res["lora_trainable_params"] = sum(p.numel() for p in trainable)
-    opt = torch.optim.AdamW(trainable + list(critic.parameters()), lr=1e-5)
+    critic, opt = training_parts(policy, dev, res)
     rows = res.setdefault("update", {})
     for mb in args.micro:
         if time.perf_counter() - T0 > args.budget_s * 0.8:

@@ -287,15 +287,20 @@ def profile_step(fn, res, key, top=25):
     res.setdefault("profile", {})[key] = table
 
 
-def bench_update(args, backbone, dev, res):
-    policy = TokenVLAPolicy(backbone, action_tokens=7, action_bins=256,
-                            lora={"r": 32, "alpha": 64, "target_modules": "all-linear",
-                                  "compute_dtype": args.lora_compute}).to(dev)
+def training_parts(policy, dev, res):
+    """The policy in train mode, a V critic and AdamW over both (LoRA: the trainable parameters)."""
     policy.train()
     critic = GoalConditionedCritic(policy.feature_dim, [256, 256]).to(dev)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     res["lora_trainable_params"] = sum(p.numel() for p in trainable)
-    opt = torch.optim.AdamW(trainable + list(critic.parameters()), lr=1e-5)
+    return critic, torch.optim.AdamW(trainable + list(critic.parameters()), lr=1e-5)
+
+
+def bench_update(args, backbone, dev, res):
+    policy = TokenVLAPolicy(backbone, action_tokens=7, action_bins=256,
+                            lora={"r": 32, "alpha": 64, "target_modules": "all-linear",
+                                  "compute_dtype": args.lora_compute}).to(dev)
+    critic, opt = training_parts(policy, dev, res)
     rows = res.setdefault("update", {})
     for ckpt in (False, True):
         set_gradient_checkpointing(backbone.model, ckpt)

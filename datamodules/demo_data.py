@@ -31,7 +31,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.libero_hdf5 import demo_file_for, import_h5py, openvla_actions, read_statistics
-from datamodules.tasks import Task, make_env, parse_stream
+from datamodules.tasks import Task, TaskStream, make_env, parse_stream
 
 CROP_AREA = 0.9  # OpenVLA's crop_scale
 
@@ -62,7 +62,7 @@ def random_crop(images: torch.Tensor, generator: torch.Generator | None = None) 
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-class DemoDataModule(LightningDataModule):
+class DemoDataModule(TaskStream, LightningDataModule):
     def __init__(self, stream: list[dict], demos: str, demos_per_task: int | None = None,
                  batch_size: int = 64, steps_per_iteration: int = 100, joint: bool = True,
                  chunk_size: int = 1, camera: str = "agentview", random_crop: bool = False,
@@ -98,14 +98,6 @@ class DemoDataModule(LightningDataModule):
         self.generator = torch.Generator().manual_seed(seed)
 
     # -- the stream (the interface TaskSwitch, PerTaskEvaluation and the progress bar use) --------
-    @property
-    def num_tasks(self) -> int:
-        return len(self.tasks)
-
-    @property
-    def task(self) -> Task:
-        return self.tasks[self.task_index]
-
     @property
     def frames_per_batch(self) -> int:
         """Env frames an iteration collects: none (callbacks/iteration_timing.py reads it)."""

@@ -39,7 +39,8 @@ from datamodules.curriculum_resets import Curriculum, CurriculumResets
 from datamodules.env_replay import EnvReplayLog
 from datamodules.reward_shaping import RewardShaping
 from datamodules.robust_env import worker_restarts
-from datamodules.tasks import Task, check_joint, instructions_of, make_env, make_joint_env, parse_stream, subtasks_of
+from datamodules.tasks import (Task, TaskStream, check_joint, instructions_of, make_env, make_joint_env, parse_stream,
+                              subtasks_of)
 from modules.checkpoint_io import CheckpointError, rng_state, set_rng_state
 from modules.timing import phase
 
@@ -59,7 +60,7 @@ class _RolloutMinibatches(IterableDataset):
         yield from self.dm.iteration()
 
 
-class OnPolicyDataModule(LightningDataModule):
+class OnPolicyDataModule(TaskStream, LightningDataModule):
     def __init__(
         self,
         stream: list[dict],
@@ -151,14 +152,6 @@ class OnPolicyDataModule(LightningDataModule):
         self.reward_shaping = None if reward_shaping is None else RewardShaping(dict(reward_shaping))
 
     # -- the stream ----------------------------------------------------------------------
-    @property
-    def num_tasks(self) -> int:
-        return len(self.tasks)
-
-    @property
-    def task(self) -> Task:
-        return self.tasks[self.task_index]
-
     @property
     def all_tasks(self) -> list[Task]:
         """Every task of the stream, stages flattened (the MTL oracle trains them all at once)."""

@@ -71,6 +71,22 @@ ENV_KINDS = ("babyai", "libero", "toy_vla")
 BABYAI_OPTIONS = ("room_size", "objects", "num_init_states", "tile_size")  # BabyAIEnv's per-task arguments
 
 
+class TaskStream:
+    """Where a datamodule is in its stream (the interface TaskSwitch, PerTaskEvaluation and the
+    progress bar read): ``tasks`` (the parsed stream) and ``task_index`` set by the subclass."""
+
+    tasks: list[Task]
+    task_index: int
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task(self) -> Task:
+        return self.tasks[self.task_index]
+
+
 def parse_stream(stream: list[dict], key: str = "data.stream") -> list[Task]:
     if not stream:
         raise ValueError(f"{key}={stream!r}: the task stream is empty")
