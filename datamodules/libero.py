@@ -15,8 +15,9 @@ torchrl's ``LiberoEnv`` (VLA TensorDict schema, settle steps) with the kit's ini
   through the same image pipeline, and the state as OFT's LIBERO evaluation builds it.
 
 Training resets draw init states at random; evaluation env ``i`` is pinned to init state
-``init_state_ids[i]`` (the fixed-50-states protocol). On GPU machines each worker renders on
-GPU ``worker % n_gpus`` (VLA-RL's "GPU-balanced" envs).
+``init_state_ids[i]`` (the fixed-50-states protocol). On GPU machines the workers render
+round-robin over the GPUs (VLA-RL's "GPU-balanced" envs); under DDP each rank's workers render
+on the rank's own GPU (``render_gpu_ids``).
 """
 from __future__ import annotations
 
