@@ -122,6 +122,14 @@ def snapshot_adapter(model: PeftModel, src: str = TRAIN_ADAPTER, dst: str = OLD_
     model.base_model.set_adapter(src)  # src trainable, dst frozen
 
 
+def ensure_adapters(model: PeftModel, names) -> None:
+    """Create the adapters ``names`` that ``model`` lacks, as frozen copies of the trainable one
+    (e.g. before loading a checkpoint that has them)."""
+    for name in sorted(set(names) - {TRAIN_ADAPTER}):
+        if name not in model.peft_config:
+            snapshot_adapter(model, dst=name)
+
+
 def reset_adapter(model: PeftModel, name: str = TRAIN_ADAPTER) -> None:
     """Fresh LoRA weights for adapter ``name`` (A random, B = 0: the base model's behaviour)."""
     from peft.tuners.lora import LoraLayer

@@ -56,8 +56,8 @@ from modules.policy.laplace import (
     laplace_log_prob,
     laplace_sample,
 )
-from modules.policy.lora import (OLD_ADAPTER, TRAIN_ADAPTER, LoRA, active_adapter, apply_lora, lora_kwargs,
-                                 snapshot_adapter)
+from modules.policy.lora import (OLD_ADAPTER, TRAIN_ADAPTER, LoRA, active_adapter, apply_lora, ensure_adapters,
+                                 lora_kwargs, snapshot_adapter)
 from modules.policy.openvla.oft_checkpoint import action_head_state, head_shape, proprio_projector_state
 
 KEY = "model.policy.init_args"
@@ -378,9 +378,7 @@ class OFTPolicy(VLAPolicy):
         return frozen_copy(self)
 
     def ensure_adapters(self, names) -> None:
-        for name in sorted(set(names) - {TRAIN_ADAPTER}):
-            if name not in self.backbone.model.peft_config:
-                snapshot_adapter(self.backbone.model, dst=name)
+        ensure_adapters(self.backbone.model, names)
 
     def routed_adapter(self, instructions: list[str]) -> str | None:
         if self.adapter_routes:

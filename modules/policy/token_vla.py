@@ -41,7 +41,8 @@ from modules.critics import frozen_copy
 from modules.policy.action_codec import make_action_codec
 from modules.policy.base import VLAPolicy
 from modules.policy.backbone import EncodedPrompts, VLMBackbone, positions_from_mask
-from modules.policy.lora import TRAIN_ADAPTER, AdapterPolicy, LoRA, apply_lora, lora_kwargs, snapshot_adapter
+from modules.policy.lora import (TRAIN_ADAPTER, AdapterPolicy, LoRA, apply_lora, ensure_adapters, lora_kwargs,
+                                 snapshot_adapter)
 
 
 @dataclass
@@ -247,9 +248,7 @@ class TokenVLAPolicy(VLAPolicy):
 
     def ensure_adapters(self, names) -> None:
         """Create the LoRA adapters ``names`` (e.g. before loading a checkpoint that has them)."""
-        for name in sorted(set(names) - {TRAIN_ADAPTER}):
-            if name not in self.backbone.model.peft_config:
-                snapshot_adapter(self.backbone.model, dst=name)
+        ensure_adapters(self.backbone.model, names)
 
     def routed_adapter(self, instructions: list[str]) -> str | None:
         """The adapter all ``instructions`` are routed to, or None (the trainable one)."""
