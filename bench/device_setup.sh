@@ -31,11 +31,14 @@ if [ "$mode" = pack ]; then
   (cd .gl && apt-get "${o[@]}" download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
   du -sh .device .gl
 elif [ "$mode" = install ]; then
-  for f in .gl/*.deb; do dpkg -x "$f" /; done
-  ldconfig
-  bash .device/bundle/setup.sh /tmp/site >/dev/null || return 1 2>/dev/null || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .device/wheels/*.whl || return 1 2>/dev/null || exit 1
+  if [ ! -f /tmp/site/.kit_installed ]; then  # a machine kept warm between calls is set up once
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+    bash .device/bundle/setup.sh /tmp/site >/dev/null || return 1 2>/dev/null || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .device/wheels/*.whl || return 1 2>/dev/null || exit 1
+    touch /tmp/site/.kit_installed
+  fi
   export PYTHONPATH=/tmp/site:$PWD LIBERO_CONFIG_PATH=/tmp/site/.libero MUJOCO_GL=egl PYOPENGL_PLATFORM=egl
   vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor

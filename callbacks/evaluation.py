@@ -49,7 +49,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def __init__(self, episodes_per_task: int = 32, num_envs: int = 32, greedy: bool = False,
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
                  temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10,
-                 tag: str = ""):
+                 tag: str = "", evaluate_before: bool = True):
         """
         Args:
             episodes_per_task: episodes per task and evaluation (LIBERO: episode e starts from the
@@ -64,6 +64,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             video_fps: frames per second of the videos.
             tag: names a second evaluation's files and scalars (``metrics_<tag>.json``); empty
                 for the main one.
+            evaluate_before: score the starting model before the first task (``b``, needed for
+                forward transfer FT); false for a model trained from scratch (``b`` null, FT undefined).
         """
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
@@ -80,7 +82,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         if not re.fullmatch(r"[A-Za-z0-9_]*", tag):
             raise ValueError(f"PerTaskEvaluation.tag={tag!r}: letters, digits and _ only")
         self.temperature = temperature
-        self.tag = tag
+        self.tag, self.evaluate_before = tag, evaluate_before
         suffix = f"_{tag}" if tag else ""
         self.metrics_file, self.r_file = f"metrics{suffix}.json", f"R{suffix}.csv"
         self.scalar_prefix, self.video_folder = f"eval{suffix}", f"videos{suffix}"
@@ -163,11 +165,11 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
 
     # -- boundary events ------------------------------------------------------------------
     def on_task_start(self, trainer, pl_module, task_index):
-        if self.b is None:  # the starting model, once
-            K = trainer.datamodule.num_tasks
-            self.b = self.evaluate_all(trainer, pl_module, "before")
-            self.R = [None] * K
-            self._record(trainer, "before", self.b)
+        if self.R is None:  # the starting model, once
+            self.R = [None] * trainer.datamodule.num_tasks
+            if self.evaluate_before:
+                self.b = self.evaluate_all(trainer, pl_module, "before")
+                self._record(trainer, "before", self.b)
 
     def on_task_results(self, trainer, pl_module, task_index, iterations):
         row = self.evaluate_all(trainer, pl_module, f"after_task{task_index}")
@@ -247,7 +249,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         res["env_worker_restarts"] = {"training": training() if training else None,
                                       "evaluation": self.worker_restarts}
         atomic_write_text(os.path.join(log_dir, self.metrics_file), json.dumps(res, indent=2))
-        rows = ["row," + ",".join(res["tasks"]), "before," + ",".join(f"{v:.4f}" for v in self.b)]
+        rows = ["row," + ",".join(res["tasks"])]
+        if self.b is not None:
+            rows.append("before," + ",".join(f"{v:.4f}" for v in self.b))
         rows += [f"after_task{j}," + ",".join(f"{v:.4f}" for v in r)
                  for j, r in enumerate(self.R) if r is not None]
         atomic_write_text(os.path.join(log_dir, self.r_file), "\n".join(rows) + "\n")
@@ -258,8 +262,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         R = np.array(res["R"])
         mode = "greedy" if self.greedy else f"sampled at temperature {self.temperature or 'of training'}"
         lines = [f"Success matrix R[j, i] (row j: after training task j; column i: task i; {mode})",
-                 "          " + " ".join(f"task{i:<3d}" for i in range(len(R))),
-                 "before    " + " ".join(f"{v:7.2f}" for v in res["b"])]
+                 "          " + " ".join(f"task{i:<3d}" for i in range(len(R)))]
+        if res["b"] is not None:
+            lines.append("before    " + " ".join(f"{v:7.2f}" for v in res["b"]))
         lines += [f"after {j:<3d} " + " ".join(f"{v:7.2f}" for v in r) for j, r in enumerate(R)]
         lines.append("  ".join(f"{k}={v:+.3f}" if v is not None else f"{k}=undefined"
                                for k, v in res["metrics"].items()))

@@ -11,13 +11,14 @@ import numpy as np
 
 
 def continual_metrics(R, b, in_task: list[list[float]] | None = None) -> dict[str, float | None]:
-    R, b = np.asarray(R, float), np.asarray(b, float)
+    R = np.asarray(R, float)
     T = R.shape[0]
     last = T - 1
     out = {"FAR": float(R[last].mean())}
     # one task: nothing comes after it, so backward transfer and forgetting are undefined (None)
     out["BWT"] = float(np.mean([R[last, i] - R[i, i] for i in range(last)])) if T > 1 else None
-    out["FT"] = float(np.mean([R[i - 1, i] - b[i] for i in range(1, T)])) if T > 1 else None
+    # forward transfer needs the starting model's success b (None: not evaluated)
+    out["FT"] = float(np.mean([R[i - 1, i] - b[i] for i in range(1, T)])) if T > 1 and b is not None else None
     out["F"] = float(np.mean([R[i:, i].max() - R[last, i] for i in range(last)])) if T > 1 else None
     fwt = [float(np.mean(in_task[k])) if in_task and in_task[k] else R[k, k] for k in range(T)]
     out["FWT"] = float(np.mean(fwt))

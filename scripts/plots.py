@@ -85,7 +85,8 @@ def plot(runs: dict[str, list[dict]], out: str) -> list[str]:
         # the run made (task ends, and every N iterations with PerTaskEvaluation.every_n_iterations)
         grid = [0] + [c["iteration"] for c in rs[0].get("curves", [])]
         same = [r for r in rs if [0] + [c["iteration"] for c in r.get("curves", [])] == grid]
-        evals = np.mean([[r["b"]] + [c["success"] for c in r["curves"]] for r in same], 0)
+        K = len(rs[0]["R"])  # b null (starting model not scored): no point at x = 0
+        evals = np.mean([[r["b"] or [np.nan] * K] + [c["success"] for c in r["curves"]] for r in same], 0)
         for i in range(evals.shape[1]):
             ax.plot(grid, evals[:, i], "o-", ms=3, lw=0.8, color=colors[i % len(colors)],
                     label=f"{'greedy' if rs[0].get('greedy', True) else 'sampled'} eval, task {i}")

@@ -40,7 +40,7 @@ def first_tasks(res: dict, K: int) -> dict | None:
     if len(rows) < K or any(r is None for r in rows):
         return None
     R = [r[:K] for r in rows]
-    b = res["b"][:K]
+    b = res["b"][:K] if res["b"] is not None else None  # null: the starting model was not scored
     return dict(res, R=R, b=b, complete=True, metrics=continual_metrics(R, b))
 
 
@@ -122,7 +122,7 @@ def table(runs: dict, ci: bool = False, compare: list[tuple[str, str]] = ()) -> 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, rs in runs.items():
         R = np.array([r["R"] for r in rs], float)
-        row = [method, str(len(rs)), fmt([np.mean(r["b"]) for r in rs])]
+        row = [method, str(len(rs)), fmt([np.mean(r["b"]) for r in rs if r["b"] is not None]) if all(r["b"] is not None for r in rs) else "-"]
         row += [fmt(R[:, i, i]) if i < R.shape[1] else "-" for i in range(K)]
         row += [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
         row += [fmt([r["wall_s"] / 60 for r in rs])] * timed

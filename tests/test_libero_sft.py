@@ -273,9 +273,9 @@ def _logger(tmp_path, name):
             "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}}
 
 
-def _evaluation():
+def _evaluation(**kw):
     return {"class_path": "callbacks.evaluation.PerTaskEvaluation",
-            "init_args": {"episodes_per_task": 1, "num_envs": 1, "greedy": True, "max_steps": 8}}
+            "init_args": {"episodes_per_task": 1, "num_envs": 1, "greedy": True, "max_steps": 8, **kw}}
 
 
 @pytest.mark.slow
@@ -289,7 +289,7 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
         "trainer": {"accelerator": "cpu", "precision": "32-true", "enable_progress_bar": False,
                     "logger": _logger(tmp_path, "sft"),
                     "callbacks": [{"class_path": "callbacks.task_switch.TaskSwitch",
-                                   "init_args": {"iterations_per_task": 1}}, _evaluation(),
+                                   "init_args": {"iterations_per_task": 1}}, _evaluation(evaluate_before=False),
                                   {"class_path": "callbacks.export_policy.ExportPolicy", "init_args": {"path": export}}]},
         "model": {"policy": {"init_args": {"backbone": {"init_args": {"config": TINY_OPENVLA}}, "norm_stats": demos}},
                   "warmup_steps": 0},
@@ -298,7 +298,9 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     (metrics,) = glob.glob(str(tmp_path / "runs" / "sft" / "version_*" / "metrics.json"))
     m = json.load(open(metrics))
-    assert m["complete"] and len(m["b"]) == 1 and len(m["R"]) == 1
+    # the from-scratch model is not scored (evaluate_before: false): no b, no "before" row in R.csv
+    assert m["complete"] and m["b"] is None and len(m["R"]) == 1
+    assert [line.split(",")[0] for line in open(metrics.replace("metrics.json", "R.csv")).read().split()] == ["row", "after_task0"]
     assert {"config.json", "dataset_statistics.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(export))
     assert list(json.load(open(os.path.join(export, "dataset_statistics.json")))) == [KEY]
 

@@ -39,3 +39,10 @@ def test_one_task_leaves_transfer_and_forgetting_undefined():
     m = continual_metrics([[0.7]], [0.2])
     assert {k for k, v in m.items() if v is None} == {"BWT", "FT", "F", "NBT"}
     assert m["FAR"] == m["FWT"] == m["AUC"] == 0.7
+
+
+def test_without_a_starting_score_only_forward_transfer_is_undefined():
+    """PerTaskEvaluation(evaluate_before=False) leaves b null: FT needs it, nothing else does."""
+    with_b, without_b = continual_metrics(R, b), continual_metrics(R, None)
+    assert without_b["FT"] is None
+    assert {k: v for k, v in without_b.items() if k != "FT"} == {k: v for k, v in with_b.items() if k != "FT"}
