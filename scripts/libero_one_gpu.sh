@@ -6,6 +6,7 @@
 #   bash scripts/libero_one_gpu.sh sft     # SFT; rerun until it prints "sft: complete"
 #   bash scripts/libero_one_gpu.sh rl      # CRL and Seq-FT x seeds 0 1; rerun until "rl: complete"
 #   bash scripts/libero_one_gpu.sh table   # R matrices, FAR/BWT/FT/F, plots
+#   bash scripts/libero_one_gpu.sh all     # demos, sft, rl in turn inside one TIME_LIMIT; rerun until "rl: complete"
 #
 # Every command stops itself inside 10 minutes (--time_limit, default 540 s; TIME_LIMIT=... to
 # change) and the next call of the same stage resumes from the runs' last.ckpt. Demos land in
@@ -19,7 +20,7 @@ DEMOS=data/libero_goal_scripted   # configs/sft_libero_small.yaml's data.demos
 LIMIT=${TIME_LIMIT:-540}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 
-stage=${1:?usage: libero_one_gpu.sh demos|sft|rl|table}
+stage=${1:?usage: libero_one_gpu.sh demos|sft|rl|table|all}
 case "$stage" in
   demos)
     if [ -f "$DEMOS/collection.json" ]; then echo "demos: complete ($DEMOS)"; exit 0; fi
@@ -36,9 +37,15 @@ case "$stage" in
         --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" \
         --time_limit "$LIMIT" --resume \
     && echo "rl: complete ($OUT/rl)" ;;
+  all)
+    start=$(date +%s)
+    left() { echo $(( LIMIT - ($(date +%s) - start) )); }
+    bash "$0" demos
+    TIME_LIMIT=$(left) bash "$0" sft
+    TIME_LIMIT=$(left) bash "$0" rl ;;
   table)
     "$PY" scripts/results_table.py "$OUT/rl" --out "$OUT/rl/table.md"
     "$PY" scripts/plots.py "$OUT/rl" --out "$OUT/rl/figures"
     cat "$OUT/rl/table.md" ;;
-  *) echo "unknown stage $stage: demos|sft|rl|table" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: demos|sft|rl|table|all" >&2; exit 2 ;;
 esac
