@@ -49,7 +49,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def __init__(self, episodes_per_task: int = 32, num_envs: int = 32, greedy: bool = False,
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
                  temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10,
-                 tag: str = "", evaluate_before: bool = True):
+                 tag: str = "", evaluate_before: bool = True, task_ends: str = "all"):
         """
         Args:
             episodes_per_task: episodes per task and evaluation (LIBERO: episode e starts from the
@@ -66,6 +66,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                 for the main one.
             evaluate_before: score the starting model before the first task (``b``, needed for
                 forward transfer FT); false for a model trained from scratch (``b`` null, FT undefined).
+            task_ends: ``all``: after every task (R's rows); ``last``: after the stream's last task
+                only (one score of the final model, e.g. multi-task SFT cut into blocks; the other
+                rows stay null and the continual metrics are not computed).
         """
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
@@ -82,7 +85,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         if not re.fullmatch(r"[A-Za-z0-9_]*", tag):
             raise ValueError(f"PerTaskEvaluation.tag={tag!r}: letters, digits and _ only")
         self.temperature = temperature
-        self.tag, self.evaluate_before = tag, evaluate_before
+        if task_ends not in ("all", "last"):
+            raise ValueError(f"PerTaskEvaluation.task_ends={task_ends!r}: 'all' or 'last'")
+        self.tag, self.evaluate_before, self.task_ends = tag, evaluate_before, task_ends
         suffix = f"_{tag}" if tag else ""
         self.metrics_file, self.r_file = f"metrics{suffix}.json", f"R{suffix}.csv"
         self.scalar_prefix, self.video_folder = f"eval{suffix}", f"videos{suffix}"
@@ -172,6 +177,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                 self._record(trainer, "before", self.b)
 
     def on_task_results(self, trainer, pl_module, task_index, iterations):
+        if self.task_ends == "last" and task_index < len(self.R) - 1:
+            return
         row = self.evaluate_all(trainer, pl_module, f"after_task{task_index}")
         self.R[task_index] = row
         self.curves.append({"iteration": iterations, "task_trained": task_index,
@@ -222,7 +229,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def results(self, tasks) -> dict:
         K = len(self.R)
         done = [r is not None for r in self.R]
-        out = {"complete": all(done), "tasks": [t.name for t in tasks],
+        out = {"complete": done[-1] if self.task_ends == "last" else all(done), "tasks": [t.name for t in tasks],
                "episodes_per_task": self.episodes, "greedy": self.greedy, "temperature": self.temperature,
                "b": self.b, "R": self.R, "curves": self.curves}
         if all(done):
@@ -255,7 +262,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         rows += [f"after_task{j}," + ",".join(f"{v:.4f}" for v in r)
                  for j, r in enumerate(self.R) if r is not None]
         atomic_write_text(os.path.join(log_dir, self.r_file), "\n".join(rows) + "\n")
-        if res["complete"]:
+        if "metrics" in res:
             self._final_report(trainer, res, log_dir)
 
     def _final_report(self, trainer, res, log_dir):

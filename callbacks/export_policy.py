@@ -1,4 +1,5 @@
-"""ExportPolicy: at the end of training, writes the policy where RL configs load it from.
+"""ExportPolicy: at the end of training, writes the policy where RL configs load it from (only
+when the stream ran to its end: a run stopped early by a signal or max_epochs exports nothing).
 
 ``path`` (default ``<log dir>/policy``): an OpenVLA checkpoint directory for an OpenVLA
 backbone (an OpenVLA-OFT one, with OFT's action head file, for an OFT policy), ``tiny_llava.pt``
@@ -14,6 +15,7 @@ import shutil
 from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.task_switch import TaskSwitch
 from modules.policy.export import export_policy
 
 
@@ -24,6 +26,10 @@ class ExportPolicy(Callback):
 
     def on_train_end(self, trainer, pl_module):
         path = self.path or os.path.join(trainer.log_dir or ".", "policy")  # every rank asks (broadcast)
+        switch = next((cb for cb in trainer.callbacks if isinstance(cb, TaskSwitch)), None)
+        if switch is not None and not switch.finished:  # stopped early (signal, max_epochs): no export
+            rank_zero_info("[export] training stopped before the stream's end: nothing exported")
+            return
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule

@@ -300,7 +300,7 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
     m = json.load(open(metrics))
     # the from-scratch model is not scored (evaluate_before: false): no b, no "before" row in R.csv
     assert m["complete"] and m["b"] is None and len(m["R"]) == 1
-    assert [line.split(",")[0] for line in open(metrics.replace("metrics.json", "R.csv")).read().split()] == ["row", "after_task0"]
+    assert [line.split(",")[0] for line in open(metrics.replace("metrics.json", "R.csv")).read().splitlines()] == ["row", "after_task0"]
     assert {"config.json", "dataset_statistics.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(export))
     assert list(json.load(open(os.path.join(export, "dataset_statistics.json")))) == [KEY]
 

@@ -73,3 +73,43 @@ def test_crl_and_mtl_over_a_staged_stream(tiny_policy, tmp_path, joint):
     assert len(module.anchor_critics) == 1 and dm.anchor_goals == [red, green] and dm.anchor_heads == [0, 0]
     # one row and column of R per stage
     assert len(evaluation.R) == 2 and all(len(r) == 2 for r in evaluation.R)
+
+
+def test_evaluation_of_the_final_model_only(tiny_policy, tmp_path):
+    """evaluate_before: false, task_ends: last: one score, after the stream's last task (an SFT
+    run cut into blocks); the other rows stay null, the run is complete, no continual metrics."""
+    import json
+
+    torch.manual_seed(0)
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16])
+    dm = OnPolicyDataModule([_babyai("red ball"), _babyai("green key")], num_envs=4, frames_per_batch=32,
+                            ppo_epochs=1, num_minibatches=1)
+    evaluation = PerTaskEvaluation(episodes_per_task=4, num_envs=4, max_steps=16, evaluate_before=False,
+                                   task_ends="last")
+    Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(tmp_path),
+            callbacks=[TaskSwitch(iterations_per_task=1, save_checkpoints=False), evaluation]).fit(module, datamodule=dm)
+    assert evaluation.b is None and evaluation.R[0] is None and len(evaluation.R[1]) == 2
+    res = json.load(open(tmp_path / "metrics.json"))
+    assert res["complete"] and "metrics" not in res and res["R"][0] is None
+    assert [line.split(",")[0] for line in open(tmp_path / "R.csv").read().splitlines()] == ["row", "after_task1"]
+    with pytest.raises(ValueError, match=r"^PerTaskEvaluation.task_ends='first'"):
+        PerTaskEvaluation(task_ends="first")
+
+
+@pytest.mark.parametrize("max_epochs", [1, -1])
+def test_export_only_at_the_streams_end(tiny_policy, tmp_path, max_epochs):
+    """ExportPolicy writes the policy when the stream ran to its end, never for a run stopped
+    early (here by max_epochs after the first of two tasks; a signal stops it the same way)."""
+    import os
+
+    from callbacks.export_policy import ExportPolicy
+
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16])
+    dm = OnPolicyDataModule([_babyai("red ball"), _babyai("green key")], num_envs=4, frames_per_batch=32,
+                            ppo_epochs=1, num_minibatches=1)
+    Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+            default_root_dir=str(tmp_path), callbacks=[TaskSwitch(iterations_per_task=1, save_checkpoints=False),
+                                                       ExportPolicy(str(tmp_path / "policy"))]).fit(module, datamodule=dm)
+    assert os.path.isdir(tmp_path / "policy") == (max_epochs == -1)
