@@ -133,7 +133,7 @@ def _run(argv: list[str], evaluate: bool, tmp: str) -> int:
     from callbacks.interrupt import RunInterrupted, StopOnSignal, resume_command
     from callbacks.iteration_timing import IterationTiming
     from callbacks.task_boundary import ContinualMethod, with_method
-    from callbacks.task_switch import TaskSwitch
+    from callbacks.task_switch import stopped_before_stream_end
     from modules import run_checks
     from modules.checkpoint_io import KitCheckpointIO
     from modules.stages import STAGES, requested_stage, stage_classes
@@ -202,8 +202,7 @@ def _run(argv: list[str], evaluate: bool, tmp: str) -> int:
             run_checks.remove_failed_run(cli.trainer.logger.log_dir)  # the logger's: trainer.log_dir broadcasts
         print("error: " + _one_line(str(err)), file=sys.stderr)
         return 2
-    switch = next((cb for cb in cli.trainer.callbacks if isinstance(cb, TaskSwitch)), None)
-    if not evaluate and switch is not None and not switch.finished:
+    if not evaluate and stopped_before_stream_end(cli.trainer):
         return _stopped_early(cli, argv, resume_command)
     return 0
 

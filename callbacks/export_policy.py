@@ -15,7 +15,7 @@ import shutil
 from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.task_switch import TaskSwitch
+from callbacks.task_switch import stopped_before_stream_end
 from modules.policy.export import export_policy
 
 
@@ -26,8 +26,7 @@ class ExportPolicy(Callback):
 
     def on_train_end(self, trainer, pl_module):
         path = self.path or os.path.join(trainer.log_dir or ".", "policy")  # every rank asks (broadcast)
-        switch = next((cb for cb in trainer.callbacks if isinstance(cb, TaskSwitch)), None)
-        if switch is not None and not switch.finished:  # stopped early (signal, max_epochs): no export
+        if stopped_before_stream_end(trainer):
             rank_zero_info("[export] training stopped before the stream's end: nothing exported")
             return
         if not trainer.is_global_zero:

@@ -143,3 +143,10 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         # older checkpoints: a task had started if it had run an iteration
         self.task_started = state.get("task_started", self.iteration_in_task > 0)
         self.pending_results = state.get("pending_results")
+
+
+def stopped_before_stream_end(trainer) -> bool:
+    """True when the trainer has a TaskSwitch whose stream did not reach its last task's end
+    (a run stopped by a signal, max_epochs or max_time)."""
+    switch = next((cb for cb in trainer.callbacks if isinstance(cb, TaskSwitch)), None)
+    return switch is not None and not switch.finished

@@ -122,7 +122,7 @@ def table(runs: dict, ci: bool = False, compare: list[tuple[str, str]] = ()) -> 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, rs in runs.items():
         R = np.array([r["R"] for r in rs], float)
-        row = [method, str(len(rs)), fmt([np.mean(r["b"]) for r in rs if r["b"] is not None]) if all(r["b"] is not None for r in rs) else "-"]
+        row = [method, str(len(rs)), fmt([np.mean(r["b"]) for r in rs]) if all(r["b"] is not None for r in rs) else "-"]
         row += [fmt(R[:, i, i]) if i < R.shape[1] else "-" for i in range(K)]
         row += [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
         row += [fmt([r["wall_s"] / 60 for r in rs])] * timed
