@@ -2,14 +2,14 @@
 for CRL and Seq-FT over 2 tasks x a few iterations, and the kit's own timing breakdown as a table.
 
 Each run is ``python train.py --config <crl.yaml with the overrides below>`` in a subprocess; the
-numbers are what the kit logs itself (``timings.json``, callbacks/iteration_timing.py), so every
-later change is measured the same way. Overrides: the random-weight checkpoint (written first if
+numbers are what the kit logs itself (``timings.json``, callbacks/iteration_timing.py), the same
+breakdown every run of the kit logs. Overrides: the random-weight checkpoint (written first if
 missing, bench/random_openvla_checkpoint.py), 2 tasks (LIBERO-Goal 8 and 1), ``--iterations`` per
 task, ``--frames`` per iteration (minibatches of 64), a short evaluation (``--eval_episodes``
 episodes of at most ``--eval_steps`` steps per task, no videos), no periodic checkpoints. Method
-``seq_ft`` runs no continual-learning method (``method: null``). Variant ``before`` turns the speed knobs off
-(float32 LoRA branches, gradient checkpointing, the whole minibatch in one forward) with anchor
-targets in chunks of 64 (chunks of 1024 run out of memory); ``shipped`` runs the config as it is;
+``seq_ft`` runs no continual-learning method (``method: null``). Variant ``speed_off`` turns the speed
+settings off (float32 LoRA branches, gradient checkpointing, the whole minibatch in one forward) with
+anchor targets in chunks of 64 (chunks of 1024 run out of memory); ``shipped`` runs the config as it is;
 ``--set KEY=VALUE`` overrides more keys.
 
 Reported per method: medians over each task's iterations after its first (steady state), the
@@ -21,7 +21,7 @@ base weights, the input gradients only) + 3 x attention's (forward + backward), 
 the projector and both vision towers; recomputation by gradient checkpointing is not counted.
 
 Usage (GPU machine, after ``source bench/device_setup.sh install``):
-    python bench/crl_job.py --out $OUT/crl_job.json [--methods crl seq_ft] [--variant shipped|before]
+    python bench/crl_job.py --out $OUT/crl_job.json [--methods crl seq_ft] [--variant shipped|speed_off]
 CPU smoke test of the script itself (tiny random OpenVLA, 2 envs, software rendering):
     python bench/crl_job.py --size tiny --num_envs 2 --frames 16 --eval_episodes 2 --eval_steps 4 --out /tmp/j.json
 """
@@ -46,9 +46,9 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 VARIANTS = {  # dotted config keys -> values; "shipped": configs/crl.yaml as it is
     "shipped": {},
-    "before": {"model.policy.init_args.gradient_checkpointing": True,
-               "model.policy.init_args.lora.compute_dtype": "float32",
-               "model.micro_batch_size": None, "model.target_chunk_size": 64},
+    "speed_off": {"model.policy.init_args.gradient_checkpointing": True,
+                  "model.policy.init_args.lora.compute_dtype": "float32",
+                  "model.micro_batch_size": None, "model.target_chunk_size": 64},
 }
 PHASES = ["collection", "collection/acting", "collection/env", "rollout_targets", "anchor_targets",
           "update/forward", "update/backward", "update/optimizer", "update", "evaluation", "checkpoint",

@@ -36,7 +36,7 @@ from datamodules import robust_env  # noqa: E402
 from datamodules.robust_env import RobustEnvPool  # noqa: E402
 from datamodules.tasks import instructions_of  # noqa: E402
 
-NOW = robust_env._batch
+KIT = robust_env._batch
 
 
 def batch_per_row_stack(rows: list[dict]):
@@ -89,7 +89,7 @@ def main():
                     td = step_mdp(pool.step(td.set("action", action.clone())))
                 cpu = time.process_time() - t
             finally:
-                robust_env._batch = NOW
+                robust_env._batch = KIT
             assert instructions_of(td) == ["put the bowl on the plate"] * n
             return cpu / steps * 1e3
         return run
@@ -102,8 +102,8 @@ def main():
             np.stack([pickle.loads(c.recv_bytes()) for c in pipes])
         return (time.process_time() - t) / steps * 1e3
 
-    paths = {"pool, instructions stacked per row (before)": pool_path(batch_per_row_stack),
-             "pool, one NonTensorData for a common instruction (now)": pool_path(NOW),
+    paths = {"pool, instructions stacked per row (baseline)": pool_path(batch_per_row_stack),
+             "pool, one NonTensorData for a common instruction (the kit's)": pool_path(KIT),
              "raw lock-step pipes (np.stack of the images)": raw_path}
     for f in paths.values():
         f()  # warm-up

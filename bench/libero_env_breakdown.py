@@ -36,7 +36,7 @@ from datamodules.robust_env import _to_wire  # noqa: E402
 
 
 class _CloneAction(Transform):
-    """The old gripper transform's plumbing without its arithmetic (the env does that now)."""
+    """A gripper transform's plumbing without its arithmetic (the kit's env does the arithmetic)."""
 
     def __init__(self):
         super().__init__(in_keys_inv=["action"], out_keys_inv=["action"])
@@ -83,9 +83,9 @@ def main():
                 env._image["stages"] = stages
         return call
 
-    # the alternative: OpenVLA's conventions as torchrl Transforms around the env
-    # around the env; here no-op transforms around the kit's env, so only the plumbing is added
-    as_before = TransformedEnv(env, Compose(OpenVLAObservation(stages=()), _CloneAction()))
+    # the alternative: OpenVLA's conventions as torchrl Transforms around the env; here no-op
+    # transforms around the kit's env, so only the plumbing is added
+    as_transforms = TransformedEnv(env, Compose(OpenVLAObservation(stages=()), _CloneAction()))
     step_out = env.step(kit_td.clone())["next"]
     sim_env = raw.env
     trimmed = {name for name, o in sim_env._observables.items() if not o.is_enabled()}  # what the kit's env switched off
@@ -105,7 +105,7 @@ def main():
         "  read: the kit's chw_frame (one strided copy)": lambda: chw_frame(raw_frame),
         f"  image: JPEG round-trip ({args.render} px)": lambda: jpeg_roundtrip(render, 95),
         f"  image: Lanczos3 resize {args.render}->224 (banded blocks)": lambda: lanczos3_resize(jpeg, 224),
-        f"  image: Lanczos3 resize {args.render}->224 (dense matrices, before)": lambda: dense_lanczos(jpeg),
+        f"  image: Lanczos3 resize {args.render}->224 (dense matrices, baseline)": lambda: dense_lanczos(jpeg),
         "  image: centre crop": lambda: center_crop(resized),
         "  wire: flat numpy row + pickle": lambda: pickle.dumps(_to_wire(step_out), protocol=pickle.HIGHEST_PROTOCOL),
     }
@@ -135,7 +135,7 @@ def main():
         "no sim: kit worker env.step (EnvBase.step)": lambda: env.step(kit_td.clone()),
         "no sim: kit worker env._step": lambda: env._step(kit_td),
         "no sim: TransformedEnv(kit worker env, no-op transforms).step":
-            lambda: as_before.step(kit_td.clone()),
+            lambda: as_transforms.step(kit_td.clone()),
         "no sim: LiberoEnv._step (the kit's subclass, no image pipeline)": no_pipeline(env._step),
     }
     time_parts(machinery)

@@ -31,7 +31,7 @@ from datamodules.openvla_image import (_resize_rounded, _to_uint8, center_crop, 
                                        resize_and_crop)
 
 
-# ---- the old implementations (datamodules/openvla_image.py before this change) ----
+# ---- the baseline: straightforward implementations of the same functions ----
 
 def old_jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
     flat = images.reshape(-1, *images.shape[-3:]).cpu()
@@ -45,8 +45,8 @@ def old_jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def old_lanczos3_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The resize before: the same banded float32 products (the kit's ``_resize_rounded``), then
-    torch's float -> uint8 cast (now numpy's, ``_to_uint8``)."""
+    """The baseline resize: the same banded float32 products (the kit's ``_resize_rounded``), then
+    torch's float -> uint8 cast (the kit's uses numpy's, ``_to_uint8``)."""
     if images.shape[-2:] == (size, size):
         return images
     return _resize_rounded(images, size).to(torch.uint8)

@@ -16,8 +16,8 @@ sparse reward (no RPRM: 85.8 vs 90.2 on LIBERO-Spatial). This callback does it i
    path is in the datamodule's state: a resumed run shapes with the same RPRM) - unless
    ``min_auroc`` is set and the held-out AUROC falls below it: shaping then stays off for the
    run (sparse reward only; ``rprm/shaping_on`` logs the decision). VLA-RL has no such gate
-   (default null); on BabyAI one RPRM of nine reached only AUROC 0.77 and its run never learned
-   (docs/experiments/vla_rl_babyai.md), which is why the kit offers it.
+   (default null); the kit offers it because a poor RPRM can stop learning
+   (docs/experiments/vla_rl_babyai.md).
 
 The policy keeps training on the sparse reward meanwhile. Idle when ``data.reward_shaping`` is
 null (the no-RPRM ablation) or already has a checkpoint. Single-process runs only: under DDP

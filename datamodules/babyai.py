@@ -22,7 +22,7 @@ Fixed initial states (``num_init_states: N``, LIBERO-like): layout i is the scen
 generates from seed i (objects, agent pose); every reset then picks one of the N layouts
 (datamodules/init_states.py: the curriculum's queue, the pinned id of an evaluation env, or
 a uniform draw) and the episode's id is the observation ``init_state_id``. Without it
-(default) layouts come from the env's seed stream, as before.
+(default) every reset draws a new layout from the env's seed stream.
 """
 from __future__ import annotations
 

@@ -33,8 +33,25 @@ class RPRMDataModule(LightningDataModule):
                  heldout_fraction: float = 0.2, shard_size: int = 2048, image_size: int | None = None,
                  flip_180: bool = True, gripper_source: str = "action", batch_size: int = 32,
                  num_workers: int = 0, balance: bool = False, seed: int = 0):
-        """``balance``: sample train frames with class-balanced weights (positives are rare:
-        a few windows per episode); the held-out split is always read as it is."""
+        """
+        Args:
+            data_dir: the dataset's folder (``index.json`` + shards); built from ``demos`` if it
+                has no index yet.
+            demos: LIBERO HDF5 demonstration files or glob patterns to build the dataset from.
+            labeler: the pseudo-labelling rule (``PseudoLabeler``'s knobs).
+            heldout_fraction: fraction of the episodes held out for ``val/accuracy`` and ``val/auroc``.
+            shard_size: frames per shard file written when the dataset is built.
+            image_size: resize frames to this size when writing (null: keep the demos' size).
+            flip_180: flip the demos' frames by 180 degrees (LIBERO renders upside down), to match
+                the frames the RPRM scores online.
+            gripper_source: the gripper signal the labeler reads: ``action`` (the commanded
+                gripper, -1 open / +1 close) or ``state`` (the measured finger positions).
+            batch_size: frames per train and validation batch.
+            num_workers: DataLoader worker processes.
+            balance: sample train frames with class-balanced weights (positives are rare: a few
+                windows per episode); the held-out split is always read as it is.
+            seed: seed of the train loader's shuffling (or balanced sampling).
+        """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size!r}: must be >= 1")

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightning.pytorch.cli import instantiate_class  # noqa: E402
 
 from datamodules.tasks import make_env, parse_stream  # noqa: E402
+from modules.checkpoint_io import safe_load  # noqa: E402
 from modules.policy import TokenVLAPolicy  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def load_policy(run: str) -> TokenVLAPolicy:
     policy = TokenVLAPolicy(**{**args, "backbone": instantiate_class((), args["backbone"])})
     ends = sorted(glob.glob(os.path.join(run, "checkpoints", "task*_end.ckpt")))
     path = ends[-1] if ends else os.path.join(run, "checkpoints", "last.ckpt")
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = safe_load(path, "checkpoint")["state_dict"]  # weights_only=True (docs/reliability.md)
     policy.load_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")})
     return policy.eval(), cfg, path
 

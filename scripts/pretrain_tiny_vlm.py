@@ -10,9 +10,9 @@ cells holds it, or "not in view" (50 classes, a linear head on the last position
 state), and per-cell labels, every image position -> what its cell holds (20 classes). The heads
 are saved beside the weights (to check the checkpoint) and not used by the policy.
 The action tokens' rows of the LM head are never trained here, so the checkpoint acts untrained
-(0.02-0.23 success per quickstart task, at or below a uniform random walk's ~0.3): RL post-training
-starts from random-level success, as the foundation issue asks, but from a model that can already
-read the image and the instruction.
+(its success per quickstart task, and the training that made the committed file:
+docs/experiments/quickstart.md, "The starting model"): RL post-training starts from random-level
+success, but from a model that can already read the image and the instruction.
 
 The checkpoint holds the backbone's init args and its weights; ``TinyLlava(checkpoint=...)``
 loads it and rejects any init arg that differs from the stored one.

@@ -46,8 +46,15 @@ def use_question(backbone: VLMBackbone, template: str) -> None:
 class RPRM(nn.Module):
     def __init__(self, backbone: VLMBackbone, lora: LoRA | None = None, question: str = DEFAULT_QUESTION,
                  head_dropout: float = 0.0):
-        """``lora``: PEFT LoRA on the VLM ({r, alpha, dropout, target_modules}; VLA-RL fine-tunes
-        the RPRM with LoRA); None: the whole VLM trains."""
+        """
+        Args:
+            backbone: the VLM that reads the frame and the question.
+            lora: PEFT LoRA on the VLM ({r, alpha, dropout, target_modules}; VLA-RL fine-tunes the
+                RPRM with LoRA); None: the whole VLM trains.
+            question: the prompt template in place of the policy's; must contain ``{instruction}``
+                (filled with the lower-cased instruction).
+            head_dropout: dropout before the binary head's linear layer.
+        """
         super().__init__()
         use_question(backbone, question)
         hidden = backbone.hidden_size

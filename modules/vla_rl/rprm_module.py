@@ -11,7 +11,15 @@ from modules.vla_rl.rprm import RPRM
 class RPRMModule(LightningModule):
     def __init__(self, rprm: RPRM, lr: float = 1e-4, weight_decay: float = 0.0, adam_eps: float = 1e-8,
                  pos_weight: float | None = None, threshold: float = 0.5):
-        """``pos_weight``: BCE weight of the positive class (positives are rare); None = 1."""
+        """
+        Args:
+            rprm: the reward model to train (``RPRM``: VLM + LoRA + binary head).
+            lr: AdamW learning rate of the trainable parameters (LoRA and head, or all).
+            weight_decay: AdamW weight decay.
+            adam_eps: AdamW epsilon.
+            pos_weight: BCE weight of the positive class (positives are rare); None = 1.
+            threshold: decision threshold on the predicted probability for the accuracy metrics.
+        """
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr={lr!r}: must be > 0")
