@@ -19,7 +19,9 @@ actions, i.e. 8 env steps per observation.
     backward + AdamW step, samples/s and peak memory at each micro-batch (no checkpointing).
 (c) one CRL step (the old adapter's Laplace parameters for the anchors, one evaluate over current
     + anchor samples, anchor critic, the closed-form Laplace KL + anchor value terms) vs the PPO
-    step, peak memory at the same micro-batch.
+    step, peak memory: with the PPO step's current samples plus half as many anchors (1.5x the
+    rows per forward), and at the same rows per forward (what ``model.micro_batch_size`` holds:
+    current and anchor rows together).
 
 Usage: python bench/oft_gpu.py [--out oft.json]      (GPU)
        python bench/oft_gpu.py --small                (CPU smoke test of the script)
@@ -116,9 +118,16 @@ def bench_update(args, dev, dtype, res):
     old, anchor_critic = policy.snapshot(), frozen_copy(critic)
     obs, prompts = oft_inputs(policy, mb, dev, seed=99)
     chunks = torch.rand(mb, K, D, device=dev) * 2 - 1
-    out = res.setdefault("crl_vs_ppo", {"micro_batch": mb, "anchors": n_anchor})
+    # the kit's micro_batch_size counts current + anchor rows: at the same rows per forward as PPO,
+    # a slice holds ~2/3 current and ~1/3 anchor rows (anchor_fraction 0.5)
+    n_rows_anchor = mb // 3
+    obs_r, prompts_r = oft_inputs(policy, mb - n_rows_anchor, dev, seed=98)
+    chunks_r = chunks[:mb - n_rows_anchor]
+    out = res.setdefault("crl_vs_ppo", {"micro_batch": mb, "anchors": n_anchor, "same_rows_anchors": n_rows_anchor})
     for name, fn in (("ppo", lambda: ppo_step(policy, critic, opt, obs, prompts, chunks)),
-                     ("crl", lambda: crl_step(policy, old, critic, anchor_critic, opt, obs, prompts, chunks, n_anchor))):
+                     ("crl", lambda: crl_step(policy, old, critic, anchor_critic, opt, obs, prompts, chunks, n_anchor)),
+                     ("crl_same_rows", lambda: crl_step(policy, old, critic, anchor_critic, opt, obs_r, prompts_r,
+                                                        chunks_r, n_rows_anchor))):
         out[name] = timed_step(fn, dev, args.train_reps, opt)
         log(f"{name} at micro-batch {mb}: {out[name]}")
 
@@ -147,6 +156,12 @@ def table(res) -> str:
         lines.append(f"\nCRL vs PPO at micro-batch {c['micro_batch']} ({c['anchors']} anchors): step "
                      f"{f(c['crl']['step_s'])} vs {f(c['ppo']['step_s'])} s, peak {c['crl']['peak_gib']:.1f} vs "
                      f"{c['ppo']['peak_gib']:.1f} GiB ({c['crl']['peak_gib'] / c['ppo']['peak_gib']:.2f}x)")
+        r = c.get("crl_same_rows")
+        if r and not isinstance(r["peak_gib"], str):
+            m, na = c["micro_batch"], c["same_rows_anchors"]
+            lines.append(f"CRL at {m} rows per forward ({m - na} current + {na} anchors, the kit's micro_batch_size): "
+                         f"step {f(r['step_s'])} s, peak {r['peak_gib']:.1f} GiB "
+                         f"({r['peak_gib'] / c['ppo']['peak_gib']:.2f}x PPO)")
     return "\n".join(lines)
 
 
