@@ -40,7 +40,7 @@ from torchrl.envs.utils import step_mdp
 from callbacks.metrics import continual_metrics, heatmap_image
 from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.videos import EpisodeRecorder, add_tensorboard_video, write_mp4
-from datamodules.robust_env import worker_restarts
+from datamodules.robust_env import RobustEnvPool, worker_restarts
 from modules.checkpoint_io import atomic_write_text
 from modules.timing import phase
 
@@ -49,7 +49,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def __init__(self, episodes_per_task: int = 32, num_envs: int = 32, greedy: bool = False,
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
                  temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10,
-                 tag: str = "", evaluate_before: bool = True, task_ends: str = "all"):
+                 tag: str = "", evaluate_before: bool | str = True, task_ends: str = "all"):
         """
         Args:
             episodes_per_task: episodes per task and evaluation (LIBERO: episode e starts from the
@@ -65,7 +65,10 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             tag: names a second evaluation's files and scalars (``metrics_<tag>.json``); empty
                 for the main one.
             evaluate_before: score the starting model before the first task (``b``, needed for
-                forward transfer FT); false for a model trained from scratch (``b`` null, FT undefined).
+                forward transfer FT); false for a model trained from scratch (``b`` null, FT
+                undefined); or the ``metrics.json`` of the run that trained the starting model
+                (e.g. the SFT run whose exported policy this run loads): ``b`` is that run's final
+                score, which must cover the same tasks with the same episodes, greedy and temperature.
             task_ends: ``all``: after every task (R's rows); ``last``: after the stream's last task
                 only (one score of the final model, e.g. multi-task SFT cut into blocks; the other
                 rows stay null and the continual metrics are not computed).
@@ -138,10 +141,14 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         n = env.batch_size.numel()
         finished = torch.zeros(n, dtype=torch.bool)
         success = torch.zeros(n, dtype=torch.bool)
+        partial = isinstance(getattr(env, "base_env", env), RobustEnvPool)  # workers whose episode ended rest
         for _ in range(self.max_steps):
             if recorder is not None:
                 recorder.add(td, ~finished)
-            td = env.step(policy(td.to(device)).to(env.device))
+            td = policy(td.to(device)).to(env.device)
+            if partial:
+                td.set("_step", ~finished.reshape(td.batch_size))
+            td = env.step(td)
             done = td.get(("next", "done")).reshape(-1)
             first = done & ~finished  # only each env's first episode counts
             success |= first & td.get(("next", "success")).reshape(-1)
@@ -172,9 +179,31 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def on_task_start(self, trainer, pl_module, task_index):
         if self.R is None:  # the starting model, once
             self.R = [None] * trainer.datamodule.num_tasks
-            if self.evaluate_before:
+            if isinstance(self.evaluate_before, str):
+                self.b = self._score_of_earlier_run(trainer, self.evaluate_before)
+                self._record(trainer, f"before (from {self.evaluate_before})", self.b)
+            elif self.evaluate_before:
                 self.b = self.evaluate_all(trainer, pl_module, "before")
                 self._record(trainer, "before", self.b)
+
+    def _score_of_earlier_run(self, trainer, path: str) -> list[float]:
+        """The final R row of an earlier run's metrics.json, checked to be this evaluation's."""
+        where = f"PerTaskEvaluation.evaluate_before={path!r}"
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}: cannot read it as a metrics.json ({e})") from None
+        rows = [r for r in earlier.get("R") or [] if r is not None]
+        tasks = [t.name for t in trainer.datamodule.tasks]
+        expected = {"complete": True, "tasks": tasks, "episodes_per_task": self.episodes, "greedy": self.greedy,
+                    "temperature": self.temperature}
+        for key, value in expected.items():
+            if earlier.get(key) != value:
+                raise ValueError(f"{where}: its {key} is {earlier.get(key)!r}, this evaluation's {value!r}")
+        if not rows or len(rows[-1]) != len(tasks):
+            raise ValueError(f"{where}: no final score of {len(tasks)} tasks in its R")
+        return [float(v) for v in rows[-1]]
 
     def on_task_results(self, trainer, pl_module, task_index, iterations):
         if self.task_ends == "last" and task_index < len(self.R) - 1:

@@ -15,6 +15,11 @@ counts them. The training datamodule and the evaluation report both counts (Tens
 
 Workers hold one unbatched torchrl env each (built by a picklable ``make_env()``) and answer
 ``reset`` and ``step`` over a pipe.
+
+Partial steps (torchrl's ``"_step"`` mask in the input TensorDict): only the workers whose
+entry is true step; the others do no work and their row repeats their last observation and
+the done flags (and ``success``) of their last step, with reward 0. The evaluation uses it to
+stop simulating and rendering envs whose episode has ended.
 """
 from __future__ import annotations
 
@@ -126,6 +131,7 @@ class RobustEnvPool(EnvBase):
         self._conns: list = [None] * n
         self._ready = [False] * n
         self._last: list[dict | None] = [None] * n  # each worker's last observation, as a flat row
+        self._last_flags: list[dict | None] = [None] * n  # done flags and success of its last step
         self.failures = 0
         for i in range(n):
             self._start(i)
@@ -144,6 +150,9 @@ class RobustEnvPool(EnvBase):
         self.full_action_spec = specs["action"].expand(*batched)
         self.full_reward_spec = specs["reward"].expand(*batched)
         self.full_done_spec = specs["done"].expand(*batched)
+        self._flag_keys = {k if isinstance(k, tuple) else (k,) for k in self.full_done_spec.keys()}
+        if "success" in specs["observation"].keys() or "success" in specs.get("done", {}).keys():
+            self._flag_keys.add(("success",))
 
     # -- worker lifecycle ---------------------------------------------------------------------
     def _start(self, i: int) -> None:
@@ -231,18 +240,24 @@ class RobustEnvPool(EnvBase):
                     raise RuntimeError(f"env worker {i} failed to reset twice in a row")
                 got[i] = again[i]
             self._last[i] = self._observation(got[i])
+            self._last_flags[i] = None
         return self._stack(reset=True)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         actions = tensordict.get("action")
         n = self.batch_size[0]
         actions = actions.detach().cpu().numpy()
-        got = self._call(list(range(n)), [("step", actions[i]) for i in range(n)], self.step_timeout)
+        mask = tensordict.get("_step", None)  # torchrl's partial steps: only these workers step
+        ids = list(range(n)) if mask is None else mask.reshape(-1).nonzero().flatten().tolist()
+        got = self._call(ids, [("step", actions[i]) for i in ids], self.step_timeout)
         rows = []
         for i in range(n):
-            if i in got:
+            if i not in ids:
+                row = self._idle_transition(i)
+            elif i in got:
                 row = got[i]
                 self._last[i] = self._observation(row)
+                self._last_flags[i] = {k: v for k, v in row.items() if k in self._flag_keys}
                 row[(FAILED_KEY,)] = np.zeros(1, dtype=bool)
             else:
                 alive = self._procs[i].is_alive()
@@ -256,6 +271,16 @@ class RobustEnvPool(EnvBase):
         obs = {k: v for k, v in row.items() if k in self._obs_keys}
         obs[(FAILED_KEY,)] = np.zeros(1, dtype=bool)
         return obs
+
+    def _idle_transition(self, i: int) -> dict:
+        """Worker i left out of a partial step: its last observation, reward 0, and the done flags
+        and success of its last step (all false when it has not stepped since its reset)."""
+        row = dict(self._last[i])
+        reward = self.full_reward_spec["reward"]
+        row[("reward",)] = np.zeros(reward.shape[-1:], dtype=torch.empty(0, dtype=reward.dtype).numpy().dtype)
+        flags = self._last_flags[i] or {k: np.zeros(1, dtype=bool) for k in self._flag_keys}
+        row.update(flags)
+        return row
 
     def _failed_transition(self, i: int) -> dict:
         """The last good observation, reward 0, ``done`` and ``truncated`` (when the env has it)

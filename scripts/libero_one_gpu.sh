@@ -33,6 +33,8 @@ case "$stage" in
     && echo "sft: complete ($OUT/sft_policy)" ;;
   rl)
     test -f "$OUT/sft_policy/config.json" || { echo "rl: no $OUT/sft_policy (run the sft stage)"; exit 1; }
+    grep -qs '"complete": true' "$OUT/sft/seed0/metrics.json" \
+      || { echo "rl: the SFT policy's score is not complete in $OUT/sft/seed0/metrics.json (run the sft stage)"; exit 1; }
     "$PY" scripts/sweep.py --config configs/crl_libero_small.yaml --method crl= \
         --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" \
         --time_limit "$LIMIT" --resume \

@@ -281,7 +281,8 @@ def _evaluation(**kw):
 @pytest.mark.slow
 def test_sft_then_rl_through_train_py(demos, tmp_path):
     """configs/sft_libero_small.yaml (2 SFT steps, tiny model, 32 px) -> its export ->
-    configs/crl_libero_small.yaml from it (1 PPO iteration; the anchors' path is libero_smoke's)."""
+    configs/crl_libero_small.yaml from it (1 PPO iteration; the anchors' path is libero_smoke's),
+    its starting score taken from the SFT run's metrics.json."""
     from conftest import run_train
 
     export = str(tmp_path / "sft_policy")
@@ -307,13 +308,15 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
     rl = _overlay(tmp_path, "rl", {
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "logger": _logger(tmp_path, "rl"),
                     "callbacks": [{"class_path": "callbacks.task_switch.TaskSwitch",
-                                   "init_args": {"iterations_per_task": 1}}, _evaluation()]},
+                                   "init_args": {"iterations_per_task": 1}}, _evaluation(evaluate_before=metrics)]},
         "model": {"policy": {"init_args": {"backbone": {"init_args": {"pretrained": export}}, "norm_stats": export}},
                   "critic_hidden_sizes": [16, 16], "critic_warmup_iterations": 0},
         "data": {"stream": [{**STREAM, "task_ids": [8]}], "num_envs": 1, "frames_per_batch": 8,
                  "ppo_epochs": 1, "num_minibatches": 1}})
     res = run_train("--config", "configs/crl_libero_small.yaml", "--config", rl, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    sft_score = m["R"][-1]
     (metrics,) = glob.glob(str(tmp_path / "runs" / "rl" / "version_*" / "metrics.json"))
     m = json.load(open(metrics))
-    assert m["complete"] and [len(r) for r in m["R"]] == [1]
+    # the starting model's score b is the SFT run's final score (evaluate_before: its metrics.json)
+    assert m["complete"] and [len(r) for r in m["R"]] == [1] and m["b"] == sft_score

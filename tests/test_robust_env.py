@@ -95,6 +95,34 @@ def test_one_instruction_for_all_workers_is_one_non_tensor_value():
         mixed.close()
 
 
+def test_partial_steps_leave_the_other_workers_untouched():
+    """torchrl's ``_step`` mask: the masked-out worker does not step (its env's later steps equal
+    an env that skipped that step) and its row repeats its last observation and done flags with
+    reward 0; the stepped workers equal in-process envs."""
+    makers = [functools.partial(_make, i, s) for i, s in enumerate(INSTRUCTIONS)]
+    pool, local = RobustEnvPool(makers, step_timeout=20.0), [m() for m in makers]
+    try:
+        td, ref = pool.reset(), [e.reset() for e in local]
+        gen = torch.Generator().manual_seed(0)
+        for t in range(4):
+            action = torch.rand(3, 7, generator=gen) * 2 - 1
+            mask = torch.tensor([True, t != 1, True])  # worker 1 rests at step 1
+            before = td["observation", "state"][1].clone()
+            out = pool.step(td.set("action", action).set("_step", mask))["next"]
+            for i in range(3):
+                if not mask[i]:
+                    assert torch.equal(out["observation", "state"][i], before) and out["reward"][i].item() == 0.0
+                    assert out["done"][i].item() == (t > 0 and bool(prev_done[i]))
+                    continue
+                ref[i] = local[i].step(ref[i].set("action", action[i]))["next"]
+                for key in (("observation", "state"), ("observation", "image"), "reward", "done"):
+                    assert torch.equal(out[key][i], ref[i][key]), (t, i, key)
+            prev_done = out["done"].reshape(-1).clone()
+            td = out
+    finally:
+        pool.close()
+
+
 def _die_first_time(marker: str, seed: int):
     if not os.path.exists(marker):
         open(marker, "w").close()

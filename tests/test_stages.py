@@ -97,6 +97,36 @@ def test_evaluation_of_the_final_model_only(tiny_policy, tmp_path):
         PerTaskEvaluation(task_ends="first")
 
 
+def test_starting_score_from_the_run_that_trained_the_model(tiny_policy, tmp_path):
+    """evaluate_before: <metrics.json>: b is the earlier run's final score (no evaluation of the
+    starting model), so forward transfer is defined; a score of other episodes is one error line."""
+    import json
+
+    def run(folder, evaluation):
+        torch.manual_seed(0)
+        module = CRLModule(tiny_policy(), critic_hidden_sizes=[16])
+        dm = OnPolicyDataModule([_babyai("red ball"), _babyai("green key")], num_envs=4, frames_per_batch=32,
+                                ppo_epochs=1, num_minibatches=1)
+        Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(folder),
+                callbacks=[TaskSwitch(iterations_per_task=1, save_checkpoints=False), evaluation]).fit(module,
+                                                                                                    datamodule=dm)
+        return evaluation
+
+    first = run(tmp_path / "sft", PerTaskEvaluation(episodes_per_task=4, num_envs=4, max_steps=16,
+                                                    evaluate_before=False, task_ends="last"))
+    earlier = str(tmp_path / "sft" / "metrics.json")
+    second = run(tmp_path / "rl", PerTaskEvaluation(episodes_per_task=4, num_envs=4, max_steps=16,
+                                                    evaluate_before=earlier))
+    assert second.b == first.R[1] and all(r is not None for r in second.R)
+    res = json.load(open(tmp_path / "rl" / "metrics.json"))
+    assert res["b"] == first.R[1] and res["metrics"]["FT"] is not None
+    assert open(tmp_path / "rl" / "R.csv").read().splitlines()[1].startswith("before,")
+    with pytest.raises(ValueError, match=r"^PerTaskEvaluation.evaluate_before='.*': its episodes_per_task is 4, "
+                                         r"this evaluation's 8$"):
+        run(tmp_path / "rl8", PerTaskEvaluation(episodes_per_task=8, num_envs=4, max_steps=16, evaluate_before=earlier))
+
+
 @pytest.mark.parametrize("max_epochs", [1, -1])
 def test_export_only_at_the_streams_end(tiny_policy, tmp_path, max_epochs):
     """ExportPolicy writes the policy when the stream ran to its end, never for a run stopped
