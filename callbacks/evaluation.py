@@ -27,6 +27,7 @@ differ, stay in step, and changing the evaluation does not change training).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -39,7 +40,8 @@ from torchrl.envs.utils import step_mdp
 
 from callbacks.metrics import continual_metrics, heatmap_image
 from callbacks.task_boundary import TaskBoundaryHooks
-from callbacks.videos import EpisodeRecorder, add_tensorboard_video, write_mp4
+from callbacks.videos import EpisodeRecorder, add_tensorboard_video, to_hwc_uint8, write_mp4
+from datamodules.init_states import InitStateQueues
 from datamodules.robust_env import RobustEnvPool, worker_restarts
 from modules.checkpoint_io import atomic_write_text
 from modules.timing import phase
@@ -49,7 +51,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
     def __init__(self, episodes_per_task: int = 32, num_envs: int = 32, greedy: bool = False,
                  every_n_iterations: int = 0, seed: int = 12345, max_steps: int = 1000,
                  temperature: float | None = None, videos_per_task: int = 0, video_fps: int = 10,
-                 tag: str = "", evaluate_before: bool | str = True, task_ends: str = "all"):
+                 tag: str = "", evaluate_before: bool | str = True, task_ends: str = "all", one_pool: bool = False):
         """
         Args:
             episodes_per_task: episodes per task and evaluation (LIBERO: episode e starts from the
@@ -72,6 +74,15 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             task_ends: ``all``: after every task (R's rows); ``last``: after the stream's last task
                 only (one score of the final model, e.g. multi-task SFT cut into blocks; the other
                 rows stay null and the continual metrics are not computed).
+            one_pool: run every task's episodes through one pool of ``num_envs`` envs (worker w
+                on task w mod K), each worker running its queue of fixed initial states back to
+                back: one pool built per evaluation instead of one per ``num_envs`` episodes of
+                each task (LIBERO workers take seconds to build). Needs fixed initial states
+                (LIBERO; BabyAI with ``num_init_states``), tasks that differ only in their target,
+                no multi-task stages, and ``num_envs`` >= the number of tasks. Where an episode is
+                fixed by its initial state (BabyAI) greedy episodes are the per-task pools'; on
+                LIBERO, where the env's seed also places the fixtures, every episode of a task
+                plays in the scene of the per-task pools' first episode of that task.
         """
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
@@ -90,7 +101,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         self.temperature = temperature
         if task_ends not in ("all", "last"):
             raise ValueError(f"PerTaskEvaluation.task_ends={task_ends!r}: 'all' or 'last'")
-        self.tag, self.evaluate_before, self.task_ends = tag, evaluate_before, task_ends
+        self.tag, self.evaluate_before, self.task_ends, self.one_pool = tag, evaluate_before, task_ends, one_pool
         suffix = f"_{tag}" if tag else ""
         self.metrics_file, self.r_file = f"metrics{suffix}.json", f"R{suffix}.csv"
         self.scalar_prefix, self.video_folder = f"eval{suffix}", f"videos{suffix}"
@@ -164,16 +175,114 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         if label is not None and self.videos > 0:
             video_dir = os.path.join(trainer.log_dir or ".", self.video_folder, label)  # every rank asks (broadcast)
         with phase("evaluation"):
+            if self.one_pool:
+                return self.success_rates_in_one_pool(trainer, pl_module, video_dir)
             return [self.success_rate(trainer, pl_module, i, video_dir) for i in range(trainer.datamodule.num_tasks)]
 
+    @torch.no_grad()
+    def success_rates_in_one_pool(self, trainer, pl_module, video_dir: str | None = None) -> list[float]:
+        """Every task's success from one pool (``one_pool``): worker w runs task w mod K, and
+        the episodes of task k go round-robin to its workers, each worker's queue of initial
+        states played back to back; a worker whose queue is done rests (partial steps)."""
+        dm = trainer.datamodule
+        tasks, K = list(dm.tasks), dm.num_tasks
+        self._check_one_pool(tasks)
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = list(range(rank, self.episodes, world))
+        W = min(self.num_envs, K * len(mine))
+        workers_of = [list(range(k, W, K)) for k in range(K)]
+        queues = [[] for _ in range(W)]
+        for k in range(K):
+            for j, e in enumerate(mine):
+                queues[workers_of[k][j % len(workers_of[k])]].append(e)
+        ids = InitStateQueues(W, max(len(q) for q in queues))
+        ids.set(queues)
+        seed = self.seed + ids.capacity * rank
+        # LIBERO: a worker's seed places the fixtures; every worker of task k gets the seed of the
+        # per-task pools' first env of task k, so all of the task's episodes play in that one scene
+        # (as OpenVLA's evaluation: one env per task)
+        env_seeds = [self.seed + 7919 * (w % K) + rank for w in range(W)] if tasks[0].env == "libero" else seed
+        env = dm.make_env(dataclasses.replace(tasks[0], target=None, subtasks=tuple(tasks)), W, seed=env_seeds,
+                          init_state_queues=ids)
+        policy = pl_module.acting_policy(greedy=self.greedy, temperature=self.temperature)
+        was_training = pl_module.training
+        pl_module.eval()
+        # the first videos_per_task episodes of each task (at most one per worker): episode j of
+        # task k is the first one of worker workers_of[k][j]
+        filmed = {workers_of[k][j]: (k, mine[j]) for k in range(K)
+                  for j in range(min(self.videos, len(mine), len(workers_of[k])))
+                  if video_dir is not None and rank == 0}
+        frames = {w: [] for w in filmed}
+        successes = torch.zeros(K)
+        played = [0] * W  # episodes finished per worker
+        partial = isinstance(getattr(env, "base_env", env), RobustEnvPool)
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            td = env.reset()
+            running = torch.ones(W, dtype=torch.bool)
+            age = torch.zeros(W, dtype=torch.long)  # steps of each worker's current episode
+            while running.any():
+                for w in filmed:
+                    if played[w] == 0 and running[w]:
+                        frames[w].append(to_hwc_uint8(td.get(("observation", "image"))[w]))
+                td = policy(td.to(pl_module.device)).to(env.device)
+                if partial:
+                    td.set("_step", running.reshape(td.batch_size))
+                td = env.step(td)
+                age += running.long()
+                # an episode ends at the env's done or at max_steps (a failure unless it succeeded)
+                ended = (td.get(("next", "done")).reshape(-1) | (age >= self.max_steps)) & running
+                won = td.get(("next", "success")).reshape(-1) & td.get(("next", "done")).reshape(-1)
+                again = torch.zeros(W, dtype=torch.bool)
+                for w in ended.nonzero().flatten().tolist():
+                    successes[w % K] += float(won[w])
+                    played[w] += 1
+                    age[w] = 0
+                    again[w] = played[w] < len(queues[w])
+                    running[w] = bool(again[w])
+                td = step_mdp(td)
+                if again.any():  # the next initial state of the worker's queue; the others keep theirs
+                    td = env.reset(td.set("_reset", again.reshape(*td.batch_size, 1)))
+        restarts = worker_restarts(env)
+        self.worker_restarts = {k: self.worker_restarts[k] + restarts[k] for k in restarts}
+        env.close()
+        pl_module.train(was_training)
+        for w, (k, e) in filmed.items():
+            if frames[w]:
+                self._write_video(trainer, video_dir, k, e, np.stack(frames[w]))
+        if filmed:
+            rank_zero_info(f"[{self.scalar_prefix}] videos in {video_dir}")
+        counts = torch.cat([successes, torch.tensor([float(len(mine))])]).to(pl_module.device, torch.float64)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return [float(counts[k] / counts[K]) for k in range(K)]
+
+    def _check_one_pool(self, tasks) -> None:
+        where = "PerTaskEvaluation.one_pool=true"
+        first = tasks[0]
+        if any(t.subtasks for t in tasks):
+            raise ValueError(f"{where}: the stream has multi-task stages; use per-task pools (one_pool: false)")
+        if any((t.env, t.level, t.max_steps, t.params) != (first.env, first.level, first.max_steps, first.params)
+               for t in tasks):
+            raise ValueError(f"{where}: the stream's tasks must be one BabyAI level or LIBERO suite with the same "
+                             "parameters, differing only in their target")
+        if first.env == "babyai" and first.params.get("num_init_states") is None:
+            raise ValueError(f"{where}: BabyAI tasks need fixed initial states (num_init_states)")
+        if self.num_envs < len(tasks):
+            raise ValueError(f"PerTaskEvaluation.num_envs={self.num_envs!r}: one_pool needs >= {len(tasks)} "
+                             "(one per task)")
+
     def _save_videos(self, trainer, recorder, task_index, video_dir, episode_ids):
-        exp = getattr(trainer.logger, "experiment", None)
         for e, frames in zip(episode_ids, recorder.episodes()):
-            path = write_mp4(os.path.join(video_dir, f"task{task_index}_ep{e}.mp4"), frames, self.video_fps)
-            if exp is not None and hasattr(exp, "file_writer"):
-                add_tensorboard_video(exp, f"{self.scalar_prefix}_video/task{task_index}_ep{e}/{os.path.basename(video_dir)}",
-                                      frames, trainer.current_epoch, self.video_fps)
+            self._write_video(trainer, video_dir, task_index, e, frames)
         rank_zero_info(f"[{self.scalar_prefix}] videos of task {task_index} in {video_dir}")
+
+    def _write_video(self, trainer, video_dir, task_index, episode, frames):
+        write_mp4(os.path.join(video_dir, f"task{task_index}_ep{episode}.mp4"), frames, self.video_fps)
+        exp = getattr(trainer.logger, "experiment", None)
+        if exp is not None and hasattr(exp, "file_writer"):
+            add_tensorboard_video(exp, f"{self.scalar_prefix}_video/task{task_index}_ep{episode}/"
+                                       f"{os.path.basename(video_dir)}", frames, trainer.current_epoch, self.video_fps)
 
     # -- boundary events ------------------------------------------------------------------
     def on_task_start(self, trainer, pl_module, task_index):

@@ -217,19 +217,22 @@ def render_gpu_ids() -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
-def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: int, max_steps: int | None = None,
-                    init_state_ids: list[int] | None = None, options: dict | None = None,
-                    init_state_queues=None):
+def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: int | list[int],
+                    max_steps: int | None = None, init_state_ids: list[int] | None = None,
+                    options: dict | None = None, init_state_queues=None):
     """``num_envs`` LIBERO workers on one task (a list: worker i runs ``task_id[i % K]``, joint
     training); ``init_state_ids`` (evaluation) pins worker i to that init state, else training
-    resets take the curriculum's ``init_state_queues`` (datamodules/init_states.py) or draw one at random."""
+    resets take the curriculum's ``init_state_queues`` (datamodules/init_states.py) or draw one at random.
+    ``seed``: worker i gets ``seed + 1000 i``, or ``seed[i]`` from a list. A worker's seed also
+    places the fixtures (stove, cabinet, rack: up to ~1 cm apart between seeds), which LIBERO's
+    stored initial states leave out: they hold the robot's and the movable objects' state."""
     renderer = setup_libero()
     options = libero_options(options or {})
     max_steps = max_steps or SUITES[suite][1]
     gpus = render_gpu_ids() if renderer == "egl" else []
     makers = [functools.partial(
         worker_env, suite, task_id[i % len(task_id)] if isinstance(task_id, list) else task_id,
-        seed=seed + 1_000 * i, max_steps=max_steps,
+        seed=seed[i] if isinstance(seed, list) else seed + 1_000 * i, max_steps=max_steps,
         init_state_id=None if init_state_ids is None else int(init_state_ids[i]),
         render_gpu=gpus[i % len(gpus)] if gpus else None, options=options,
         init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs)]

@@ -206,13 +206,14 @@ def init_state_count(task: Task, where: str = "data.stream[i]") -> int:
     return n
 
 
-def make_env(task: Task, num_envs: int, seed: int, init_state_ids: list[int] | None = None,
+def make_env(task: Task, num_envs: int, seed: int | list[int], init_state_ids: list[int] | None = None,
              init_state_queues=None):
     """A batched TorchRL env for ``task`` (the VLA TensorDict schema). ``init_state_ids``
     (evaluation): env i starts from that fixed initial state where the env kind has them
     (LIBERO; BabyAI with ``num_init_states``); otherwise BabyAI's layouts come from the seed.
     ``init_state_queues`` (datamodules/init_states.py): the curriculum's ids for the resets.
-    A multi-task stage: one env over its tasks (``make_joint_env``)."""
+    A multi-task stage: one env over its tasks (``make_joint_env``). ``seed``: a list gives
+    LIBERO's workers one seed each (other env kinds take an int)."""
     if task.subtasks:
         return make_joint_env(list(task.subtasks), num_envs, seed, init_state_queues, init_state_ids)
     if task.env == "libero":
@@ -249,7 +250,7 @@ def check_joint(tasks: list[Task], num_envs: int) -> None:
         raise ValueError(f"data.num_envs={num_envs!r}: data.joint=True needs >= {len(tasks)} (one per task)")
 
 
-def make_joint_env(tasks: list[Task], num_envs: int, seed: int, init_state_queues=None,
+def make_joint_env(tasks: list[Task], num_envs: int, seed: int | list[int], init_state_queues=None,
                    init_state_ids: list[int] | None = None):
     """One batched env over all ``tasks`` at once (env i: task i mod K), for joint multi-task
     training (the MTL oracle, multi-task stages; VLA-RL's one policy for a whole LIBERO suite).

@@ -289,6 +289,39 @@ def test_libero_smoke_config_end_to_end(tmp_path):
     assert float(np.std(frames[0])) > 5  # a rendered scene, not a blank frame
 
 
+@pytest.mark.slow
+def test_one_pool_evaluation_plays_the_per_task_pools_episodes(tmp_path):
+    """``train.py test`` of configs/libero_smoke.yaml's policy, per-task pools against one pool
+    (one_pool: worker w on task w mod 2, each worker 2 fixed initial states back to back, idle
+    workers left out of the steps, every worker of a task seeded as the per-task pools' first
+    env of it, so in its scene): the first episode of every task is the same, frame for frame."""
+    import glob
+    import json
+
+    import yaml
+    from conftest import run_train
+    from helpers.videos import read_mp4
+
+    out = {}
+    for one_pool in (False, True):
+        name = f"one_pool_{one_pool}"
+        overlay = tmp_path / f"{name}.yaml"
+        overlay.write_text(yaml.safe_dump({"trainer": {
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(tmp_path), "name": name}},
+            "callbacks": [{"class_path": "callbacks.evaluation.PerTaskEvaluation",
+                           "init_args": {"episodes_per_task": 4, "num_envs": 2 if not one_pool else 4, "greedy": True,
+                                         "videos_per_task": 1, "one_pool": one_pool}}]}}))
+        res = run_train("test", "--config", "configs/libero_smoke.yaml", "--config", str(overlay), timeout=1200)
+        assert res.returncode == 0, res.stderr[-3000:]
+        (log_dir,) = glob.glob(str(tmp_path / name / "version_*"))
+        out[one_pool] = (json.load(open(f"{log_dir}/evaluation.json"))["success"],
+                         [read_mp4(f"{log_dir}/videos/evaluation/task{i}_ep0.mp4") for i in (0, 1)])
+    assert len(out[True][0]) == 2 and all(0.0 <= v <= 1.0 for v in out[True][0])
+    for a, b in zip(out[True][1], out[False][1]):
+        assert len(a) == len(b) > 1 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def test_render_gpus_are_the_ranks_own_under_ddp_and_all_gpus_in_one_process(monkeypatch):
     """A 4-GPU host: one process renders round-robin on 0..3; DDP rank 2 (its current device 2)
     renders on GPU 2 only; no CUDA: software rendering (no GPU id)."""

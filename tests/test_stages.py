@@ -1,4 +1,5 @@
 """Multi-task stages: a stream entry that trains several tasks jointly, with every method."""
+import numpy as np
 import pytest
 import torch
 from lightning import Callback, Trainer
@@ -125,6 +126,42 @@ def test_starting_score_from_the_run_that_trained_the_model(tiny_policy, tmp_pat
     with pytest.raises(ValueError, match=r"^PerTaskEvaluation.evaluate_before='.*': its episodes_per_task is 4, "
                                          r"this evaluation's 8$"):
         run(tmp_path / "rl8", PerTaskEvaluation(episodes_per_task=8, num_envs=4, max_steps=16, evaluate_before=earlier))
+
+
+def test_one_pool_evaluation_scores_what_per_task_pools_score(tiny_policy, tmp_path):
+    """one_pool: every task's episodes in one pool of 4 envs (2 workers per task, 5 fixed
+    initial states each, played back to back) gives the per-task pools' greedy successes, b and
+    every row of R; the two videos per task are the same episodes' frames."""
+    import json
+    import os
+
+    from helpers.videos import read_mp4
+
+    stream = [_babyai("red ball", num_init_states=10), _babyai("green key", num_init_states=10)]
+
+    def run(folder, one_pool):
+        torch.manual_seed(0)
+        module = CRLModule(tiny_policy(), critic_hidden_sizes=[16])
+        dm = OnPolicyDataModule(stream, num_envs=4, frames_per_batch=32, ppo_epochs=1, num_minibatches=1)
+        evaluation = PerTaskEvaluation(episodes_per_task=10, num_envs=4, greedy=True, max_steps=40,
+                                       videos_per_task=2, one_pool=one_pool)
+        Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(folder),
+                callbacks=[TaskSwitch(iterations_per_task=1, save_checkpoints=False), evaluation]).fit(module,
+                                                                                                    datamodule=dm)
+        return json.load(open(folder / "metrics.json"))
+
+    per_task, pooled = run(tmp_path / "per_task", False), run(tmp_path / "pooled", True)
+    assert pooled["b"] == per_task["b"] and pooled["R"] == per_task["R"]
+    assert sum(per_task["b"]) + sum(map(sum, per_task["R"])) > 0  # some episodes succeed: the test can fail
+    for when in ("before", "after_task1"):
+        for name in ("task0_ep0.mp4", "task1_ep1.mp4"):
+            a, b = (read_mp4(str(tmp_path / run / "videos" / when / name)) for run in ("per_task", "pooled"))
+            assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match=r"^PerTaskEvaluation.one_pool=true: BabyAI tasks need fixed initial"):
+        PerTaskEvaluation(one_pool=True)._check_one_pool(
+            OnPolicyDataModule([_babyai("red ball")], num_envs=1).tasks)
+    assert os.path.isdir(tmp_path / "pooled" / "videos")
 
 
 @pytest.mark.parametrize("max_epochs", [1, -1])
