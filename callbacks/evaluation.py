@@ -43,6 +43,7 @@ from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.videos import EpisodeRecorder, add_tensorboard_video, to_hwc_uint8, write_mp4
 from datamodules.init_states import InitStateQueues
 from datamodules.robust_env import RobustEnvPool, worker_restarts
+from datamodules.tasks import check_joint
 from modules.checkpoint_io import atomic_write_text
 from modules.timing import phase
 
@@ -152,7 +153,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         n = env.batch_size.numel()
         finished = torch.zeros(n, dtype=torch.bool)
         success = torch.zeros(n, dtype=torch.bool)
-        partial = isinstance(getattr(env, "base_env", env), RobustEnvPool)  # workers whose episode ended rest
+        partial = _takes_partial_steps(env)  # workers whose episode ended rest
         for _ in range(self.max_steps):
             if recorder is not None:
                 recorder.add(td, ~finished)
@@ -215,7 +216,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         frames = {w: [] for w in filmed}
         successes = torch.zeros(K)
         played = [0] * W  # episodes finished per worker
-        partial = isinstance(getattr(env, "base_env", env), RobustEnvPool)
+        partial = _takes_partial_steps(env)
         cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
@@ -259,18 +260,11 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
 
     def _check_one_pool(self, tasks) -> None:
         where = "PerTaskEvaluation.one_pool=true"
-        first = tasks[0]
         if any(t.subtasks for t in tasks):
             raise ValueError(f"{where}: the stream has multi-task stages; use per-task pools (one_pool: false)")
-        if any((t.env, t.level, t.max_steps, t.params) != (first.env, first.level, first.max_steps, first.params)
-               for t in tasks):
-            raise ValueError(f"{where}: the stream's tasks must be one BabyAI level or LIBERO suite with the same "
-                             "parameters, differing only in their target")
-        if first.env == "babyai" and first.params.get("num_init_states") is None:
+        check_joint(tasks, self.num_envs, who=where, num_envs_key="PerTaskEvaluation.num_envs")
+        if tasks[0].env == "babyai" and tasks[0].params.get("num_init_states") is None:
             raise ValueError(f"{where}: BabyAI tasks need fixed initial states (num_init_states)")
-        if self.num_envs < len(tasks):
-            raise ValueError(f"PerTaskEvaluation.num_envs={self.num_envs!r}: one_pool needs >= {len(tasks)} "
-                             "(one per task)")
 
     def _save_videos(self, trainer, recorder, task_index, video_dir, episode_ids):
         for e, frames in zip(episode_ids, recorder.episodes()):
@@ -433,3 +427,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         self.b, self.R, self.curves = state["b"], state["R"], state["curves"]
         self.worker_restarts = dict(state.get("worker_restarts", self.worker_restarts))
 
+
+def _takes_partial_steps(env) -> bool:
+    """Whether ``env`` (or the env a TransformedEnv wraps) steps only the workers of ``_step``."""
+    return isinstance(getattr(env, "base_env", env), RobustEnvPool)

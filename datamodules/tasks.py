@@ -239,15 +239,17 @@ def make_env(task: Task, num_envs: int, seed: int | list[int], init_state_ids: l
     raise ValueError(f"env={task.env!r}: unknown env kind")
 
 
-def check_joint(tasks: list[Task], num_envs: int) -> None:
-    """Whether ``tasks`` can be joined into one batched env of ``num_envs`` envs."""
+def check_joint(tasks: list[Task], num_envs: int, who: str = "data.joint=True",
+                num_envs_key: str = "data.num_envs") -> None:
+    """Whether ``tasks`` can be joined into one batched env of ``num_envs`` envs (``who`` and
+    ``num_envs_key`` name the setting in the error lines)."""
     first = tasks[0]
     if any((t.env, t.level, t.max_steps, t.params) != (first.env, first.level, first.max_steps, first.params)
            for t in tasks):
-        raise ValueError("data.joint=True: every task of data.stream must be the same babyai level (or LIBERO "
+        raise ValueError(f"{who}: every task of data.stream must be the same babyai level (or LIBERO "
                          "suite) and parameters, differing only in target (task_id)")
     if num_envs < len(tasks):
-        raise ValueError(f"data.num_envs={num_envs!r}: data.joint=True needs >= {len(tasks)} (one per task)")
+        raise ValueError(f"{num_envs_key}={num_envs!r}: {who} needs >= {len(tasks)} (one per task)")
 
 
 def make_joint_env(tasks: list[Task], num_envs: int, seed: int | list[int], init_state_queues=None,
