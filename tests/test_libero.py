@@ -121,6 +121,43 @@ def test_openvla_observation_on_a_real_frame():
         env.close()
 
 
+def test_soft_reset_plays_the_layout_a_hard_reset_plays():
+    """A soft reset (the default ``hard_reset: false``) reuses the compiled model. From the same
+    numpy state it places the objects and fixtures where robosuite's hard reset (model, sim and
+    renderer rebuilt) places them: the same fixture positions, the same first observation, the
+    same simulator state and the same frames for the first steps of a rollout, also after an
+    episode that closed the gripper (whose ramped command a soft reset must not carry over)."""
+    env = worker_env("libero_goal", 8, seed=0, max_steps=50, init_state_id=3, render_gpu=None,
+                     options=_small(jpeg_quality=None))
+    try:
+        robosuite_env = env._env.env
+        assert robosuite_env.hard_reset is False  # the option reaches robosuite
+        move = [0.3, -0.2, 0.1, 0.0, 0.0, 0.05]
+        actions = [torch.tensor(move + [1.0])] * 3 + [torch.tensor(move + [0.0])] * 3  # open, then close
+
+        def episode(hard: bool, numpy_seed: int):
+            robosuite_env.hard_reset = hard
+            np.random.seed(numpy_seed)
+            td = env.reset()
+            frames, states = [td["observation", "image"]], [robosuite_env.sim.get_state().flatten()]
+            for action in actions:
+                td = env.step(td.set("action", action))["next"]
+                frames.append(td["observation", "image"])
+                states.append(robosuite_env.sim.get_state().flatten())
+            return torch.stack(frames), np.stack(states), robosuite_env.sim.model.body_pos.copy()
+
+        hard = episode(True, 5)
+        other = episode(False, 6)
+        soft = episode(False, 5)
+        assert np.array_equal(hard[2], soft[2])              # fixtures and objects where the hard reset put them
+        assert np.abs(hard[2] - other[2]).max() > 1e-3       # (another numpy state moves the fixtures)
+        assert torch.equal(hard[0][0], soft[0][0])           # the same first observation
+        assert np.array_equal(hard[1], soft[1])              # the same simulator states
+        assert torch.equal(hard[0], soft[0])                 # and the same frames
+    finally:
+        env.close()
+
+
 def test_gripper_convention_and_clipping():
     """OpenVLA gripper g (1 open, 0 close) -> LIBERO -sign(2g - 1) (-1 open, +1 close);
     every dimension clipped to the env's bounds [-1, 1]; the env's step applies it."""
