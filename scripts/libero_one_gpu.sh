@@ -9,7 +9,7 @@
 #   bash scripts/libero_one_gpu.sh all     # demos, sft, rl in turn inside one TIME_LIMIT; rerun until "rl: complete"
 #
 # Every command stops itself inside 10 minutes (--time_limit, default 540 s; TIME_LIMIT=... to
-# change) and the next call of the same stage resumes from the runs' last.ckpt. Demos land in
+# change) and the next call of the same stage resumes from each run's newest checkpoint. Demos land in
 # data/libero_goal_scripted/, runs in runs/libero_one_gpu/ (the paths the two configs name);
 # each run's wall time adds up in its wall_s.txt.
 set -euo pipefail

@@ -11,6 +11,7 @@ Then: ``python scripts/results_table.py <out>`` writes the table.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -32,8 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / parallel)")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--resume", action="store_true",
-                   help="runs with a checkpoints/last.ckpt and no complete metrics.json go on from it (exactly: "
-                        "the same results as one uninterrupted run, docs/reliability.md); complete runs are skipped")
+                   help="runs with a checkpoint and no complete metrics.json go on from the newest one (last.ckpt, "
+                        "or a task-end checkpoint written after it, before that task's evaluation), exactly: the "
+                        "same results as one uninterrupted run, docs/reliability.md; complete runs are skipped")
     p.add_argument("--time_limit", type=float, default=None,
                    help="seconds; runs still going then are stopped (SIGTERM: each stops at once with its "
                         "last.ckpt, written after every iteration) and can --resume later")
@@ -67,6 +69,14 @@ def command(args, name, yamls, seed, ckpt=None):
     return cmd + (["--ckpt_path", ckpt] if ckpt else [])
 
 
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The run's latest state on disk: the newest of ``checkpoints/*.ckpt`` (``last.ckpt`` after
+    every iteration; ``task{k}_end.ckpt``, written at a task's end before its evaluation, is newer
+    when the run stopped during that evaluation). Half-written files (``.*.partial``) never count."""
+    found = glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
 def _complete(run_dir: str) -> bool:
     try:
         with open(os.path.join(run_dir, "metrics.json")) as f:
@@ -79,15 +89,15 @@ def run_one(args, threads, name, yamls, seed):
     run_dir = os.path.join(args.out, name, f"seed{seed}")
     os.makedirs(run_dir, exist_ok=True)
     wall_file = os.path.join(run_dir, "wall_s.txt")
-    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    newest = newest_checkpoint(run_dir)
     ckpt, earlier = None, 0.0
     if args.resume and _complete(run_dir):
         print(f"{name} seed {seed}: complete, skipped", flush=True)
         return name, seed, 0, 0.0
     if args.deadline is not None and time.time() >= args.deadline:
         return name, seed, "not started (--time_limit)", 0.0
-    if args.resume and os.path.exists(last):
-        ckpt = last  # the wall time adds up over the segments
+    if args.resume and newest is not None:
+        ckpt = newest  # the wall time adds up over the segments
         earlier = float(open(wall_file).read()) if os.path.exists(wall_file) else 0.0
     elif os.path.exists(wall_file):  # from an earlier sweep into the same folder
         os.remove(wall_file)

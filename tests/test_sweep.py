@@ -29,3 +29,21 @@ def test_missing_yaml_in_a_method_is_one_error(capsys, monkeypatch):
                           "--method", "x=configs/ablations/seq_ft.yaml,configs/ablations/nope.yaml"])
     assert e.value.code != 0
     assert "configs/ablations/nope.yaml" in capsys.readouterr().err
+
+
+def test_resume_goes_on_from_the_newest_checkpoint(tmp_path):
+    """A run stopped during a task-end evaluation has task{k}_end.ckpt newer than last.ckpt (the
+    iteration's last.ckpt comes after the evaluation): --resume takes it and does not train that
+    iteration again; a half-written checkpoint never counts."""
+    run_dir = tmp_path / "crl" / "seed0"
+    assert sweep.newest_checkpoint(str(run_dir)) is None
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True)
+    for age, name in ((30, "last.ckpt"), (20, "task0_end.ckpt"), (10, ".task1_end.ckpt.partial")):
+        path = folder / name
+        path.write_bytes(b"x")
+        t = 1_000_000 - age
+        os.utime(path, (t, t))
+    assert sweep.newest_checkpoint(str(run_dir)) == str(folder / "task0_end.ckpt")
+    os.utime(folder / "last.ckpt", (1_000_000, 1_000_000))
+    assert sweep.newest_checkpoint(str(run_dir)) == str(folder / "last.ckpt")
