@@ -5,6 +5,7 @@
 #   bash scripts/libero_one_gpu.sh demos   # 50 scripted demos per task, 16 processes (EGL)
 #   bash scripts/libero_one_gpu.sh sft     # SFT; rerun until it prints "sft: complete"
 #   bash scripts/libero_one_gpu.sh rl      # CRL and Seq-FT x seeds 0 1; rerun until "rl: complete"
+#   bash scripts/libero_one_gpu.sh vla_rl  # VLA-RL: the RPRM on the demos' pseudo-labels, then one shaped run; rerun until "vla_rl: complete"
 #   bash scripts/libero_one_gpu.sh table   # R matrices, FAR/BWT/FT/F, plots
 #   bash scripts/libero_one_gpu.sh all     # demos, sft, rl in turn inside one TIME_LIMIT; rerun until "rl: complete"
 #
@@ -20,7 +21,7 @@ DEMOS=data/libero_goal_scripted   # configs/sft_libero_small.yaml's data.demos
 LIMIT=${TIME_LIMIT:-540}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 
-stage=${1:?usage: libero_one_gpu.sh demos|sft|rl|table|all}
+stage=${1:?usage: libero_one_gpu.sh demos|sft|rl|vla_rl|table|all}
 case "$stage" in
   demos)
     if [ -f "$DEMOS/collection.json" ]; then echo "demos: complete ($DEMOS)"; exit 0; fi
@@ -39,6 +40,19 @@ case "$stage" in
         --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" \
         --time_limit "$LIMIT" --resume \
     && echo "rl: complete ($OUT/rl)" ;;
+  vla_rl)
+    test -f "$OUT/sft_policy/config.json" || { echo "vla_rl: no $OUT/sft_policy (run the sft stage)"; exit 1; }
+    grep -qs '"complete": true' "$OUT/sft/seed0/metrics.json" \
+      || { echo "vla_rl: the SFT policy's score is not complete in $OUT/sft/seed0/metrics.json (run the sft stage)"; exit 1; }
+    if [ ! -f "$OUT/rprm/trained" ]; then   # configs/rprm_libero_small.yaml writes $OUT/rprm
+      rm -rf "$OUT/rprm" "$OUT/rprm_data"
+      "$PY" scripts/train_rprm.py --config configs/rprm_libero_small.yaml > "$OUT/rprm.log" 2>&1 \
+        || { tail -20 "$OUT/rprm.log"; echo "vla_rl: the RPRM's training failed ($OUT/rprm.log)"; exit 1; }
+      grep "held-out episodes" "$OUT/rprm.log" | tee "$OUT/rprm/trained"
+    fi
+    "$PY" scripts/sweep.py --config configs/crl_libero_small.yaml --method vla_rl=configs/vla_rl_libero_small.yaml \
+        --seeds 0 --out "$OUT/vla_rl" --time_limit "$LIMIT" --resume \
+    && echo "vla_rl: complete ($OUT/vla_rl)" ;;
   all)
     start=$(date +%s)
     left() { echo $(( LIMIT - ($(date +%s) - start) )); }
@@ -48,6 +62,9 @@ case "$stage" in
   table)
     "$PY" scripts/results_table.py "$OUT/rl" --out "$OUT/rl/table.md"
     "$PY" scripts/plots.py "$OUT/rl" --out "$OUT/rl/figures"
-    cat "$OUT/rl/table.md" ;;
-  *) echo "unknown stage $stage: demos|sft|rl|table|all" >&2; exit 2 ;;
+    cat "$OUT/rl/table.md"
+    if [ -d "$OUT/vla_rl" ]; then
+      "$PY" scripts/results_table.py "$OUT/vla_rl" --out "$OUT/vla_rl/table.md" && cat "$OUT/vla_rl/table.md"
+    fi ;;
+  *) echo "unknown stage $stage: demos|sft|rl|vla_rl|table|all" >&2; exit 2 ;;
 esac

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                            parser_kwargs={"parser_mode": "omegaconf"},
                            save_config_kwargs={"overwrite": True}, seed_everything_default=0)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        held_out = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+        print("held-out episodes, last epoch: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(held_out.items())),
+              flush=True)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -278,13 +278,13 @@ def _evaluation(**kw):
             "init_args": {"episodes_per_task": 1, "num_envs": 1, "greedy": True, "max_steps": 8, **kw}}
 
 
-@pytest.mark.slow
-def test_sft_then_rl_through_train_py(demos, tmp_path):
-    """configs/sft_libero_small.yaml (2 SFT steps, tiny model, 32 px) -> its export ->
-    configs/crl_libero_small.yaml from it (1 PPO iteration; the anchors' path is libero_smoke's),
-    its starting score taken from the SFT run's metrics.json."""
+@pytest.fixture(scope="module")
+def sft_run(demos, tmp_path_factory):
+    """configs/sft_libero_small.yaml through train.py at tiny size (2 SFT steps, 32 px): the
+    export folder and the run's metrics.json."""
     from conftest import run_train
 
+    tmp_path = tmp_path_factory.mktemp("sft")
     export = str(tmp_path / "sft_policy")
     sft = _overlay(tmp_path, "sft", {
         "trainer": {"accelerator": "cpu", "precision": "32-true", "enable_progress_bar": False,
@@ -298,6 +298,17 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
     res = run_train("--config", "configs/sft_libero_small.yaml", "--config", sft, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     (metrics,) = glob.glob(str(tmp_path / "runs" / "sft" / "version_*" / "metrics.json"))
+    return export, metrics
+
+
+@pytest.mark.slow
+def test_sft_then_rl_through_train_py(sft_run, tmp_path):
+    """configs/sft_libero_small.yaml (2 SFT steps, tiny model, 32 px) -> its export ->
+    configs/crl_libero_small.yaml from it (1 PPO iteration; the anchors' path is libero_smoke's),
+    its starting score taken from the SFT run's metrics.json."""
+    from conftest import run_train
+
+    export, metrics = sft_run
     m = json.load(open(metrics))
     # the from-scratch model is not scored (evaluate_before: false): no b, no "before" row in R.csv
     assert m["complete"] and m["b"] is None and len(m["R"]) == 1
@@ -320,3 +331,65 @@ def test_sft_then_rl_through_train_py(demos, tmp_path):
     m = json.load(open(metrics))
     # the starting model's score b is the SFT run's final score (evaluate_before: its metrics.json)
     assert m["complete"] and [len(r) for r in m["R"]] == [1] and m["b"] == sft_score
+
+
+@pytest.mark.slow
+def test_rprm_then_vla_rl_through_the_small_configs(demos, sft_run, tmp_path):
+    """configs/rprm_libero_small.yaml: the RPRM from the SFT export, trained on the demos'
+    pseudo-labels (scripts/train_rprm.py, 1 epoch; held-out AUROC logged); then
+    configs/vla_rl_libero_small.yaml over configs/crl_libero_small.yaml: one joint PPO iteration
+    whose reward the RPRM shapes (its score logged, the sparse reward kept apart)."""
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import run_train
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import train_rprm
+
+    export, metrics = sft_run
+    rprm_runs = tmp_path / "rprm_runs"
+    rprm = _overlay(tmp_path, "rprm", {
+        "trainer": {"accelerator": "cpu", "precision": "32-true", "max_epochs": 1, "enable_progress_bar": False,
+                    "log_every_n_steps": 1,
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(rprm_runs), "name": "rprm", "version": ""}}},
+        "model": {"rprm": {"init_args": {"backbone": {"init_args": {"pretrained": export}}}}},
+        "data": {"data_dir": str(tmp_path / "rprm_data"), "demos": [os.path.join(demos, "*_demo.hdf5")],
+                 "heldout_fraction": 0.5, "batch_size": 16}})
+    assert train_rprm.main(["--config", "configs/rprm_libero_small.yaml", "--config", rprm]) == 0
+    checkpoint = rprm_runs / "rprm" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    (events,) = glob.glob(str(rprm_runs / "rprm" / "events.*"))
+    scalars = EventAccumulator(events)
+    scalars.Reload()
+    (auroc,) = [e.value for e in scalars.Scalars("val/auroc")]
+    assert 0.0 <= auroc <= 1.0
+
+    # data.reward_shaping is one dict (the RPRM's spec inside it is not merged key by key): the
+    # config's, with the tiny export and the checkpoint just trained
+    shaping = yaml.safe_load(open(os.path.join(ROOT, "configs", "vla_rl_libero_small.yaml")))["data"]["reward_shaping"]
+    rprm_spec = shaping["rprm"]
+    rprm_spec["init_args"]["backbone"]["init_args"]["pretrained"] = export
+    vla_rl = _overlay(tmp_path, "vla_rl", {
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "logger": _logger(tmp_path, "vla_rl"),
+                    "callbacks": [{"class_path": "callbacks.task_switch.TaskSwitch",
+                                   "init_args": {"iterations_per_task": 1}},
+                                  _evaluation(evaluate_before=metrics, task_ends="last")]},
+        "model": {"policy": {"init_args": {"backbone": {"init_args": {"pretrained": export}}, "norm_stats": export}},
+                  "critic_hidden_sizes": [16, 16], "critic_warmup_iterations": 0},
+        "data": {"stream": [{**STREAM, "task_ids": [8]}], "num_envs": 1, "frames_per_batch": 8,
+                 "ppo_epochs": 1, "num_minibatches": 1,
+                 "reward_shaping": {**shaping, "rprm": rprm_spec, "checkpoint": str(checkpoint)}}})
+    res = run_train("--config", "configs/crl_libero_small.yaml", "--config", "configs/vla_rl_libero_small.yaml",
+                    "--config", vla_rl, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (events,) = glob.glob(str(tmp_path / "runs" / "vla_rl" / "version_*" / "events.*"))
+    scalars = EventAccumulator(events)
+    scalars.Reload()
+    assert [e.value for e in scalars.Scalars("rollout/rprm_active")] == [1.0]
+    (score,) = [e.value for e in scalars.Scalars("rollout/rprm_score")]
+    assert 0.0 < score < 1.0
+    (metrics,) = glob.glob(str(tmp_path / "runs" / "vla_rl" / "version_*" / "metrics.json"))
+    assert json.load(open(metrics))["complete"]
