@@ -46,8 +46,8 @@ LIBERO_OPTIONS = {
     "proprio": "quat",        # ("observation", "state"): "quat" = eef pos, eef quaternion (xyzw), gripper qpos (9-D,
                               # torchrl's); "axis_angle" = eef pos, axis-angle, gripper qpos (8-D, OpenVLA-OFT's)
     "settle_steps": 10,       # no-op steps after reset (OpenVLA protocol)
-    "hard_reset": False,      # True: robosuite rebuilds the model, sim and renderer on every reset (LIBERO's
-                              # default, ~20x a soft reset's cost); False resets the same sim (same layouts)
+    "hard_reset": False,      # True: robosuite rebuilds the model, sim and renderer at every reset (LIBERO's
+                              # default); False resets the same sim: the same layouts and states, cheaper
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
     "step_timeout": 60.0,     # s; a worker that misses it is restarted (episode = failure)
     "reset_timeout": 600.0,   # s; includes building a fresh worker's env
