@@ -61,11 +61,9 @@ class InitStateLiberoEnv(LiberoEnv):  # the metaclass builds subclasses directly
 
     def _reset(self, tensordict=None, **kwargs):
         self.init_state_id = self.chooser.next()
-        sim_env = self._env.env
-        if not sim_env.hard_reset:
-            # a hard reset rebuilds the gripper models; a soft one keeps them, and with them the
-            # gripper's last command, which robosuite's grippers ramp from: start at rest as after
-            # a hard reset (tests/test_libero.py)
-            for robot in sim_env.robots:
-                robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
+        # robosuite's grippers ramp from their last command; a hard reset rebuilds the gripper
+        # models (command at rest), a soft one keeps them: start every episode at rest
+        # (tests/test_libero.py)
+        for robot in self._env.env.robots:
+            robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
         return super()._reset(tensordict, **kwargs)

@@ -21,6 +21,13 @@ DEMOS=data/libero_goal_scripted   # configs/sft_libero_small.yaml's data.demos
 LIMIT=${TIME_LIMIT:-540}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 
+# the RL stages start from the SFT export and read its score (b)
+sft_done() {
+  test -f "$OUT/sft_policy/config.json" || { echo "$1: no $OUT/sft_policy (run the sft stage)"; exit 1; }
+  grep -qs '"complete": true' "$OUT/sft/seed0/metrics.json" \
+    || { echo "$1: the SFT policy's score is not complete in $OUT/sft/seed0/metrics.json (run the sft stage)"; exit 1; }
+}
+
 stage=${1:?usage: libero_one_gpu.sh demos|sft|rl|vla_rl|table|all}
 case "$stage" in
   demos)
@@ -33,17 +40,13 @@ case "$stage" in
         --time_limit "$LIMIT" --resume \
     && echo "sft: complete ($OUT/sft_policy)" ;;
   rl)
-    test -f "$OUT/sft_policy/config.json" || { echo "rl: no $OUT/sft_policy (run the sft stage)"; exit 1; }
-    grep -qs '"complete": true' "$OUT/sft/seed0/metrics.json" \
-      || { echo "rl: the SFT policy's score is not complete in $OUT/sft/seed0/metrics.json (run the sft stage)"; exit 1; }
+    sft_done rl
     "$PY" scripts/sweep.py --config configs/crl_libero_small.yaml --method crl= \
         --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" \
         --time_limit "$LIMIT" --resume \
     && echo "rl: complete ($OUT/rl)" ;;
   vla_rl)
-    test -f "$OUT/sft_policy/config.json" || { echo "vla_rl: no $OUT/sft_policy (run the sft stage)"; exit 1; }
-    grep -qs '"complete": true' "$OUT/sft/seed0/metrics.json" \
-      || { echo "vla_rl: the SFT policy's score is not complete in $OUT/sft/seed0/metrics.json (run the sft stage)"; exit 1; }
+    sft_done vla_rl
     if [ ! -f "$OUT/rprm/trained" ]; then   # configs/rprm_libero_small.yaml writes $OUT/rprm
       rm -rf "$OUT/rprm" "$OUT/rprm_data"
       "$PY" scripts/train_rprm.py --config configs/rprm_libero_small.yaml > "$OUT/rprm.log" 2>&1 \

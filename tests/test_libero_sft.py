@@ -341,12 +341,11 @@ def test_rprm_then_vla_rl_through_the_small_configs(demos, sft_run, tmp_path):
     whose reward the RPRM shapes (its score logged, the sparse reward kept apart)."""
     import sys
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from conftest import run_train
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import train_rprm
+    from run_scalars import per_iteration
 
     export, metrics = sft_run
     rprm_runs = tmp_path / "rprm_runs"
@@ -361,10 +360,7 @@ def test_rprm_then_vla_rl_through_the_small_configs(demos, sft_run, tmp_path):
     assert train_rprm.main(["--config", "configs/rprm_libero_small.yaml", "--config", rprm]) == 0
     checkpoint = rprm_runs / "rprm" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
-    (events,) = glob.glob(str(rprm_runs / "rprm" / "events.*"))
-    scalars = EventAccumulator(events)
-    scalars.Reload()
-    (auroc,) = [e.value for e in scalars.Scalars("val/auroc")]
+    (auroc,) = per_iteration(str(rprm_runs / "rprm"), "val/auroc")
     assert 0.0 <= auroc <= 1.0
 
     # data.reward_shaping is one dict (the RPRM's spec inside it is not merged key by key): the
@@ -385,11 +381,8 @@ def test_rprm_then_vla_rl_through_the_small_configs(demos, sft_run, tmp_path):
     res = run_train("--config", "configs/crl_libero_small.yaml", "--config", "configs/vla_rl_libero_small.yaml",
                     "--config", vla_rl, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    (events,) = glob.glob(str(tmp_path / "runs" / "vla_rl" / "version_*" / "events.*"))
-    scalars = EventAccumulator(events)
-    scalars.Reload()
-    assert [e.value for e in scalars.Scalars("rollout/rprm_active")] == [1.0]
-    (score,) = [e.value for e in scalars.Scalars("rollout/rprm_score")]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "vla_rl" / "version_*"))
+    assert per_iteration(run_dir, "rollout/rprm_active") == [1.0]
+    (score,) = per_iteration(run_dir, "rollout/rprm_score")
     assert 0.0 < score < 1.0
-    (metrics,) = glob.glob(str(tmp_path / "runs" / "vla_rl" / "version_*" / "metrics.json"))
-    assert json.load(open(metrics))["complete"]
+    assert json.load(open(os.path.join(run_dir, "metrics.json")))["complete"]
