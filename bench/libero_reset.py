@@ -30,6 +30,20 @@ from datamodules.libero import LIBERO_OPTIONS, worker_env  # noqa: E402
 from datamodules.libero_setup import setup_libero  # noqa: E402
 
 
+def gl_renderer() -> str:
+    """The OpenGL renderer MuJoCo's offscreen context gets (a GPU, or llvmpipe: software)."""
+    try:
+        import mujoco
+        from OpenGL import GL
+        ctx = mujoco.GLContext(64, 64)
+        ctx.make_current()
+        name = GL.glGetString(GL.GL_RENDERER).decode()
+        ctx.free()
+        return name
+    except Exception as e:  # noqa: BLE001 - a diagnostic line, not a failure
+        return f"unknown ({type(e).__name__}: {e})"
+
+
 def make_env(task: int, render: int, render_gpu: int | None, seed: int = 0):
     options = {**LIBERO_OPTIONS, "render_size": render, "image_size": render}
     return worker_env("libero_goal", task, seed=seed, max_steps=10_000, init_state_id=0, render_gpu=render_gpu,
@@ -86,7 +100,7 @@ def main():
     env.close()
     hard, soft = (statistics.median(x) for x in (times[True], times[False]))
     print(f"libero_goal:{args.task}, render {args.render} px, settle steps {options['settle_steps']}, "
-          f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, {args.reps} resets per mode, median s")
+          f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({gl_renderer()}), {args.reps} resets per mode, median s")
     print(f"reset, hard (LIBERO's default)   {hard:.3f}   per rep: {[round(x, 3) for x in times[True]]}")
     print(f"reset, soft (the kit's default)  {soft:.3f}   per rep: {[round(x, 3) for x in times[False]]}")
     print(f"soft / hard                      {soft / hard:.3f}")
