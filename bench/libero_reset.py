@@ -72,8 +72,13 @@ def pool_worker(args):
     torch.set_num_threads(1)
     env, _ = make_env(task, render, gpus[index % len(gpus)] if gpus else None, seed=1_000 * index)
     result = time_steps(env, steps)
+    try:  # the renderer of robosuite's own context, current after the last observation
+        from OpenGL import GL
+        renderer = (GL.glGetString(GL.GL_RENDERER) or b"none").decode()
+    except Exception as e:  # noqa: BLE001 - a diagnostic line, not a failure
+        renderer = f"unknown ({type(e).__name__})"
     env.close()
-    return result
+    return (*result, renderer)
 
 
 def main():
@@ -115,7 +120,8 @@ def main():
             results = pool.map(pool_worker, [(i, args.task, args.render, gpus, args.steps)
                                              for i in range(args.workers)])
         steps, obs = [r[0] for r in results], [r[1] for r in results]
-        print(f"{args.workers} workers at once (render GPUs {gpus or 'none'}): median step "
+        print(f"{args.workers} workers at once (render GPUs {gpus or 'none'}; the workers' GL renderer: "
+              f"{sorted(set(r[2] for r in results))}): median step "
               f"{statistics.median(steps):.4f} (min {min(steps):.4f}, max {max(steps):.4f}), observation "
               f"{statistics.median(obs):.4f}; sum of step rates {sum(1 / x for x in steps):.1f} env steps/s")
 
