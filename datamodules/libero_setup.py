@@ -87,20 +87,41 @@ def _first_working_renderer() -> str:
                      "install EGL (libegl1) or OSMesa (libosmesa6)")
 
 
-def check_renderer(renderer: str) -> None:
+def check_renderer(renderer: str) -> str:
     """Fail with one line when MuJoCo cannot open an offscreen context with ``renderer``
-    (run in a subprocess: a failed GL init can leave the process unusable)."""
+    (run in a subprocess: a failed GL init can leave the process unusable); returns the GL
+    renderer's name and warns once when a CUDA GPU is present but the frames are drawn in
+    software (see ``software_rendering_warning``)."""
     import subprocess
     import sys
 
     code = ("import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco><worldbody/></mujoco>');"
-            "r = mujoco.Renderer(m, 16, 16); r.render(); print('ok')")
+            "r = mujoco.Renderer(m, 16, 16); r.render(); from OpenGL import GL;"
+            "print('ok', (GL.glGetString(GL.GL_RENDERER) or b'unknown').decode())")
     env = dict(os.environ, MUJOCO_GL=renderer, PYOPENGL_PLATFORM=renderer)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if out.returncode != 0 or "ok" not in out.stdout:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise ValueError(f"MUJOCO_GL={renderer!r}: MuJoCo cannot render offscreen ({last}); "
                            "install EGL (libegl1) or OSMesa (libosmesa6) and set MUJOCO_GL accordingly")
+    gl_name = out.stdout.split("ok", 1)[1].strip()
+    import torch
+
+    warning = software_rendering_warning(gl_name, torch.cuda.is_available())
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return gl_name
+
+
+def software_rendering_warning(gl_name: str, cuda: bool) -> str | None:
+    """A CUDA GPU is here but MuJoCo's GL renderer is Mesa's software one (llvmpipe, softpipe):
+    every env step then draws its camera frames on the CPU, the envs' largest cost per step
+    (bench/libero_reset.py prints the split). The usual cause is a missing NVIDIA EGL vendor
+    file (``__EGL_VENDOR_LIBRARY_FILENAMES``)."""
+    if not cuda or not any(word in gl_name.lower() for word in ("llvmpipe", "softpipe", "swrast")):
+        return None
+    return (f"a CUDA GPU is present but MuJoCo renders in software ({gl_name}): LIBERO env steps will be "
+            "CPU-bound; point __EGL_VENDOR_LIBRARY_FILENAMES at the NVIDIA EGL vendor file (10_nvidia.json)")
 
 
 @functools.cache

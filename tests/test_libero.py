@@ -298,6 +298,20 @@ def test_a_renderer_that_cannot_render_is_one_clear_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_software_rendering_beside_a_gpu_is_named():
+    """check_renderer returns MuJoCo's GL renderer (Mesa's llvmpipe on the CPU machines), and a
+    software renderer beside a CUDA GPU gets one warning naming it and the fix; a GPU renderer or
+    a machine without CUDA gets none."""
+    from datamodules.libero_setup import check_renderer, software_rendering_warning
+
+    name = check_renderer("egl")
+    assert name and name != "unknown"
+    warning = software_rendering_warning("llvmpipe (LLVM 15.0.6, 256 bits)", cuda=True)
+    assert "llvmpipe (LLVM 15.0.6, 256 bits)" in warning and "__EGL_VENDOR_LIBRARY_FILENAMES" in warning
+    assert software_rendering_warning("llvmpipe (LLVM 15.0.6, 256 bits)", cuda=False) is None
+    assert software_rendering_warning("NVIDIA H100 80GB HBM3/PCIe/SSE2", cuda=True) is None
+
+
 @pytest.mark.slow
 def test_libero_smoke_config_end_to_end(tmp_path):
     """configs/libero_smoke.yaml through train.py: real LIBERO rollouts, CRL on 2 tasks, the
