@@ -11,6 +11,9 @@ Phases (seconds, per rank):
   collection/env_start     building the training envs (once per task)
   collection/env           derived: collection - acting - env_start (env stepping, pipes, the
                            image pipeline where it runs in the workers)
+  collection/env_step      of which the env pool's steps (the slowest worker sets each one)
+  collection/env_reset     of which the resets of the envs whose episode ended (every worker of
+                           a lock-step pool waits for them)
   rollout_targets          values, V(s') at truncations, GAE and MC returns
   anchor_targets           old-goal samples: the old policy's action distribution, V_old
   update/forward, update/backward, update/optimizer   the PPO minibatches

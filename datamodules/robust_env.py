@@ -35,6 +35,8 @@ from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 from torchrl.data import Categorical, Composite
 from torchrl.envs import EnvBase
 
+from modules.timing import phase
+
 FAILED_KEY = "env_failed"
 
 
@@ -223,6 +225,11 @@ class RobustEnvPool(EnvBase):
 
     # -- EnvBase -------------------------------------------------------------------------------
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        # timed on its own (``<phase>/env_reset``): in a lock-step pool every worker waits for it
+        with phase("env_reset"):
+            return self._reset_workers(tensordict)
+
+    def _reset_workers(self, tensordict: TensorDictBase | None) -> TensorDictBase:
         mask = None
         if tensordict is not None and "_reset" in tensordict.keys():
             mask = tensordict.get("_reset").reshape(-1)
@@ -244,6 +251,10 @@ class RobustEnvPool(EnvBase):
         return self._stack(reset=True)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        with phase("env_step"):
+            return self._step_workers(tensordict)
+
+    def _step_workers(self, tensordict: TensorDictBase) -> TensorDictBase:
         actions = tensordict.get("action")
         n = self.batch_size[0]
         actions = actions.detach().cpu().numpy()

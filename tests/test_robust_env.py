@@ -123,6 +123,27 @@ def test_partial_steps_leave_the_other_workers_untouched():
         pool.close()
 
 
+def test_the_pools_steps_and_resets_are_timed_phases():
+    """Inside a phase (collection, evaluation) the pool's steps and resets are their own
+    sub-phases, so a user sees how much of the env time is resets."""
+    from modules.timing import TIMER, phase
+
+    makers = [functools.partial(_make, i, s) for i, s in enumerate(INSTRUCTIONS[:2])]
+    pool = RobustEnvPool(makers, step_timeout=20.0)
+    try:
+        TIMER.pop()
+        with phase("collection"):
+            td = pool.reset()
+            for _ in range(3):
+                td = pool.step(td.set("action", torch.zeros(2, 7)))["next"]
+            pool.reset(td.select().set("_reset", torch.tensor([[True], [False]])))
+        seconds = TIMER.pop()
+        assert seconds["collection/env_reset"] > 0 and seconds["collection/env_step"] > 0
+        assert seconds["collection"] >= seconds["collection/env_reset"] + seconds["collection/env_step"]
+    finally:
+        pool.close()
+
+
 def _die_first_time(marker: str, seed: int):
     if not os.path.exists(marker):
         open(marker, "w").close()
