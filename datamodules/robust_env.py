@@ -16,6 +16,15 @@ counts them. The training datamodule and the evaluation report both counts (Tens
 Workers hold one unbatched torchrl env each (built by a picklable ``make_env()``) and answer
 ``reset`` and ``step`` over a pipe.
 
+Spare workers (``spare_makers``): in a lock-step pool every worker waits while one resets (a
+LIBERO episode start is ~10-30 env steps' worth of time), so with N workers each episode end
+stalls all N. A spare is a worker whose reset was asked for in advance and runs while the pool
+steps: when slot i's episode ends, a spare of the same ``group`` (e.g. the same task) whose
+reset is done takes slot i's place, and slot i's old worker starts its own reset in the
+background and becomes a spare. With no spare ready the slot resets its own worker as before.
+Spares draw their initial state when their reset starts (training draws, not pinned ids or a
+curriculum's queues, which are written between rollouts).
+
 Partial steps (torchrl's ``"_step"`` mask in the input TensorDict): only the workers whose
 entry is true step; the others do no work and their row repeats their last observation and
 the done flags (and ``success``) of their last step, with reward 0. The evaluation uses it to
@@ -120,26 +129,36 @@ class RobustEnvPool(EnvBase):
     environment up before that (LIBERO pools: ``setup_libero``)."""
 
     def __init__(self, makers: list, step_timeout: float = 60.0, reset_timeout: float = 600.0,
-                 start_method: str = "spawn", start_timeout: float = 300.0, start_retries: int = 2):
-        n = len(makers)
+                 start_method: str = "spawn", start_timeout: float = 300.0, start_retries: int = 2,
+                 spare_makers: list = (), groups: list | None = None):
+        n, workers = len(makers), len(makers) + len(spare_makers)
+        if groups is not None and len(groups) != workers:
+            raise ValueError(f"groups: {len(groups)} entries for {workers} workers (slots + spares)")
         super().__init__(batch_size=torch.Size([n]), device="cpu")
-        self.makers, self.step_timeout, self.reset_timeout = list(makers), step_timeout, reset_timeout
+        self.makers = list(makers) + list(spare_makers)
+        self.step_timeout, self.reset_timeout = step_timeout, reset_timeout
         self.start_timeout, self.start_retries = start_timeout, start_retries
         self.start_restarts = 0
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(["datamodules.env_worker_preload"])  # no effect once it runs
-        self._procs: list = [None] * n
-        self._conns: list = [None] * n
-        self._ready = [False] * n
-        self._last: list[dict | None] = [None] * n  # each worker's last observation, as a flat row
+        # workers (processes) 0..n-1 start in the n slots, the rest as spares
+        self._procs: list = [None] * workers
+        self._conns: list = [None] * workers
+        self._ready = [False] * workers
+        self._groups = list(groups) if groups is not None else [0] * workers
+        self._slot = list(range(n))  # slot -> its worker
+        self._spares: dict[int, dict | None] = {}  # spare worker -> its reset's row (None: still resetting)
+        self._spare_since: dict[int, float] = {}  # spare worker -> when its reset was asked for
+        self.spare_swaps = 0  # episode starts served by a spare
+        self._last: list[dict | None] = [None] * n  # each slot's last observation, as a flat row
         self._last_flags: list[dict | None] = [None] * n  # done flags and success of its last step
         self.failures = 0
-        for i in range(n):
+        for i in range(workers):
             self._start(i)
         specs = None
         try:
-            for i in range(n):
+            for i in range(workers):
                 specs = self._await_ready(i)
         except RuntimeError:
             self.close()
@@ -199,7 +218,59 @@ class RobustEnvPool(EnvBase):
         self._conns[i].close()
 
     def worker_pid(self, i: int) -> int:
-        return self._procs[i].pid
+        """The process id of the worker in slot ``i``."""
+        return self._procs[self._slot[i]].pid
+
+    # -- spares --------------------------------------------------------------------------------
+    def _start_spare_reset(self, w: int) -> None:
+        """Worker ``w`` becomes a spare: its reset runs while the pool steps (a worker still
+        starting gets the reset once it is ready, in ``_poll_spare``)."""
+        if self._ready[w]:
+            try:
+                _send(self._conns[w], ("reset", None))
+            except (BrokenPipeError, OSError):
+                pass  # dead: found when its answer is read
+        self._spares[w], self._spare_since[w] = None, time.monotonic()
+
+    def _poll_spare(self, w: int, timeout: float) -> bool:
+        """Read spare ``w``'s reset if it is in (waiting up to ``timeout``). A spare that dies, or
+        misses ``start_timeout`` / ``reset_timeout``, is started again (and resets once ready)."""
+        if self._spares[w] is not None:
+            return True
+        conn, deadline = self._conns[w], time.monotonic() + timeout
+        while True:
+            try:
+                if conn.poll(max(0.0, deadline - time.monotonic())):
+                    message = _recv(conn)
+                    if self._ready[w]:
+                        self._spares[w] = message
+                        return True
+                    self._ready[w] = True  # its "ready" message: now its reset
+                    self._start_spare_reset(w)
+                    continue
+                limit = self.reset_timeout if self._ready[w] else self.start_timeout
+                if time.monotonic() - self._spare_since[w] < limit:
+                    return False
+                why = "timed out"
+            except (EOFError, OSError):
+                why = "died"
+            self.start_restarts += 1
+            print(f"[env] spare worker {w} {why}: started again", flush=True)
+            self._kill(w)
+            self._start(w)
+            self._spare_since[w] = time.monotonic()
+            return False
+
+    def _take_spare(self, group) -> tuple[int, dict] | None:
+        """A spare of ``group`` whose reset is done (the longest-waiting first), else the wait for
+        the one that started resetting first (it is further along than a reset started now)."""
+        waiting = [w for w in self._spares if self._groups[w] == group]  # in the order they became spares
+        for w in waiting:
+            if self._poll_spare(w, 0.0):
+                return w, self._spares.pop(w)
+        if waiting and self._poll_spare(waiting[0], self.reset_timeout):
+            return waiting[0], self._spares.pop(waiting[0])
+        return None
 
     def _call(self, ids: list[int], msgs: list, timeout: float) -> dict[int, object]:
         """Send ``msgs[k]`` to worker ``ids[k]``; collect answers until the deadline. Workers that
@@ -234,18 +305,34 @@ class RobustEnvPool(EnvBase):
         if tensordict is not None and "_reset" in tensordict.keys():
             mask = tensordict.get("_reset").reshape(-1)
         ids = [i for i in range(self.batch_size[0]) if mask is None or bool(mask[i])]
+        if mask is None:  # a whole reset: every worker not in a slot becomes a spare
+            in_slots = set(self._slot)
+            for w in range(len(self._procs)):
+                if w not in in_slots and w not in self._spares:
+                    self._start_spare_reset(w)
+        got = {}
         for i in ids:
-            if not self._ready[i]:
-                self._await_ready(i)
-        got = self._call(ids, [("reset", None)] * len(ids), self.reset_timeout)
+            taken = self._take_spare(self._groups[self._slot[i]]) if mask is not None and self._spares else None
+            if taken is not None:  # the spare takes the slot; the slot's worker resets in the background
+                old, (self._slot[i], got[i]) = self._slot[i], taken
+                self._start_spare_reset(old)
+                self.spare_swaps += 1
+        rest = [i for i in ids if i not in got]
+        for i in rest:
+            if not self._ready[self._slot[i]]:
+                self._await_ready(self._slot[i])
+        answers = self._call([self._slot[i] for i in rest], [("reset", None)] * len(rest), self.reset_timeout)
+        for i in rest:
+            w = self._slot[i]
+            if w not in answers:  # one retry on a fresh worker; a second failure is not transient
+                self._restart(w, "failed to reset")
+                self._await_ready(w)
+                again = self._call([w], [("reset", None)], self.reset_timeout)
+                if w not in again:
+                    raise RuntimeError(f"env worker {w} failed to reset twice in a row")
+                answers[w] = again[w]
+            got[i] = answers[w]
         for i in ids:
-            if i not in got:  # one retry on a fresh worker; a second failure is not transient
-                self._restart(i, "failed to reset")
-                self._await_ready(i)
-                again = self._call([i], [("reset", None)], self.reset_timeout)
-                if i not in again:
-                    raise RuntimeError(f"env worker {i} failed to reset twice in a row")
-                got[i] = again[i]
             self._last[i] = self._observation(got[i])
             self._last_flags[i] = None
         return self._stack(reset=True)
@@ -260,19 +347,20 @@ class RobustEnvPool(EnvBase):
         actions = actions.detach().cpu().numpy()
         mask = tensordict.get("_step", None)  # torchrl's partial steps: only these workers step
         ids = list(range(n)) if mask is None else mask.reshape(-1).nonzero().flatten().tolist()
-        got = self._call(ids, [("step", actions[i]) for i in ids], self.step_timeout)
+        got = self._call([self._slot[i] for i in ids], [("step", actions[i]) for i in ids], self.step_timeout)
         rows = []
         for i in range(n):
+            w = self._slot[i]
             if i not in ids:
                 row = self._idle_transition(i)
-            elif i in got:
-                row = got[i]
+            elif w in got:
+                row = got[w]
                 self._last[i] = self._observation(row)
                 self._last_flags[i] = {k: v for k, v in row.items() if k in self._flag_keys}
                 row[(FAILED_KEY,)] = np.zeros(1, dtype=bool)
             else:
-                alive = self._procs[i].is_alive()
-                self._restart(i, "timed out" if alive else "died")
+                alive = self._procs[w].is_alive()
+                self._restart(w, "timed out" if alive else "died")
                 row = self._failed_transition(i)
             rows.append(row)
         return _batch(rows).to(self.device)

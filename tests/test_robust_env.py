@@ -186,3 +186,69 @@ def test_workers_that_die_or_hang_while_starting_are_started_again(tmp_path):
         pool.close()
     with pytest.raises(RuntimeError, match=r"env worker 0 died while starting \(exit code 5\), 2 times in a row"):
         RobustEnvPool([_always_die], start_method="forkserver", start_retries=1)
+
+
+class _SlowResetToyEnv(ToyVLAEnv):
+    """A toy env whose resets hang while ``marker`` exists."""
+
+    def __init__(self, marker: str, **kwargs):
+        super().__init__(**kwargs)
+        self.marker = marker
+
+    def _reset(self, tensordict=None, **kwargs):
+        if os.path.exists(self.marker):
+            time.sleep(120)
+        return super()._reset(tensordict, **kwargs)
+
+
+def _slow_reset(marker: str, seed: int, instruction: str):
+    return _SlowResetToyEnv(marker, action_dim=7, state_dim=8, from_pixels=True, render_size=32, batch_size=[],
+                            seed=seed, instruction=instruction)
+
+
+def test_a_spare_worker_takes_the_slot_of_an_ended_episode(tmp_path):
+    """Slot 0's episode ends: the spare (reset in advance, same group) takes the slot and its
+    reset is that of an env built from its maker; slot 0's old worker resets in the background
+    and serves slot 0's next episode end. A spare of another group is never used, and a spare
+    that dies while it resets is started again and still serves."""
+    marker = str(tmp_path / "hang")
+    makers = [functools.partial(_slow_reset, marker, 0, INSTRUCTIONS[0]), functools.partial(_make, 1, INSTRUCTIONS[1])]
+    spare = functools.partial(_make, 7, INSTRUCTIONS[0])
+    pool = RobustEnvPool(makers, step_timeout=20.0, spare_makers=[spare], groups=["a", "b", "a"])
+    local = [m() for m in makers] + [spare()]
+    try:
+        td, ref = pool.reset(), [e.reset() for e in local]
+        pids = [pool.worker_pid(0), pool.worker_pid(1)]
+        for i in range(2):
+            assert torch.equal(td["observation", "state"][i], ref[i]["observation", "state"])
+        gen = torch.Generator().manual_seed(0)
+
+        def step(td, slots):  # the pool and the in-process envs now in its slots, one step
+            action = torch.rand(2, 7, generator=gen) * 2 - 1
+            out = pool.step(td.set("action", action))["next"]
+            for i, e in enumerate(slots):
+                ref[e] = local[e].step(ref[e].set("action", action[i]))["next"]
+                assert torch.equal(out["observation", "state"][i], ref[e]["observation", "state"]), (i, e)
+            return out
+
+        td = step(td, [0, 1])
+        td = pool.reset(td.select().set("_reset", torch.tensor([[False], [True]])))  # group b: no spare
+        ref[1] = local[1].reset()
+        assert pool.worker_pid(1) == pids[1] and pool.spare_swaps == 0
+        assert torch.equal(td["observation", "state"][1], ref[1]["observation", "state"])
+        open(marker, "w").close()  # slot 0's worker will hang in its next reset
+        td = pool.reset(td.select().set("_reset", torch.tensor([[True], [False]])))  # the spare takes slot 0
+        assert pool.spare_swaps == 1 and pool.worker_pid(0) not in pids
+        assert torch.equal(td["observation", "state"][0], ref[2]["observation", "state"])  # the spare's own reset
+        td = step(td, [2, 1])
+        os.kill(pool._procs[0].pid, signal.SIGKILL)  # slot 0's old worker dies in its background reset
+        pool._procs[0].join(timeout=30)
+        os.remove(marker)
+        td = pool.reset(td.select().set("_reset", torch.tensor([[True], [False]])))
+        assert pool.spare_swaps == 2 and pool.start_restarts == 1 and pool.failures == 0
+        assert pool.worker_pid(0) != pids[0]  # a fresh process of worker 0's maker
+        assert torch.equal(td["observation", "state"][0], makers[0]().reset()["observation", "state"])
+        td = pool.step(td.set("action", torch.zeros(2, 7)))["next"]
+        assert not td["env_failed"].any()
+    finally:
+        pool.close()
