@@ -48,6 +48,9 @@ LIBERO_OPTIONS = {
     "settle_steps": 10,       # no-op steps after reset (OpenVLA protocol)
     "hard_reset": False,      # True: robosuite rebuilds the model, sim and renderer at every reset (LIBERO's
                               # default); False resets the same sim: the same layouts and states, cheaper
+    "spare_envs": 0,          # training pools: extra workers that reset in advance and take over an ended
+                              # episode's slot, so the lock-step pool does not wait for resets (not with a
+                              # curriculum's queues; evaluation pools pin their states and have none)
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
     "step_timeout": 60.0,     # s; a worker that misses it is restarted (episode = failure)
     "reset_timeout": 600.0,   # s; includes building a fresh worker's env
@@ -201,6 +204,9 @@ def libero_options(params: dict, where: str = "data.stream[i]") -> dict:
             raise ValueError(f"{where}.image_device={device!r}: not a torch device (null, cpu, cuda, cuda:0)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{where}.image_device={options['image_device']!r}: no CUDA device on this machine")
+    spares = options["spare_envs"]
+    if not isinstance(spares, int) or isinstance(spares, bool) or spares < 0:
+        raise ValueError(f"{where}.spare_envs={spares!r}: expected an integer >= 0")
     if options["proprio"] not in ("quat", "axis_angle"):
         raise ValueError(f"{where}.proprio={options['proprio']!r}: expected quat or axis_angle")
     if options["start_method"] not in ("forkserver", "spawn"):
@@ -234,15 +240,23 @@ def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: i
     options = libero_options(options or {})
     max_steps = max_steps or SUITES[suite][1]
     gpus = render_gpu_ids() if renderer == "egl" else []
+    spares = options["spare_envs"] if init_state_ids is None else 0
+    if spares and init_state_queues is not None:
+        print("[env] spare_envs ignored: a curriculum's init-state queues are written between rollouts, "
+              "after a spare has drawn its state", flush=True)
+        spares = 0
+    tasks = [task_id[i % len(task_id)] if isinstance(task_id, list) else task_id for i in range(num_envs + spares)]
+    first_seed = seed[0] if isinstance(seed, list) else seed
     makers = [functools.partial(
-        worker_env, suite, task_id[i % len(task_id)] if isinstance(task_id, list) else task_id,
-        seed=seed[i] if isinstance(seed, list) else seed + 1_000 * i, max_steps=max_steps,
+        worker_env, suite, tasks[i],
+        seed=seed[i] if isinstance(seed, list) and i < num_envs else first_seed + 1_000 * i, max_steps=max_steps,
         init_state_id=None if init_state_ids is None else int(init_state_ids[i]),
         render_gpu=gpus[i % len(gpus)] if gpus else None, options=options,
-        init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs)]
-    pool = RobustEnvPool(makers, step_timeout=options["step_timeout"], reset_timeout=options["reset_timeout"],
-                         start_method=options["start_method"], start_timeout=options["start_timeout"],
-                         start_retries=options["start_retries"])
+        init_state_queues=init_state_queues, worker_index=i) for i in range(num_envs + spares)]
+    pool = RobustEnvPool(makers[:num_envs], step_timeout=options["step_timeout"],
+                         reset_timeout=options["reset_timeout"], start_method=options["start_method"],
+                         start_timeout=options["start_timeout"], start_retries=options["start_retries"],
+                         spare_makers=makers[num_envs:], groups=tasks)  # a spare serves a slot of its task
     if options["image_device"] is None:
         return pool
     keys = [("observation", "image")] + ([("observation", "wrist_image")] if options["wrist_camera"] else [])
