@@ -198,6 +198,7 @@ def test_stream_parsing_and_bad_input():
                        ({"suite": "libero_goal", "task_id": 0, "render": 1}, "data.stream[0].render=1"),
                        ({"suite": "libero_goal", "task_id": 0, "start_method": "fork"},
                         "data.stream[0].start_method='fork'"),
+                       ({"suite": "libero_goal", "task_id": 0, "spare_envs": -1}, "data.stream[0].spare_envs=-1"),
                        ({"suite": "libero_goal", "task_ids": []}, "data.stream[0].task_ids=[]")]:
         with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
             parse_stream([{"env": "libero", **entry}])
@@ -247,6 +248,40 @@ def test_killed_and_hung_workers_are_restarted_mid_rollout():
     assert torch.isfinite(rollout["next", "reward"]).all() and torch.isfinite(rollout["observation", "state"]).all()
     img = rollout["next", "observation", "image"]
     assert img.dtype == torch.uint8 and img.shape == (2, 12, 3, 32, 32)
+
+
+def test_a_spare_worker_starts_the_next_episode_in_a_real_rollout():
+    """``spare_envs: 1`` with one env: a real Collector rollout whose episodes end every 5 steps;
+    each episode start after the first is served by the worker that reset in advance (slot 0
+    alternates between the two processes), and the episodes are real LIBERO episodes."""
+    from torchrl.collectors import Collector
+
+    from datamodules.tasks import make_env
+
+    task = parse_stream([{"env": "libero", "suite": "libero_goal", "task_id": 8, "max_steps": 5,
+                          "render_size": 64, "image_size": 32, "jpeg_quality": None, "center_crop": False,
+                          "spare_envs": 1}])[0]
+    env = make_env(task, 1, seed=0)
+    pids = []
+
+    def policy(td):
+        pids.append(env.worker_pid(0))
+        return td.set("action", torch.tensor(OPEN_GRIPPER_NOOP).expand(1, 7).clone())
+
+    collector = Collector(env, policy, frames_per_batch=12, total_frames=-1)
+    try:
+        rollout = next(iter(collector))
+    finally:
+        collector.shutdown()
+        env.close()
+    done = rollout["next", "done"].reshape(-1)
+    assert done.nonzero().flatten().tolist() == [4, 9] and env.spare_swaps == 2
+    turns = [p for k, p in enumerate(pids) if k == 0 or p != pids[k - 1]]
+    assert len(turns) == 3 and turns[0] == turns[2] != turns[1]  # two workers take turns
+    assert not rollout["next", "env_failed"].any()
+    ids = rollout["init_state_id"].reshape(-1)
+    assert ((ids >= 0) & (ids < 50)).all() and ids[0] == ids[4] and ids[5] == ids[9]
+    assert torch.isfinite(rollout["observation", "state"]).all()
 
 
 def test_image_pipeline_in_the_main_process_gives_the_same_observations():
