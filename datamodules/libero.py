@@ -49,8 +49,8 @@ LIBERO_OPTIONS = {
     "hard_reset": False,      # True: robosuite rebuilds the model, sim and renderer at every reset (LIBERO's
                               # default); False resets the same sim: the same layouts and states, cheaper
     "spare_envs": 0,          # training pools: extra workers that reset in advance and take over an ended
-                              # episode's slot, so the lock-step pool does not wait for resets (not with a
-                              # curriculum's queues; evaluation pools pin their states and have none)
+                              # episode's slot, so the lock-step pool does not wait for resets (not with
+                              # data.curriculum; evaluation pools, which give each episode's state, have none)
     "binarize_gripper": True,  # OpenVLA: gripper -> {-1, +1}
     "step_timeout": 60.0,     # s; a worker that misses it is restarted (episode = failure)
     "reset_timeout": 600.0,   # s; includes building a fresh worker's env
@@ -240,11 +240,9 @@ def make_libero_env(suite: str, task_id: int | list[int], num_envs: int, seed: i
     options = libero_options(options or {})
     max_steps = max_steps or SUITES[suite][1]
     gpus = render_gpu_ids() if renderer == "egl" else []
-    spares = options["spare_envs"] if init_state_ids is None else 0
-    if spares and init_state_queues is not None:
-        print("[env] spare_envs ignored: a curriculum's init-state queues are written between rollouts, "
-              "after a spare has drawn its state", flush=True)
-        spares = 0
+    # spares draw their own initial states: none where the states are given (evaluation's pinned
+    # ids and queues; a curriculum's queues, which the datamodule refuses together with spares)
+    spares = options["spare_envs"] if init_state_ids is None and init_state_queues is None else 0
     tasks = [task_id[i % len(task_id)] if isinstance(task_id, list) else task_id for i in range(num_envs + spares)]
     first_seed = seed[0] if isinstance(seed, list) else seed
     makers = [functools.partial(

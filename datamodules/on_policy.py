@@ -125,6 +125,10 @@ class OnPolicyDataModule(TaskStream, LightningDataModule):
             raise ValueError(f"data.memory_size={memory_size!r}: must be > 0 or null")
         if curriculum is not None and any(t.subtasks for t in self.tasks):
             raise ValueError("data.curriculum: not supported with multi-task stages (stage entries) in data.stream")
+        spares = next((t.params["spare_envs"] for t in self.tasks if t.params.get("spare_envs")), 0)
+        if curriculum is not None and spares:
+            raise ValueError(f"data.stream[i].spare_envs={spares!r}: not with data.curriculum (a spare worker "
+                             "draws its initial state before the curriculum writes the next rollout's); set it to 0")
         self.save_hyperparameters()
         self.num_envs, self.frames_per_batch = num_envs, frames_per_batch
         self.ppo_epochs, self.num_minibatches = ppo_epochs, num_minibatches

@@ -64,6 +64,8 @@ PARSE = [
     (["--model.gamma=0.0001", "--model.gae_lambda=0.0001"], "model.gae_lambda"),
     (["--model.critic_hidden_sizes=[0]"], "model.critic_hidden_sizes"),
     (["--data.num_minibatches=1000"], "data.num_minibatches"),
+    (["--data.stream=[{env: libero, suite: libero_goal, task_id: 8, spare_envs: 2}]",
+      "--data.curriculum={window: 8, target: 0.5, temperature: 0.2, floor: 0.05}"], "data.stream[i].spare_envs=2"),
 ]
 
 
