@@ -126,7 +126,18 @@ class RobustEnvPool(EnvBase):
     spawn, since the server initialises neither. Workers get the parent's environment variables
     of the moment they start either way; a forkserver has read its own (e.g. ``MUJOCO_GL`` when
     torchrl imported mujoco) when this process's first forkserver pool started it, so set the
-    environment up before that (LIBERO pools: ``setup_libero``)."""
+    environment up before that (LIBERO pools: ``setup_libero``).
+
+    Args:
+        makers: one picklable env maker per slot (the pool's batch).
+        step_timeout, reset_timeout: seconds a worker has to answer a step / a reset.
+        start_method: ``spawn`` or ``forkserver``.
+        start_timeout, start_retries: seconds a starting worker has to build its env, and how
+            many times in a row a worker is started again before the pool gives up.
+        spare_makers: makers of spare workers (see the module docstring); none by default.
+        groups: one key per worker, slots first then spares: a spare takes over only a slot of
+            its own group (LIBERO: the task). Default: one group.
+    """
 
     def __init__(self, makers: list, step_timeout: float = 60.0, reset_timeout: float = 600.0,
                  start_method: str = "spawn", start_timeout: float = 300.0, start_retries: int = 2,
