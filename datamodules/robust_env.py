@@ -273,15 +273,14 @@ class RobustEnvPool(EnvBase):
             return False
 
     def _take_spare(self, group) -> tuple[int, dict] | None:
-        """A spare of ``group`` whose reset is done (the longest-waiting first), else the wait for
-        the one that started resetting first (it is further along than a reset started now)."""
+        """A spare of ``group`` whose reset is done (the longest-waiting first), else None: waiting
+        for a spare still resetting would serialise the episode starts that a lock-step pool
+        otherwise runs side by side (bench/libero_pool.py)."""
         waiting = [w for w in self._spares if self._groups[w] == group]  # in the order they became spares
         for w in waiting:
             if self._poll_spare(w, 0.0):
                 return w, self._spares.pop(w)
-        if waiting and self._poll_spare(waiting[0], self.reset_timeout):
-            return waiting[0], self._spares.pop(waiting[0])
-        return None
+        return None  # none ready: the slot resets its own worker, at the same time as the other slots
 
     def _call(self, ids: list[int], msgs: list, timeout: float) -> dict[int, object]:
         """Send ``msgs[k]`` to worker ``ids[k]``; collect answers until the deadline. Workers that

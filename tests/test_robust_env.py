@@ -208,9 +208,9 @@ def _slow_reset(marker: str, seed: int, instruction: str):
 
 def test_a_spare_worker_takes_the_slot_of_an_ended_episode(tmp_path):
     """Slot 0's episode ends: the spare (reset in advance, same group) takes the slot and its
-    reset is that of an env built from its maker; slot 0's old worker resets in the background
-    and serves slot 0's next episode end. A spare of another group is never used, and a spare
-    that dies while it resets is started again and still serves."""
+    reset is that of an env built from its maker; slot 0's old worker resets in the background.
+    A spare of another group is never used; with no spare ready a slot resets its own worker; a
+    spare that dies while it resets is started again and serves once its reset is in."""
     marker = str(tmp_path / "hang")
     makers = [functools.partial(_slow_reset, marker, 0, INSTRUCTIONS[0]), functools.partial(_make, 1, INSTRUCTIONS[1])]
     spare = functools.partial(_make, 7, INSTRUCTIONS[0])
@@ -244,9 +244,15 @@ def test_a_spare_worker_takes_the_slot_of_an_ended_episode(tmp_path):
         os.kill(pool._procs[0].pid, signal.SIGKILL)  # slot 0's old worker dies in its background reset
         pool._procs[0].join(timeout=30)
         os.remove(marker)
+        spare_pid = pool.worker_pid(0)
+        td = pool.reset(td.select().set("_reset", torch.tensor([[True], [False]])))  # no spare ready
+        assert pool.spare_swaps == 1 and pool.start_restarts == 1 and pool.failures == 0
+        assert pool.worker_pid(0) == spare_pid  # slot 0 reset its own worker
+        ref[2] = local[2].reset()
+        assert torch.equal(td["observation", "state"][0], ref[2]["observation", "state"])
+        assert pool._poll_spare(0, 120.0)  # the fresh worker 0 starts, then resets
         td = pool.reset(td.select().set("_reset", torch.tensor([[True], [False]])))
-        assert pool.spare_swaps == 2 and pool.start_restarts == 1 and pool.failures == 0
-        assert pool.worker_pid(0) != pids[0]  # a fresh process of worker 0's maker
+        assert pool.spare_swaps == 2 and pool.worker_pid(0) not in (pids[0], spare_pid)
         assert torch.equal(td["observation", "state"][0], makers[0]().reset()["observation", "state"])
         td = pool.step(td.set("action", torch.zeros(2, 7)))["next"]
         assert not td["env_failed"].any()
