@@ -252,8 +252,8 @@ def test_killed_and_hung_workers_are_restarted_mid_rollout():
 
 def test_a_spare_worker_starts_the_next_episode_in_a_real_rollout():
     """``spare_envs: 1`` with one env: a real Collector rollout whose episodes end every 5 steps;
-    each episode start after the first is served by the worker that reset in advance (slot 0
-    alternates between the two processes), and the episodes are real LIBERO episodes."""
+    each episode start after the first is served by the worker that reset in the background (slot
+    0 alternates between the two processes), and the episodes are real LIBERO episodes."""
     from torchrl.collectors import Collector
 
     from datamodules.tasks import make_env
@@ -264,8 +264,10 @@ def test_a_spare_worker_starts_the_next_episode_in_a_real_rollout():
     env = make_env(task, 1, seed=0)
     pids = []
 
-    def policy(td):
+    def policy(td):  # a policy slow enough for the background reset to finish during the episode
         pids.append(env.worker_pid(0))
+        for w in list(env._spares):
+            assert env._poll_spare(w, 120.0)
         return td.set("action", torch.tensor(OPEN_GRIPPER_NOOP).expand(1, 7).clone())
 
     collector = Collector(env, policy, frames_per_batch=12, total_frames=-1)
