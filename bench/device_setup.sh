@@ -11,7 +11,7 @@
 #   source bench/device_setup.sh install
 #     -> packages in /tmp/site, LIBERO's config, MUJOCO_GL=egl and the NVIDIA EGL vendor file
 # Both .device/ and .gl/ are git-ignored; together with the tree they must fit the transfer limit
-# of the machine (about 60 MiB for LIBERO-Goal).
+# of the machine (about 57 MiB for LIBERO-Goal).
 set -uo pipefail
 mode=${1:-install}
 EXTRA_WHEELS=(lightning==2.6.6 peft==0.21.2 tensorboard==2.21.0 absl-py==2.5.1 Markdown==3.11.3 Werkzeug==3.1.9)
@@ -25,6 +25,21 @@ if [ "$mode" = pack ]; then
   plat=(); for p in "${PLATFORMS[@]}"; do plat+=(--platform "$p"); done
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d .device/wheels "${EXTRA_WHEELS[@]}"
+  # TensorBoard's web front end (~4.9 MB) is not needed to write event files: drop it from the
+  # wheel (and its RECORD) so the bundle leaves room in the transfer limit.
+  .venv/bin/python - .device/wheels/tensorboard-*.whl <<'PY'
+import os, sys, zipfile
+src, drop = sys.argv[1], ("tensorboard/webfiles.zip", "tensorboard/plugins/projector/tf_projector_plugin/projector_binary.js")
+with zipfile.ZipFile(src) as zi, zipfile.ZipFile(src + ".tmp", "w", zipfile.ZIP_DEFLATED) as zo:
+    for item in zi.infolist():
+        if item.filename in drop:
+            continue
+        data = zi.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            data = b"\n".join(l for l in data.split(b"\n") if l.split(b",")[0].decode() not in drop)
+        zo.writestr(item, data)
+os.replace(src + ".tmp", src)
+PY
   mkdir -p .gl /tmp/amd64/partial
   o=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
   apt-get "${o[@]}" update >/dev/null
