@@ -10,7 +10,7 @@
 #   bash scripts/libero_one_gpu.sh all     # demos, sft, rl in turn inside one TIME_LIMIT; rerun until "rl: complete"
 #
 # Every command stops itself inside 10 minutes (--time_limit, default 540 s; TIME_LIMIT=... to
-# change) and the next call of the same stage resumes from each run's newest checkpoint. Demos land in
+# change; RL_PARALLEL=2 runs two RL runs at a time) and the next call of the same stage resumes from each run's newest checkpoint. Demos land in
 # data/libero_goal_scripted/, runs in runs/libero_one_gpu/ (the paths the two configs name);
 # each run's wall time adds up in its wall_s.txt.
 set -euo pipefail
@@ -42,7 +42,7 @@ case "$stage" in
   rl)
     sft_done rl
     "$PY" scripts/sweep.py --config configs/crl_libero_small.yaml --method crl= \
-        --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" \
+        --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" --parallel "${RL_PARALLEL:-1}" \
         --time_limit "$LIMIT" --resume \
     && echo "rl: complete ($OUT/rl)" ;;
   vla_rl)
