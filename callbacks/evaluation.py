@@ -8,7 +8,10 @@ ends, so a crash keeps what was computed and nothing partial looks final), logs 
 scalars and an R heatmap, and prints the paths. With ``videos_per_task: V`` the first V
 episodes of every task before training and at each task end are saved as
 ``videos/<when>/task<i>_ep<e>.mp4`` in the run's log dir and shown as animations in
-TensorBoard (``callbacks/videos.py``). ``env_worker_restarts`` in metrics.json counts the env
+TensorBoard (``callbacks/videos.py``). Every finished episode's outcome is written to
+``eval_episodes/<when>.rank<r>.json`` as it ends, so an evaluation cut short (a time limit, a
+crash) goes on from there when the run resumes (``callbacks/eval_episodes.py``; a resumed
+evaluation films only the episodes it plays). ``env_worker_restarts`` in metrics.json counts the env
 workers restarted (datamodules/robust_env.py) in training and in evaluation.
 
 ``python train.py test --config X [--ckpt_path Y]`` scores a checkpoint without training: each
@@ -31,6 +34,7 @@ import dataclasses
 import json
 import os
 import re
+from collections import deque
 
 import numpy as np
 import torch
@@ -38,6 +42,7 @@ from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchrl.envs.utils import step_mdp
 
+from callbacks.eval_episodes import EpisodeOutcomes, weights_fingerprint
 from callbacks.metrics import continual_metrics, heatmap_image
 from callbacks.task_boundary import TaskBoundaryHooks
 from callbacks.videos import EpisodeRecorder, add_tensorboard_video, to_hwc_uint8, write_mp4
@@ -76,14 +81,14 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                 only (one score of the final model, e.g. multi-task SFT cut into blocks; the other
                 rows stay null and the continual metrics are not computed).
             one_pool: run every task's episodes through one pool of ``num_envs`` envs (worker w
-                on task w mod K), each worker running its queue of fixed initial states back to
-                back: one pool built per evaluation instead of one per ``num_envs`` episodes of
-                each task (LIBERO workers take seconds to build). Needs fixed initial states
-                (LIBERO; BabyAI with ``num_init_states``), tasks that differ only in their target,
-                no multi-task stages, and ``num_envs`` >= the number of tasks. Where an episode is
-                fixed by its initial state (BabyAI) greedy episodes are the per-task pools'; on
-                LIBERO, where the env's seed also places the fixtures, every episode of a task
-                plays in the scene of the per-task pools' first episode of that task.
+                on task w mod K), each worker taking its task's next episode when one ends: one
+                pool built per evaluation instead of one per ``num_envs`` episodes of each task
+                (LIBERO workers take seconds to build). Needs fixed initial states (LIBERO;
+                BabyAI with ``num_init_states``), tasks that differ only in their target, no
+                multi-task stages, and ``num_envs`` >= the number of tasks. An episode is fixed
+                by its task and initial state (BabyAI by the state; LIBERO by the state and a
+                scene seed per episode, which places the fixtures), so greedy episodes are the
+                per-task pools'.
         """
         if episodes_per_task <= 0:
             raise ValueError(f"PerTaskEvaluation.episodes_per_task={episodes_per_task!r}: must be > 0")
@@ -106,6 +111,7 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         suffix = f"_{tag}" if tag else ""
         self.metrics_file, self.r_file = f"metrics{suffix}.json", f"R{suffix}.csv"
         self.scalar_prefix, self.video_folder = f"eval{suffix}", f"videos{suffix}"
+        self.episodes_folder = f"eval_episodes{suffix}"
         self.videos, self.video_fps = videos_per_task, video_fps
         self.every_n, self.seed, self.max_steps = every_n_iterations, seed, max_steps
         self.b: list[float] | None = None
@@ -115,21 +121,33 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
-    def success_rate(self, trainer, pl_module, task_index: int, video_dir: str | None = None) -> float:
+    def success_rate(self, trainer, pl_module, task_index: int, video_dir: str | None = None,
+                     outcomes: EpisodeOutcomes | None = None) -> float:
         """Success over the task's episodes; with ``video_dir`` rank 0 also saves its first
-        ``videos_per_task`` episodes there."""
+        ``videos_per_task`` episodes there. Batches of episodes all in ``outcomes`` (an
+        evaluation cut short and resumed) are not played again; played ones are recorded there."""
         dm = trainer.datamodule
         rank, world = trainer.global_rank, trainer.world_size
         mine = list(range(rank, self.episodes, world))  # this rank's episode ids
+        outcomes = outcomes if outcomes is not None else EpisodeOutcomes(None, {})
         policy = pl_module.acting_policy(greedy=self.greedy, temperature=self.temperature)
         was_training = pl_module.training
         pl_module.eval()
         successes = 0
         for start in range(0, len(mine), self.num_envs):
             ids = mine[start:start + self.num_envs]
+            known = [outcomes.get(task_index, e) for e in ids]
+            if all(v is not None for v in known):  # the batch's envs, seeds and episodes are fixed
+                successes += sum(known)
+                continue
             # episode e starts from fixed initial state e (LIBERO's 50-states protocol)
             seed = self.seed + 7919 * task_index + ids[0]
-            env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_ids=ids)
+            if dm.tasks[task_index].env == "libero":  # the episode's scene, as in one pool
+                queues = InitStateQueues(len(ids), 1)
+                queues.set([[e] for e in ids], scene_seeds=[self._scene_seed(task_index)] * len(ids))
+                env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_queues=queues)
+            else:
+                env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_ids=ids)
             record = video_dir is not None and self.videos > 0 and rank == 0 and start == 0
             recorder = EpisodeRecorder(self.videos) if record else None
             # sampled actions draw from their own stream, seeded like the episodes: the same
@@ -137,7 +155,11 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(seed)
-                successes += self._run(env, policy, pl_module.device, recorder)
+                won = self._run(env, policy, pl_module.device, recorder)
+            successes += int(won.sum())
+            for e, w in zip(ids, won.tolist()):
+                outcomes.add(task_index, e, w)
+            outcomes.flush()
             restarts = worker_restarts(env)
             self.worker_restarts = {k: self.worker_restarts[k] + restarts[k] for k in restarts}
             env.close()
@@ -148,7 +170,14 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return float(counts[0] / counts[1])
 
-    def _run(self, env, policy, device, recorder: EpisodeRecorder | None = None) -> int:
+    def _scene_seed(self, task_index: int) -> int:
+        """LIBERO: episode e of task k is laid out from seed ``_scene_seed(k) + e`` (numpy, which
+        places the fixtures; datamodules/init_states.py): the same scene in per-task pools and in
+        one pool, on any number of ranks, whichever worker plays it and after whatever episode."""
+        return self.seed + 7919 * task_index
+
+    def _run(self, env, policy, device, recorder: EpisodeRecorder | None = None) -> torch.Tensor:
+        """Each env's first episode: success [n] (bool)."""
         td = env.reset()
         n = env.batch_size.numel()
         finished = torch.zeros(n, dtype=torch.bool)
@@ -168,65 +197,87 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             if finished.all():
                 break
             td = step_mdp(td)
-        return int(success.sum())
+        return success
 
     def evaluate_all(self, trainer, pl_module, label: str | None = None) -> list[float]:
-        """One success rate per task; ``label`` (e.g. ``after_task0``) names the video folder."""
+        """One success rate per task; ``label`` (e.g. ``after_task0``) names the video folder.
+        Finished episodes are recorded in ``eval_episodes<_tag>/`` as they end
+        (callbacks/eval_episodes.py): the same evaluation, resumed after an interruption, plays
+        only the episodes that have no outcome yet."""
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
         video_dir = None
         if label is not None and self.videos > 0:
-            video_dir = os.path.join(trainer.log_dir or ".", self.video_folder, label)  # every rank asks (broadcast)
+            video_dir = os.path.join(log_dir or ".", self.video_folder, label)
+        name = label or f"iteration{trainer.current_epoch + 1}"
+        key = {"evaluation": name, "step": trainer.global_step, "weights": weights_fingerprint(pl_module),
+               "episodes": self.episodes, "greedy": self.greedy, "temperature": self.temperature,
+               "seed": self.seed, "max_steps": self.max_steps, "num_envs": self.num_envs,
+               "one_pool": self.one_pool, "world_size": trainer.world_size}
+        path = None if log_dir is None else os.path.join(
+            log_dir, self.episodes_folder, f"{name}.rank{trainer.global_rank}.json")
+        outcomes = EpisodeOutcomes(path, key)
+        if outcomes.recorded:
+            rank_zero_info(f"[{self.scalar_prefix}] {name}: {outcomes.recorded} episodes already played (resumed)")
         with phase("evaluation"):
             if self.one_pool:
-                return self.success_rates_in_one_pool(trainer, pl_module, video_dir)
-            return [self.success_rate(trainer, pl_module, i, video_dir) for i in range(trainer.datamodule.num_tasks)]
+                return self.success_rates_in_one_pool(trainer, pl_module, video_dir, outcomes)
+            return [self.success_rate(trainer, pl_module, i, video_dir, outcomes)
+                    for i in range(trainer.datamodule.num_tasks)]
 
     @torch.no_grad()
-    def success_rates_in_one_pool(self, trainer, pl_module, video_dir: str | None = None) -> list[float]:
-        """Every task's success from one pool (``one_pool``): worker w runs task w mod K, and
-        the episodes of task k go round-robin to its workers, each worker's queue of initial
-        states played back to back; a worker whose queue is done rests (partial steps)."""
+    def success_rates_in_one_pool(self, trainer, pl_module, video_dir: str | None = None,
+                                  outcomes: EpisodeOutcomes | None = None) -> list[float]:
+        """Every task's success from one pool (``one_pool``): worker w runs task w mod K; each
+        worker starts on its task's next unplayed episode and, when that ends, takes the task's
+        next one, until none is left (then it rests: partial steps). Episodes in ``outcomes``
+        (an evaluation cut short and resumed) are not played again."""
         dm = trainer.datamodule
         tasks, K = list(dm.tasks), dm.num_tasks
         self._check_one_pool(tasks)
         rank, world = trainer.global_rank, trainer.world_size
         mine = list(range(rank, self.episodes, world))
-        W = min(self.num_envs, K * len(mine))
-        workers_of = [list(range(k, W, K)) for k in range(K)]
-        queues = [[] for _ in range(W)]
-        for k in range(K):
-            for j, e in enumerate(mine):
-                queues[workers_of[k][j % len(workers_of[k])]].append(e)
-        ids = InitStateQueues(W, max(len(q) for q in queues))
-        ids.set(queues)
-        seed = self.seed + ids.capacity * rank
-        # LIBERO: a worker's seed places the fixtures; every worker of task k gets the seed of the
-        # per-task pools' first env of task k, so all of the task's episodes play in that one scene
-        # (as OpenVLA's evaluation: one env per task)
-        env_seeds = [self.seed + 7919 * (w % K) + rank for w in range(W)] if tasks[0].env == "libero" else seed
-        env = dm.make_env(dataclasses.replace(tasks[0], target=None, subtasks=tuple(tasks)), W, seed=env_seeds,
-                          init_state_queues=ids)
+        outcomes = outcomes if outcomes is not None else EpisodeOutcomes(None, {})
+        todo = [deque(e for e in mine if outcomes.get(k, e) is None) for k in range(K)]
+        if any(todo):
+            self._play_in_one_pool(trainer, pl_module, todo, mine, video_dir, outcomes)
+        successes = [float(sum(outcomes.get(k, e) for e in mine)) for k in range(K)]
+        counts = torch.tensor(successes + [float(len(mine))], dtype=torch.float64, device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return [float(counts[k] / counts[K]) for k in range(K)]
+
+    def _play_in_one_pool(self, trainer, pl_module, todo: list[deque], mine: list[int],
+                          video_dir: str | None, outcomes: EpisodeOutcomes) -> None:
+        dm, rank = trainer.datamodule, trainer.global_rank
+        tasks, K = list(dm.tasks), dm.num_tasks
+        W = min(self.num_envs, K * max(len(q) for q in todo))
+        libero = tasks[0].env == "libero"
+        scene = [self._scene_seed(w % K) for w in range(W)]
+        # a worker may end up playing every episode of its task: queues as long as the longest
+        ids = InitStateQueues(W, max(len(q) for q in todo))
+        playing = [todo[w % K].popleft() if todo[w % K] else None for w in range(W)]
+        # a worker with nothing to play resets to some state and rests
+        ids.set([[e if e is not None else mine[0]] for e in playing], scene_seeds=scene if libero else None)
+        seed = self.seed + self.episodes * rank
+        env = dm.make_env(dataclasses.replace(tasks[0], target=None, subtasks=tuple(tasks)), W,
+                          seed=scene if libero else seed, init_state_queues=ids)
         policy = pl_module.acting_policy(greedy=self.greedy, temperature=self.temperature)
         was_training = pl_module.training
         pl_module.eval()
-        # the first videos_per_task episodes of each task (at most one per worker): episode j of
-        # task k is the first one of worker workers_of[k][j]
-        filmed = {workers_of[k][j]: (k, mine[j]) for k in range(K)
-                  for j in range(min(self.videos, len(mine), len(workers_of[k])))
-                  if video_dir is not None and rank == 0}
-        frames = {w: [] for w in filmed}
-        successes = torch.zeros(K)
-        played = [0] * W  # episodes finished per worker
+        # the first videos_per_task episodes of each task, whichever worker plays them
+        filmed = {(k, e) for k in range(K) for e in mine[:self.videos]} if video_dir is not None and rank == 0 else set()
+        frames: dict[tuple[int, int], list] = {}
         partial = _takes_partial_steps(env)
         cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             td = env.reset()
-            running = torch.ones(W, dtype=torch.bool)
+            running = torch.tensor([e is not None for e in playing])
             age = torch.zeros(W, dtype=torch.long)  # steps of each worker's current episode
             while running.any():
-                for w in filmed:
-                    if played[w] == 0 and running[w]:
-                        frames[w].append(to_hwc_uint8(td.get(("observation", "image"))[w]))
+                for w in running.nonzero().flatten().tolist():
+                    if (w % K, playing[w]) in filmed:
+                        frame = to_hwc_uint8(td.get(("observation", "image"))[w])
+                        frames.setdefault((w % K, playing[w]), []).append(frame)
                 td = policy(td.to(pl_module.device)).to(env.device)
                 if partial:
                     td.set("_step", running.reshape(td.batch_size))
@@ -237,11 +288,14 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                 won = td.get(("next", "success")).reshape(-1) & td.get(("next", "done")).reshape(-1)
                 again = torch.zeros(W, dtype=torch.bool)
                 for w in ended.nonzero().flatten().tolist():
-                    successes[w % K] += float(won[w])
-                    played[w] += 1
+                    outcomes.add(w % K, playing[w], bool(won[w]))
                     age[w] = 0
-                    again[w] = played[w] < len(queues[w])
-                    running[w] = bool(again[w])
+                    playing[w] = todo[w % K].popleft() if todo[w % K] else None
+                    if playing[w] is not None:  # the task's next episode, on this worker
+                        ids.push(w, playing[w])
+                    again[w] = running[w] = playing[w] is not None
+                if ended.any():
+                    outcomes.flush()
                 td = step_mdp(td)
                 if again.any():  # the next initial state of the worker's queue; the others keep theirs
                     td = env.reset(td.set("_reset", again.reshape(*td.batch_size, 1)))
@@ -249,14 +303,10 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         self.worker_restarts = {k: self.worker_restarts[k] + restarts[k] for k in restarts}
         env.close()
         pl_module.train(was_training)
-        for w, (k, e) in filmed.items():
-            if frames[w]:
-                self._write_video(trainer, video_dir, k, e, np.stack(frames[w]))
-        if filmed:
+        for (k, e), clip in sorted(frames.items()):
+            self._write_video(trainer, video_dir, k, e, np.stack(clip))
+        if frames:
             rank_zero_info(f"[{self.scalar_prefix}] videos in {video_dir}")
-        counts = torch.cat([successes, torch.tensor([float(len(mine))])]).to(pl_module.device, torch.float64)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        return [float(counts[k] / counts[K]) for k in range(K)]
 
     def _check_one_pool(self, tasks) -> None:
         where = "PerTaskEvaluation.one_pool=true"

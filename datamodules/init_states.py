@@ -22,21 +22,42 @@ KEY = "init_state_id"  # the observation key: the id the current episode started
 
 
 class InitStateQueues:
-    """Per-env FIFO queues of ids in a shared tensor [envs, 2 + capacity]: length, read pointer, ids."""
+    """Per-env FIFO queues of ids in a shared tensor [envs, 2 + capacity]: length, read pointer, ids.
+
+    ``scene_seeds`` (evaluation): env i's episode from state e is laid out from seed
+    ``scene_seeds[i] + e`` (LIBERO: the fixtures' placement), so an evaluation episode's scene
+    depends on its task and initial state only, not on which worker plays it or after what."""
 
     def __init__(self, num_envs: int, capacity: int):
         self.capacity = int(capacity)
         self.data = torch.zeros(num_envs, 2 + self.capacity, dtype=torch.int64).share_memory_()
+        self.scene_seeds = torch.full((num_envs,), -1, dtype=torch.int64).share_memory_()
 
-    def set(self, queues: list[list[int]]) -> None:
+    def set(self, queues: list[list[int]], scene_seeds: list[int] | None = None) -> None:
         if len(queues) != len(self.data):
             raise ValueError(f"{len(queues)} queues for {len(self.data)} envs")
         self.data.zero_()
+        self.scene_seeds.fill_(-1)
+        if scene_seeds is not None:
+            self.scene_seeds.copy_(torch.as_tensor(scene_seeds, dtype=torch.int64))
         for i, q in enumerate(queues):
             if len(q) > self.capacity:
                 raise ValueError(f"init-state queue of {len(q)} ids > capacity {self.capacity}")
             self.data[i, 0] = len(q)
             self.data[i, 2:2 + len(q)] = torch.as_tensor(list(q), dtype=torch.int64)
+
+    def push(self, env_index: int, state_id: int) -> None:
+        """Append ``state_id`` to env ``env_index``'s queue (while its worker is idle)."""
+        row = self.data[env_index]
+        length = int(row[0])
+        if length >= self.capacity:
+            raise ValueError(f"init-state queue of env {env_index} is full (capacity {self.capacity})")
+        row[2 + length] = int(state_id)
+        row[0] = length + 1
+
+    def scene_seed(self, env_index: int) -> int | None:
+        seed = int(self.scene_seeds[env_index])
+        return None if seed < 0 else seed
 
     def pop(self, env_index: int) -> int | None:
         row = self.data[env_index]
@@ -62,6 +83,10 @@ class InitStateChooser:
         self.pinned = None if pinned is None else int(pinned) % self.count  # ids beyond the set wrap around
         self.generator = generator if generator is not None else torch.Generator()
         self.queues, self.env_index = queues, env_index
+
+    def scene_seed(self) -> int | None:
+        """The seed of the next episode's scene (``InitStateQueues.scene_seeds``; None: the env's own RNG)."""
+        return None if self.queues is None else self.queues.scene_seed(self.env_index)
 
     def next(self) -> int:
         queued = None if self.queues is None else self.queues.pop(self.env_index)

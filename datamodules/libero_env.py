@@ -5,7 +5,8 @@ are computed; frames read in one copy).
 Every reset runs in torchrl's ``"fixed"`` mode with ``init_state_id`` set just before it from an
 ``InitStateChooser``: the curriculum's queue for this worker, else the pinned id (evaluation),
 else a uniform draw from the env's own generator, the same draw torchrl's ``"random"`` mode
-makes. ``init_state_id`` (int64 [1]) is the index of the stored state the current episode
+makes. Where the queues carry scene seeds (evaluation), numpy, which places the fixtures at a
+reset, is seeded with ``scene seed + init_state_id`` just before it. ``init_state_id`` (int64 [1]) is the index of the stored state the current episode
 started from, read back from ``LiberoEnv`` after the reset (on reset and on every step, so
 ``("next", "init_state_id")`` at a ``done`` names the episode that ended).
 """
@@ -61,6 +62,9 @@ class InitStateLiberoEnv(LiberoEnv):  # the metaclass builds subclasses directly
 
     def _reset(self, tensordict=None, **kwargs):
         self.init_state_id = self.chooser.next()
+        scene = self.chooser.scene_seed()
+        if scene is not None:  # evaluation: the fixtures' placement from (seed, state id) alone
+            self._env.seed(scene + self.init_state_id)
         # robosuite's grippers ramp from their last command; a hard reset rebuilds the gripper
         # models (command at rest), a soft one keeps them: start every episode at rest
         # (tests/test_libero.py)

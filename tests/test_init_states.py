@@ -98,23 +98,30 @@ def test_curriculum_driven_resets_use_the_sampled_ids():
 
 
 def _pop_in_child(queues, out):
-    out.put([queues.pop(1), queues.pop(1)])
+    out.put([queues.pop(1), queues.pop(1), queues.scene_seed(1)])
 
 
 def test_queues_are_shared_with_worker_processes():
     queues = InitStateQueues(2, capacity=4)
-    queues.set([[0], [4, 1, 3]])
+    queues.set([[0], [4, 1, 3]], scene_seeds=[7, 900])
     ctx = mp.get_context("spawn")  # how LIBERO workers are started
     out = ctx.Queue()
     proc = ctx.Process(target=_pop_in_child, args=(queues, out))
     proc.start()
-    assert out.get(timeout=120) == [4, 1]
+    assert out.get(timeout=120) == [4, 1, 900]
     proc.join(30)
     assert queues.remaining(1) == [3] and queues.pop(1) == 3 and queues.pop(1) is None
+    queues.push(1, 2)  # the evaluation hands an idle worker its next episode
+    assert queues.pop(1) == 2 and queues.pop(1) is None
     chooser = InitStateChooser(5, pinned=12, queues=queues, env_index=0)
+    assert chooser.scene_seed() == 7
     assert [chooser.next(), chooser.next()] == [0, 2]  # the queue, then the pin (12 mod 5)
     with pytest.raises(ValueError, match="capacity"):
         queues.set([[0] * 5, []])
+    queues.set([[0], [1, 2, 3, 4]])  # no scene seeds: the env's own RNG places the scene
+    assert chooser.scene_seed() is None and queues.scene_seed(1) is None
+    with pytest.raises(ValueError, match="full"):
+        queues.push(1, 0)
 
 
 def test_evaluation_temperature(tiny_policy):

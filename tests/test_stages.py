@@ -164,6 +164,45 @@ def test_one_pool_evaluation_scores_what_per_task_pools_score(tiny_policy, tmp_p
     assert os.path.isdir(tmp_path / "pooled" / "videos")
 
 
+@pytest.mark.parametrize("one_pool", [False, True])
+def test_an_evaluation_cut_short_goes_on_where_it_stopped(tiny_policy, tmp_path, one_pool):
+    """Every finished episode is on disk (eval_episodes/<label>.rank0.json) as it ends; the same
+    evaluation of the same weights, run again, plays only the episodes with no outcome (one
+    pool: each such episode; per-task pools: each batch with one) and scores the recorded ones
+    as recorded; other weights start it over."""
+    import json
+
+    stream = [_babyai("red ball", num_init_states=10), _babyai("green key", num_init_states=10)]
+    torch.manual_seed(0)
+    module = CRLModule(tiny_policy(), critic_hidden_sizes=[16])
+    dm = OnPolicyDataModule(stream, num_envs=4, frames_per_batch=32, ppo_epochs=1, num_minibatches=1)
+    evaluation = PerTaskEvaluation(episodes_per_task=10, num_envs=4, greedy=True, max_steps=40, one_pool=one_pool)
+    trainer = Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                      default_root_dir=str(tmp_path), callbacks=[TaskSwitch(iterations_per_task=1,
+                                                                            save_checkpoints=False), evaluation])
+    trainer.fit(module, datamodule=dm)
+    path = tmp_path / "eval_episodes" / "after_task1.rank0.json"
+    saved = json.load(open(path))
+    won = {(k, e): s for k, e, s in saved["episodes"]}
+    assert sorted(won) == [(k, e) for k in (0, 1) for e in range(10)]
+    assert evaluation.R[1] == [sum(won[k, e] for e in range(10)) / 10 for k in (0, 1)]
+    assert 0 < sum(won.values()) < 20  # successes and failures: a flipped outcome shows
+
+    # cut short after 7 episodes of task 0, recorded as successes whatever they were
+    json.dump({"key": saved["key"], "episodes": [[0, e, True] for e in range(7)]}, open(path, "w"))
+    row = evaluation.evaluate_all(trainer, module, "after_task1")
+    replayed = range(7, 10) if one_pool else range(4, 10)  # per-task pools: batch [4, 8) has no outcome for 7
+    kept = [e for e in range(10) if e not in replayed]
+    assert row == [(len(kept) + sum(won[0, e] for e in replayed)) / 10, evaluation.R[1][1]]
+    assert len(json.load(open(path))["episodes"]) == 20
+
+    with torch.no_grad():  # other weights: the recorded outcomes are not theirs
+        next(module.parameters()).add_(1.0)
+    evaluation.evaluate_all(trainer, module, "after_task1")
+    assert json.load(open(path))["key"]["weights"] != saved["key"]["weights"]
+
+
 @pytest.mark.parametrize("max_epochs", [1, -1])
 def test_export_only_at_the_streams_end(tiny_policy, tmp_path, max_epochs):
     """ExportPolicy writes the policy when the stream ran to its end, never for a run stopped
