@@ -145,9 +145,11 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             if dm.tasks[task_index].env == "libero":  # the episode's scene, as in one pool
                 queues = InitStateQueues(len(ids), 1)
                 queues.set([[e] for e in ids], scene_seeds=[self._scene_seed(task_index)] * len(ids))
-                env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_queues=queues)
+                with phase("pool_start"):
+                    env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_queues=queues)
             else:
-                env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_ids=ids)
+                with phase("pool_start"):
+                    env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_ids=ids)
             record = video_dir is not None and self.videos > 0 and rank == 0 and start == 0
             recorder = EpisodeRecorder(self.videos) if record else None
             # sampled actions draw from their own stream, seeded like the episodes: the same
@@ -162,7 +164,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
             outcomes.flush()
             restarts = worker_restarts(env)
             self.worker_restarts = {k: self.worker_restarts[k] + restarts[k] for k in restarts}
-            env.close()
+            with phase("pool_close"):
+                env.close()
             if recorder is not None:
                 self._save_videos(trainer, recorder, task_index, video_dir, ids)
         pl_module.train(was_training)
@@ -258,8 +261,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         # a worker with nothing to play resets to some state and rests
         ids.set([[e if e is not None else mine[0]] for e in playing], scene_seeds=scene if libero else None)
         seed = self.seed + self.episodes * rank
-        env = dm.make_env(dataclasses.replace(tasks[0], target=None, subtasks=tuple(tasks)), W,
-                          seed=scene if libero else seed, init_state_queues=ids)
+        with phase("pool_start"):
+            env = dm.make_env(dataclasses.replace(tasks[0], target=None, subtasks=tuple(tasks)), W,
+                              seed=scene if libero else seed, init_state_queues=ids)
         policy = pl_module.acting_policy(greedy=self.greedy, temperature=self.temperature)
         was_training = pl_module.training
         pl_module.eval()
@@ -301,7 +305,8 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                     td = env.reset(td.set("_reset", again.reshape(*td.batch_size, 1)))
         restarts = worker_restarts(env)
         self.worker_restarts = {k: self.worker_restarts[k] + restarts[k] for k in restarts}
-        env.close()
+        with phase("pool_close"):
+            env.close()
         pl_module.train(was_training)
         for (k, e), clip in sorted(frames.items()):
             self._write_video(trainer, video_dir, k, e, np.stack(clip))

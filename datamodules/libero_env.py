@@ -6,9 +6,10 @@ Every reset runs in torchrl's ``"fixed"`` mode with ``init_state_id`` set just b
 ``InitStateChooser``: the curriculum's queue for this worker, else the pinned id (evaluation),
 else a uniform draw from the env's own generator, the same draw torchrl's ``"random"`` mode
 makes. Where the queues carry scene seeds (evaluation), numpy, which places the fixtures at a
-reset, is seeded with ``scene seed + init_state_id`` just before it. ``init_state_id`` (int64 [1]) is the index of the stored state the current episode
-started from, read back from ``LiberoEnv`` after the reset (on reset and on every step, so
-``("next", "init_state_id")`` at a ``done`` names the episode that ended).
+reset, is seeded with ``scene seed + init_state_id`` just before it. ``init_state_id`` (int64
+[1]) is the index of the stored state the current episode started from, read back from
+``LiberoEnv`` after the reset (on reset and on every step, so ``("next", "init_state_id")`` at a
+``done`` names the episode that ended).
 """
 from __future__ import annotations
 
