@@ -5,9 +5,9 @@ when the run resumes: the episodes already recorded for the same evaluation of t
 are not played again. ``PerTaskEvaluation`` keeps one file per evaluation and rank,
 ``<log dir>/eval_episodes<_tag>/<label>.rank<r>.json``:
 ``{"key": {...}, "episodes": [[task, episode, success], ...]}``. ``key`` names what was
-evaluated (the evaluation's label and settings, the training step, a checksum of the weights);
-a file whose key differs belongs to another evaluation and is started over. The files stay as
-the record of each episode's outcome.
+evaluated (the evaluation's label and settings, the training step, a checksum of the acting
+policy's weights); a file whose key differs belongs to another evaluation and is started over.
+The files stay as the record of each episode's outcome.
 """
 from __future__ import annotations
 

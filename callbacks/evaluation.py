@@ -212,7 +212,9 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
         if label is not None and self.videos > 0:
             video_dir = os.path.join(log_dir or ".", self.video_folder, label)
         name = label or f"iteration{trainer.current_epoch + 1}"
-        key = {"evaluation": name, "step": trainer.global_step, "weights": weights_fingerprint(pl_module),
+        # the acting policy's weights (the critics, anchors and old policy do not act)
+        key = {"evaluation": name, "step": trainer.global_step,
+               "weights": weights_fingerprint(getattr(pl_module, "policy", pl_module)),
                "episodes": self.episodes, "greedy": self.greedy, "temperature": self.temperature,
                "seed": self.seed, "max_steps": self.max_steps, "num_envs": self.num_envs,
                "one_pool": self.one_pool, "world_size": trainer.world_size}

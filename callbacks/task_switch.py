@@ -23,10 +23,17 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
 
     It acts after every other callback's end of iteration (it moves itself behind them, before
     the checkpoint callbacks): those see the iteration's own task, and the task-end checkpoint
-    holds everything the iteration did."""
+    holds everything the iteration did.
+
+    With ``branch_points`` it also saves ``task{k}_trained.ckpt`` when task k's training is done,
+    before the task-end step of any callback (e.g. CRL-VLA's anchor freeze): a run resumed from
+    it takes that step with its own callbacks. Runs of methods that act only at and after a task
+    end (Seq-FT, CRL-VLA) are the same up to there, so another method's run can start from it
+    (``scripts/sweep.py --branch``)."""
 
     def __init__(self, iterations_per_task: int = 20, success_threshold: float | None = None,
-                 min_iterations: int = 1, success_window: int = 1, save_checkpoints: bool = True):
+                 min_iterations: int = 1, success_window: int = 1, save_checkpoints: bool = True,
+                 branch_points: bool = False):
         """
         Args:
             iterations_per_task: PPO iterations after which a task ends (its budget).
@@ -35,6 +42,8 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
             min_iterations: iterations a task runs before the threshold may end it.
             success_window: iterations averaged for the threshold.
             save_checkpoints: save ``task{k}_end.ckpt`` (and LoRA adapters) at every task end.
+            branch_points: also save ``task{k}_trained.ckpt`` before the task-end steps (a point
+                another method's run can start from).
         """
         if iterations_per_task <= 0:
             raise ValueError(f"TaskSwitch.iterations_per_task={iterations_per_task!r}: must be > 0")
@@ -49,6 +58,8 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         self.min_iterations = min_iterations
         self.success_window = success_window
         self.save_checkpoints = save_checkpoints
+        self.branch_points = branch_points
+        self.pending_end: tuple | None = None  # in a task{k}_trained.ckpt: (why it ended, iterations), end not taken
         self.iteration_in_task = 0
         self.recent_success: list[float] = []  # this task's last success_window rollout successes
         self.finished = False
@@ -62,6 +73,10 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         trainer.callbacks = others[:first_checkpoint] + [self] + others[first_checkpoint:]
 
     def on_train_start(self, trainer, pl_module):
+        if self.pending_end is not None:  # resumed from a task{k}_trained.ckpt: the task's end, here
+            (reason, iterations), self.pending_end = self.pending_end, None
+            self._end_task(trainer, pl_module, reason, iterations)
+            return
         if self.pending_results is not None:  # resumed from a task-end checkpoint: the evaluation again
             (k, iterations), self.pending_results = self.pending_results, None
             announce(trainer, pl_module, "on_task_results", k, iterations)
@@ -104,6 +119,15 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         reason = self._task_done(pl_module)
         if reason is None:
             return
+        iterations = trainer.current_epoch + 1
+        if self.branch_points and trainer.log_dir:  # every rank asks (a broadcast under DDP)
+            self.pending_end = (reason, iterations)
+            trainer.save_checkpoint(os.path.join(trainer.log_dir, "checkpoints",
+                                                 f"task{trainer.datamodule.task_index}_trained.ckpt"), weights_only=False)
+            self.pending_end = None
+        self._end_task(trainer, pl_module, reason, iterations)
+
+    def _end_task(self, trainer, pl_module, reason: str, iterations: int) -> None:
         dm = trainer.datamodule
         k = dm.task_index
         rank_zero_info(f"[task {k}] ends after {self.iteration_in_task} iterations: {reason}")
@@ -122,7 +146,6 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         else:
             self.finished = True
             trainer.should_stop = True
-        iterations = trainer.current_epoch + 1
         if self.save_checkpoints and log_dir:  # the full state, before the evaluation: a kill there loses nothing
             self.pending_results = (k, iterations)
             trainer.save_checkpoint(os.path.join(log_dir, "checkpoints", f"task{k}_end.ckpt"), weights_only=False)
@@ -134,7 +157,7 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
     def state_dict(self):
         return {"iteration_in_task": self.iteration_in_task, "finished": self.finished,
                 "recent_success": list(self.recent_success), "task_started": self.task_started,
-                "pending_results": self.pending_results}
+                "pending_results": self.pending_results, "pending_end": self.pending_end}
 
     def load_state_dict(self, state):
         self.iteration_in_task = state["iteration_in_task"]
@@ -143,6 +166,7 @@ class TaskSwitch(Callback, TaskBoundaryHooks):
         # older checkpoints: a task had started if it had run an iteration
         self.task_started = state.get("task_started", self.iteration_in_task > 0)
         self.pending_results = state.get("pending_results")
+        self.pending_end = tuple(state["pending_end"]) if state.get("pending_end") else None
 
 
 def stopped_before_stream_end(trainer) -> bool:

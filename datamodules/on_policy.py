@@ -172,6 +172,7 @@ class OnPolicyDataModule(TaskStream, LightningDataModule):
         self.task_index = index
         self._close_collector()
         self.env_log.clear()
+        self._replay = False  # a new task's env is built afresh, in a resumed run as in an uninterrupted one
 
     def remember_task(self, index: int, head: int | None = None, keep_states: bool = False) -> None:
         """Register stage ``index``'s goals as old goals, trained by anchor head ``head``

@@ -42,7 +42,8 @@ case "$stage" in
   rl)
     sft_done rl
     "$PY" scripts/sweep.py --config configs/crl_libero_small.yaml --method crl= \
-        --method seq_ft=configs/ablations/seq_ft.yaml --seeds 0 1 --out "$OUT/rl" --parallel "${RL_PARALLEL:-1}" \
+        --method seq_ft=configs/ablations/seq_ft.yaml --branch seq_ft=crl --seeds 0 1 --out "$OUT/rl" \
+        --parallel "${RL_PARALLEL:-1}" \
         --time_limit "$LIMIT" --resume \
     && echo "rl: complete ($OUT/rl)" ;;
   vla_rl)

@@ -6,6 +6,13 @@
 
 Each run writes ``<out>/<method>/seed<s>/`` (metrics.json, R.csv, TensorBoard, checkpoints,
 train.log). A run that fails keeps its log and is reported; the others go on.
+
+``--branch seq_ft=crl``: methods that act only at and after a task's end (Seq-FT and CRL-VLA,
+whose anchor terms need an old task) train the first task alike; each seq_ft run starts from
+the crl run of its seed at the end of its first task's training (``task0_trained.ckpt``, saved
+with ``TaskSwitch.branch_points: true``, and the outcomes of the evaluation after that task,
+which the same policy need not play again): the same run as one from scratch
+(tests/test_sweep.py). Its ``wall_s.txt`` counts its own time only.
 Then: ``python scripts/results_table.py <out>`` writes the table.
 """
 from __future__ import annotations
@@ -14,6 +21,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--time_limit", type=float, default=None,
                    help="seconds; runs still going then are stopped (SIGTERM: each stops at once with its "
                         "last.ckpt, written after every iteration) and can --resume later")
+    p.add_argument("--branch", action="append", default=[],
+                   help="NAME=SOURCE: method NAME's runs start from method SOURCE's run of the same seed at the end "
+                        "of its first task's training (SOURCE's config: TaskSwitch.branch_points true)")
     p.add_argument("extra", nargs="*", help="after '--': more train.py arguments for every run")
     args = p.parse_args(argv)
     methods = []
@@ -53,6 +64,15 @@ def parse_args(argv=None):
         methods.append((name, yamls))
     if args.parallel <= 0:
         p.error(f"--parallel {args.parallel}: must be > 0")
+    names = [n for n, _ in methods]
+    args.branches = {}
+    for b in args.branch:
+        name, _, source = b.partition("=")
+        if name not in names or source not in names or name == source:
+            p.error(f"--branch {b!r}: expected NAME=SOURCE, two different --method names")
+        args.branches[name] = source
+    if any(source in args.branches for source in args.branches.values()):
+        p.error(f"--branch {args.branch}: a SOURCE cannot be branched itself")
     args.out = os.path.abspath(args.out)  # train.py runs from the repo root
     return args, methods
 
@@ -85,18 +105,57 @@ def _complete(run_dir: str) -> bool:
         return False
 
 
+def first_task_done(run_dir: str) -> bool:
+    """The run's first task is trained (``task0_trained.ckpt``) and evaluated (R's first row)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            rows = json.load(f).get("R") or [None]
+    except (OSError, ValueError):
+        return False
+    return rows[0] is not None and os.path.isfile(os.path.join(run_dir, "checkpoints", "task0_trained.ckpt"))
+
+
+def branch(source_dir: str, run_dir: str) -> str:
+    """``run_dir`` starts where ``source_dir``'s run stood when its first task's training was
+    done: its ``task0_trained.ckpt`` and the recorded episodes of the evaluation after that task
+    (callbacks/eval_episodes.py: used where the policy's weights are the same). Returns the
+    checkpoint to resume from."""
+    ckpt = os.path.join(run_dir, "checkpoints", "task0_trained.ckpt")
+    os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+    for episodes in glob.glob(os.path.join(source_dir, "eval_episodes*", "after_task0.rank*.json")):
+        target = os.path.join(run_dir, os.path.relpath(episodes, source_dir))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(episodes, target)
+    shutil.copyfile(os.path.join(source_dir, "checkpoints", "task0_trained.ckpt"), ckpt + ".partial")
+    os.replace(ckpt + ".partial", ckpt)  # last: a half-made branch has no checkpoint and is made again
+    return ckpt
+
+
 def run_one(args, threads, name, yamls, seed):
     run_dir = os.path.join(args.out, name, f"seed{seed}")
     os.makedirs(run_dir, exist_ok=True)
     wall_file = os.path.join(run_dir, "wall_s.txt")
     newest = newest_checkpoint(run_dir)
+    source = args.branches.get(name)
+    if source is not None and newest is None:
+        source_dir = os.path.join(args.out, source, f"seed{seed}")
+        while not first_task_done(source_dir):  # its source runs beside it, or ran before
+            if (source, seed) in args.finished or (args.deadline is not None and time.time() >= args.deadline):
+                return name, seed, f"not started (waiting for {source} seed {seed}'s first task)", 0.0
+            time.sleep(5)
+        newest = branch(source_dir, run_dir)
+        if os.path.exists(wall_file):
+            os.remove(wall_file)
+        args.branched.add((name, seed))
     ckpt, earlier = None, 0.0
     if args.resume and _complete(run_dir):
         print(f"{name} seed {seed}: complete, skipped", flush=True)
         return name, seed, 0, 0.0
     if args.deadline is not None and time.time() >= args.deadline:
         return name, seed, "not started (--time_limit)", 0.0
-    if args.resume and newest is not None:
+    if (name, seed) in args.branched:
+        ckpt = newest
+    elif args.resume and newest is not None:
         ckpt = newest  # the wall time adds up over the segments
         earlier = float(open(wall_file).read()) if os.path.exists(wall_file) else 0.0
     elif os.path.exists(wall_file):  # from an earlier sweep into the same folder
@@ -126,11 +185,21 @@ def run_one(args, threads, name, yamls, seed):
 def main(argv=None) -> int:
     args, methods = parse_args(argv)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
-    jobs = [(name, yamls, s) for s in args.seeds for name, yamls in methods]
+    # seed by seed, a branched method after its source (a job waiting for its source holds a slot)
+    ordered = sorted(methods, key=lambda m: m[0] in args.branches)
+    jobs = [(name, yamls, s) for s in args.seeds for name, yamls in ordered]
     start = time.time()
     args.deadline = None if args.time_limit is None else start + args.time_limit
+    args.finished, args.branched = set(), set()
+
+    def job(j):
+        try:
+            return run_one(args, threads, *j)
+        finally:
+            args.finished.add((j[0], j[2]))
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda j: run_one(args, threads, *j), jobs))
+        results = list(pool.map(job, jobs))
     stopped = [(n, s) for n, s, rc, _ in results if isinstance(rc, str)]
     failed = [(n, s) for n, s, rc, _ in results if rc != 0 and not isinstance(rc, str)]
     print(f"sweep: {len(jobs)} runs, {len(failed)} failed, {len(stopped)} stopped or not started "

@@ -47,3 +47,58 @@ def test_resume_goes_on_from_the_newest_checkpoint(tmp_path):
     assert sweep.newest_checkpoint(str(run_dir)) == str(folder / "task0_end.ckpt")
     os.utime(folder / "last.ckpt", (1_000_000, 1_000_000))
     assert sweep.newest_checkpoint(str(run_dir)) == str(folder / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_a_branched_seq_ft_run_is_the_seq_ft_run_from_scratch(tmp_path):
+    """--branch seq_ft=crl: Seq-FT started from the CRL run's task0_trained.ckpt (TaskSwitch
+    branch_points: saved when task 0's training is done, before CRL's anchor freeze) and the
+    outcomes of the CRL run's evaluation after task 0 (the same policy: not played again) ends with
+    the metrics and weights of the Seq-FT run from scratch, bit for bit."""
+    import json
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from conftest import run_train, small_config
+
+    def config(name, anchor):
+        path = small_config(tmp_path, name, iterations=2, tasks=2, eval_episodes=2, anchor=anchor)
+        cfg = OmegaConf.load(path)
+        cfg.trainer.logger.init_args.version = "seed0"
+        switch = next(c for c in cfg.trainer.callbacks if c.class_path.endswith("TaskSwitch"))
+        switch.init_args.branch_points = True
+        OmegaConf.save(cfg, path)
+        return path, str(tmp_path / "runs" / name / "seed0")
+
+    (crl, crl_dir), (scratch, scratch_dir), (branched, branched_dir) = (
+        config("crl", True), config("seq_ft", False), config("seq_ft_branched", False))
+    for path in (crl, scratch):
+        res = run_train("--config", path, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert sweep.first_task_done(crl_dir) and not sweep.first_task_done(branched_dir)
+    ckpt = sweep.branch(crl_dir, branched_dir)
+    res = run_train("--config", branched, "--ckpt_path", ckpt, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "after_task0: 4 episodes already played (resumed)" in res.stdout + res.stderr
+    for file in ("metrics.json", "metrics_greedy.json"):
+        a, b = (json.load(open(os.path.join(d, file))) for d in (scratch_dir, branched_dir))
+        assert a["R"] == b["R"] and a["curves"] == b["curves"] and a["complete"] and b["complete"]
+    assert json.load(open(os.path.join(crl_dir, "metrics.json")))["R"][0] == a["R"][0]  # the shared task
+    weights = [torch.load(os.path.join(d, "checkpoints", "last.ckpt"), weights_only=False)["state_dict"]
+               for d in (scratch_dir, branched_dir)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    crl_last = torch.load(os.path.join(crl_dir, "checkpoints", "last.ckpt"), weights_only=False)["state_dict"]
+    assert not all(torch.equal(crl_last[k], weights[0][k]) for k in weights[0])  # CRL's task 1 differs
+
+
+def test_branch_arguments_are_checked(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    base = ["--config", "configs/quickstart.yaml", "--method", "crl=", "--method", "seq_ft=configs/ablations/seq_ft.yaml"]
+    args, _ = sweep.parse_args(base + ["--branch", "seq_ft=crl"])
+    assert args.branches == {"seq_ft": "crl"}
+    for bad in ("seq_ft=nope", "seq_ft=seq_ft", "seq_ft"):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(base + ["--branch", bad])
+        assert "--branch" in capsys.readouterr().err
