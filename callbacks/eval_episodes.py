@@ -8,6 +8,12 @@ are not played again. ``PerTaskEvaluation`` keeps one file per evaluation and ra
 evaluated (the evaluation's label and settings, the training step, a checksum of the acting
 policy's weights); a file whose key differs belongs to another evaluation and is started over.
 The files stay as the record of each episode's outcome.
+
+Per-task pools skip a batch of episodes only when all of its outcomes are recorded, so a resumed
+evaluation plays the rest as the uninterrupted one would have, sampled actions included (their
+stream is seeded per batch). In one pool every episode is skipped or played on its own: greedy
+episodes are the same, sampled ones draw other actions than they would have (the pool's action
+stream is one per evaluation).
 """
 from __future__ import annotations
 
