@@ -142,14 +142,13 @@ class PerTaskEvaluation(Callback, TaskBoundaryHooks):
                 continue
             # episode e starts from fixed initial state e (LIBERO's 50-states protocol)
             seed = self.seed + 7919 * task_index + ids[0]
+            states = {"init_state_ids": ids}
             if dm.tasks[task_index].env == "libero":  # the episode's scene, as in one pool
                 queues = InitStateQueues(len(ids), 1)
                 queues.set([[e] for e in ids], scene_seeds=[self._scene_seed(task_index)] * len(ids))
-                with phase("pool_start"):
-                    env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_queues=queues)
-            else:
-                with phase("pool_start"):
-                    env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, init_state_ids=ids)
+                states = {"init_state_queues": queues}
+            with phase("pool_start"):
+                env = dm.make_env(dm.tasks[task_index], len(ids), seed=seed, **states)
             record = video_dir is not None and self.videos > 0 and rank == 0 and start == 0
             recorder = EpisodeRecorder(self.videos) if record else None
             # sampled actions draw from their own stream, seeded like the episodes: the same

@@ -97,21 +97,22 @@ def newest_checkpoint(run_dir: str) -> str | None:
     return max(found, key=os.path.getmtime) if found else None
 
 
-def _complete(run_dir: str) -> bool:
+def _metrics(run_dir: str) -> dict:
+    """The run's metrics.json ({} while there is none or it cannot be read)."""
     try:
         with open(os.path.join(run_dir, "metrics.json")) as f:
-            return bool(json.load(f).get("complete"))
+            return json.load(f)
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def _complete(run_dir: str) -> bool:
+    return bool(_metrics(run_dir).get("complete"))
 
 
 def first_task_done(run_dir: str) -> bool:
     """The run's first task is trained (``task0_trained.ckpt``) and evaluated (R's first row)."""
-    try:
-        with open(os.path.join(run_dir, "metrics.json")) as f:
-            rows = json.load(f).get("R") or [None]
-    except (OSError, ValueError):
-        return False
+    rows = _metrics(run_dir).get("R") or [None]
     return rows[0] is not None and os.path.isfile(os.path.join(run_dir, "checkpoints", "task0_trained.ckpt"))
 
 
@@ -136,7 +137,7 @@ def run_one(args, threads, name, yamls, seed):
     os.makedirs(run_dir, exist_ok=True)
     wall_file = os.path.join(run_dir, "wall_s.txt")
     newest = newest_checkpoint(run_dir)
-    source = args.branches.get(name)
+    source, branched = args.branches.get(name), False
     if source is not None and newest is None:
         source_dir = os.path.join(args.out, source, f"seed{seed}")
         while not first_task_done(source_dir):  # its source runs beside it, or ran before
@@ -146,14 +147,14 @@ def run_one(args, threads, name, yamls, seed):
         newest = branch(source_dir, run_dir)
         if os.path.exists(wall_file):
             os.remove(wall_file)
-        args.branched.add((name, seed))
+        branched = True
     ckpt, earlier = None, 0.0
     if args.resume and _complete(run_dir):
         print(f"{name} seed {seed}: complete, skipped", flush=True)
         return name, seed, 0, 0.0
     if args.deadline is not None and time.time() >= args.deadline:
         return name, seed, "not started (--time_limit)", 0.0
-    if (name, seed) in args.branched:
+    if branched:
         ckpt = newest
     elif args.resume and newest is not None:
         ckpt = newest  # the wall time adds up over the segments
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     jobs = [(name, yamls, s) for s in args.seeds for name, yamls in ordered]
     start = time.time()
     args.deadline = None if args.time_limit is None else start + args.time_limit
-    args.finished, args.branched = set(), set()
+    args.finished = set()
 
     def job(j):
         try:
