@@ -280,11 +280,20 @@ def profile_step(fn, res, key, top=25):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
-    print(table, flush=True)
-    res.setdefault("profile", {})[key] = table
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total", row_limit=top)
+    # GPU busy = the kernels' own time; far below the wall time means the host (launches,
+    # Python) holds the GPU up, not its arithmetic
+    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                  and "CUDA" in str(e.device_type))
+    summary = {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_fraction": busy / wall, "kernel_launches": kernels}
+    print(table, summary, flush=True)
+    res.setdefault("profile", {})[key] = {"table": table, **summary}
 
 
 def training_parts(policy, dev, res):

@@ -10,6 +10,9 @@ configuration as usual (which loads the base), checks the record against it and 
 tensors back into the checkpoint's state dict, so the module loads exactly what was saved. A base
 that is not the one the run was trained on (other files, another model, another seed for a
 random one) fails with one line; a missing one fails when the model is built.
+
+The policy's base is found under ``policy.`` (CRLModule, SFTModule); the RPRM's under ``rprm.``
+(modules/vla_rl/rprm_module.py, whose checkpoints the reward shaping reads).
 """
 from __future__ import annotations
 
@@ -46,36 +49,41 @@ def _files(source: str | None) -> list | None:
                   for root, _, files in os.walk(source) for f in files)
 
 
-def base_record(module: torch.nn.Module, keys: list[str]) -> dict:
+def base_record(module: torch.nn.Module, keys: list[str], prefix: str = "policy.") -> dict:
     params = dict(module.named_parameters())
-    source = getattr(getattr(module.policy, "backbone", None), "source", None)
+    owner = getattr(module, prefix.rstrip("."))  # the policy or the RPRM: its backbone knows its source
+    source = getattr(getattr(owner, "backbone", None), "source", None)
     return {"source": source, "files": _files(source),
             "tensors": {k: [list(params[k].shape), str(params[k].dtype), _checksum(params[k])] for k in keys}}
 
 
-def drop_frozen_base(module: torch.nn.Module, checkpoint: dict) -> None:
-    """on_save_checkpoint: the base's tensors out of the state dict, its record in (computed once
-    per run: the base does not change)."""
-    keys = frozen_base_keys(module)
+def drop_frozen_base(module: torch.nn.Module, checkpoint: dict, prefix: str = "policy.",
+                     keys: list[str] | None = None) -> None:
+    """on_save_checkpoint: the base's tensors (``keys``, default ``frozen_base_keys``) out of the
+    state dict, its record in (computed once per run: the base does not change)."""
+    keys = frozen_base_keys(module, prefix) if keys is None else keys
     for k in keys:
         checkpoint["state_dict"].pop(k, None)
     cached = getattr(module, "_frozen_base_record", None)
     if cached is None or cached[0] != keys:
-        cached = (keys, base_record(module, keys))
+        cached = (keys, base_record(module, keys, prefix))
         module._frozen_base_record = cached
     checkpoint["frozen_base"] = cached[1]
 
 
-def restore_frozen_base(module: torch.nn.Module, checkpoint: dict) -> None:
-    """on_load_checkpoint: check the configured base against the record, then put its tensors back."""
+def restore_frozen_base(module: torch.nn.Module, checkpoint: dict, prefix: str = "policy.",
+                        keys: list[str] | None = None, where: str | None = None) -> None:
+    """on_load_checkpoint: check the configured base (``keys``, default ``frozen_base_keys``)
+    against the record, then put its tensors back; ``where`` names the checkpoint in errors."""
     saved = checkpoint["frozen_base"]
-    keys = frozen_base_keys(module)
-    mine = base_record(module, keys)
-    where = (f"model.policy.init_args.backbone (source {mine['source']!r}): the checkpoint (--ckpt_path) holds "
-             f"a LoRA run's trainable state for the base {saved['source']!r}")
+    keys = frozen_base_keys(module, prefix) if keys is None else keys
+    mine = base_record(module, keys, prefix)
+    if where is None:
+        where = f"model.policy.init_args.backbone (source {mine['source']!r}): the checkpoint (--ckpt_path)"
+    where = f"{where} holds a LoRA run's trainable state for the base {saved['source']!r}"
     if set(saved["tensors"]) != set(mine["tensors"]):
         raise CheckpointError(f"{where}, whose frozen weights are other tensors ({len(saved['tensors'])} vs "
-                              f"{len(mine['tensors'])} here): resume with the same model.policy settings")
+                              f"{len(mine['tensors'])} here): build the model with the settings it was trained with")
     if saved["files"] is not None and mine["files"] is not None and saved["files"] != mine["files"]:
         raise CheckpointError(f"{where}, whose files differ (names or sizes) from the configured base's")
     differ = [k for k in keys if saved["tensors"][k][:2] != mine["tensors"][k][:2]  # shape, dtype; the checksum

@@ -79,12 +79,36 @@ def test_rprm_trains_to_high_heldout_accuracy(tmp_path):
     logged = trainer.callback_metrics["val/auroc"].item()
     assert binary_auroc(probs, held.labels).item() == pytest.approx(logged, abs=1e-5)
 
-    # a fresh RPRM of the same config scores identically after loading the checkpoint's weights
+    # the checkpoint holds the LoRA and the head, and a record of the frozen VLM instead of its weights
     ckpt = str(tmp_path / "rprm.ckpt")
     trainer.save_checkpoint(ckpt)
-    fresh = load_rprm_weights(make_rprm(seed=1), ckpt)
-    assert torch.allclose(fresh.score(held.data["image"][:32], [WORDS[0]] * 32),
-                          rprm.score(held.data["image"][:32], [WORDS[0]] * 32), atol=1e-6)
+    saved = torch.load(ckpt, weights_only=False)
+    keys = set(saved["state_dict"])
+    assert keys == {f"rprm.{n}" for n in trainable}
+    assert len(saved["frozen_base"]["tensors"]) == len(list(rprm.parameters())) - len(trainable) > 10
+    # a fresh RPRM of the same config (same base, untrained LoRA and head) scores identically after
+    # loading the checkpoint's weights
+    fresh = make_rprm(seed=0)
+    images = held.data["image"][:32]
+    assert not torch.allclose(fresh.score(images, [WORDS[0]] * 32), rprm.score(images, [WORDS[0]] * 32), atol=1e-3)
+    load_rprm_weights(fresh, ckpt)
+    assert torch.allclose(fresh.score(images, [WORDS[0]] * 32), rprm.score(images, [WORDS[0]] * 32), atol=1e-6)
+    # ... also once frozen as a whole (the reward shaping's), and resuming the module restores the base
+    frozen = make_rprm(seed=0).requires_grad_(False)
+    load_rprm_weights(frozen, ckpt)
+    assert torch.equal(frozen.head[1].weight, rprm.head[1].weight)
+    resumed = RPRMModule(make_rprm(seed=0), lr=1e-3)
+    resumed.on_load_checkpoint(saved)
+    resumed.load_state_dict(saved["state_dict"])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.rprm.state_dict().values(), rprm.state_dict().values(),
+                                                 strict=True))
+    # another base (other random weights): one line naming the key, nothing loaded
+    other = make_rprm(seed=1)
+    head = other.head[1].weight.clone()
+    with pytest.raises(ValueError, match=r"^data.reward_shaping.checkpoint='.*rprm.ckpt' \(the RPRM's backbone: "
+                                         r"source None\) holds a LoRA run's trainable state .* weights differ"):
+        load_rprm_weights(other, ckpt)
+    assert torch.equal(other.head[1].weight, head)
 
 
 def test_score_is_batched_and_matches_forward():
@@ -112,11 +136,12 @@ def test_train_rprm_script_with_the_config(tmp_path):
         [sys.executable, os.path.join(ROOT, "scripts", "train_rprm.py"), "--config",
          os.path.join(ROOT, "configs", "rprm.yaml"), "--data.data_dir", str(tmp_path / "data"),
          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+         "--model.rprm.init_args.backbone.init_args.seed", "3",  # the base make_rprm(seed=3) builds
          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
          "--trainer.default_root_dir", str(tmp_path)],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     ckpts = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "runs") for f in fs if f.endswith(".ckpt")]
     assert ckpts, out.stderr[-2000:]
-    rprm = load_rprm_weights(make_rprm(seed=3), ckpts[0])  # the config's model = make_rprm's
+    rprm = load_rprm_weights(make_rprm(seed=3), ckpts[0])  # the config's model (base seed 3) = make_rprm's
     assert rprm.score(torch.zeros(2, 3, 56, 56, dtype=torch.uint8), WORDS[:2]).shape == (2,)

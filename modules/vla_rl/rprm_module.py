@@ -1,9 +1,16 @@
-"""Training the RPRM on the pseudo-labels: BCE, AdamW, accuracy and AUROC on held-out episodes."""
+"""Training the RPRM on the pseudo-labels: BCE, AdamW, accuracy and AUROC on held-out episodes.
+
+With LoRA the checkpoints hold the trainable state (adapters, head, optimizer) and a record of the
+frozen VLM instead of its weights (modules/lora_checkpoint.py): a 7B RPRM's checkpoint is its
+adapters' size, not 14 GiB. ``load_rprm_weights`` puts the base back from the RPRM it loads into,
+after checking that it is the base the RPRM was trained on."""
 from __future__ import annotations
 
 import torch
 from lightning import LightningModule
 
+from modules.checkpoint_io import CheckpointError
+from modules.lora_checkpoint import ADAPTER_PARTS, drop_frozen_base, restore_frozen_base
 from modules.vla_rl.metrics import binary_accuracy, binary_auroc
 from modules.vla_rl.rprm import RPRM
 
@@ -64,20 +71,54 @@ class RPRMModule(LightningModule):
         self.log("val/auroc", binary_auroc(probs, labels).float(), prog_bar=True)
         self.log("val/positive_fraction", labels.mean())
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keys = [k for k in frozen_base_keys(self.rprm) if not self.get_parameter(k).requires_grad]
+        if keys:  # LoRA: the trainable state only; the frozen VLM is referenced
+            drop_frozen_base(self, checkpoint, prefix="rprm.", keys=keys)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "frozen_base" in checkpoint:
+            restore_frozen_base(self, checkpoint, prefix="rprm.", keys=_recorded_keys(self.rprm, checkpoint, "ckpt_path"))
+
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.rprm.parameters() if p.requires_grad]  # LoRA + head (or all)
         return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
 
 
+def frozen_base_keys(rprm: RPRM) -> list[str]:
+    """``rprm.``-prefixed names of the VLM's weights that LoRA leaves frozen (none without LoRA)."""
+    names = [n for n, _ in rprm.named_parameters()]
+    if not any(a in n for n in names for a in ADAPTER_PARTS):
+        return []
+    return [f"rprm.{n}" for n in names if n.startswith("backbone.") and not any(a in n for a in ADAPTER_PARTS)]
+
+
+def _recorded_keys(rprm: RPRM, checkpoint: dict, key: str) -> list[str]:
+    """The checkpoint's frozen-base keys, which must be this RPRM's frozen-base keys (whether or not
+    it is frozen as a whole already, as the reward shaping's is)."""
+    recorded, mine = list(checkpoint["frozen_base"]["tensors"]), frozen_base_keys(rprm)
+    if set(recorded) != set(mine):
+        raise CheckpointError(f"{key}: the checkpoint's RPRM has {len(recorded)} frozen base tensors, this one "
+                              f"{len(mine)}: build the RPRM with the settings it was trained with")
+    return recorded
+
+
 def load_rprm_weights(rprm: RPRM, checkpoint_path: str) -> RPRM:
     """Load an RPRMModule checkpoint's ``rprm.*`` weights into an RPRM built from the same config
-    (what the reward shaping does before freezing it)."""
+    (what the reward shaping does before freezing it). A LoRA checkpoint's base comes from ``rprm``
+    itself, which must be the base it was trained on (same files, same weights)."""
     from modules.checkpoint_io import require_keys, safe_load
 
     key = "data.reward_shaping.checkpoint"
     ckpt = safe_load(checkpoint_path, key)
     require_keys(ckpt, ("state_dict",), f"{key}={checkpoint_path!r}", "a Lightning checkpoint")
+    if "frozen_base" in ckpt:
+        holder = torch.nn.Module()
+        holder.rprm = rprm
+        where = f"{key}={checkpoint_path!r}"
+        restore_frozen_base(holder, ckpt, prefix="rprm.", keys=_recorded_keys(rprm, ckpt, where),
+                            where=f"{where} (the RPRM's backbone: source {rprm.backbone.source!r})")
     state = {k[len("rprm."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("rprm.")}
     if not state:
         raise ValueError(f"{checkpoint_path}: no 'rprm.*' weights (not an RPRMModule checkpoint)")
