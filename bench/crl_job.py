@@ -1,5 +1,6 @@
 """The real job, shortened, on one GPU: ``configs/crl.yaml`` (OpenVLA-7B shape, LoRA r32, LIBERO-Goal)
-for CRL and Seq-FT over 2 tasks x a few iterations, and the kit's own timing breakdown as a table.
+for CRL and Seq-FT over 2 tasks x a few iterations, and ``configs/vla_rl.yaml`` on one GPU with its
+RPRM on, with the kit's own timing breakdown as a table.
 
 Each run is ``python train.py --config <crl.yaml with the overrides below>`` in a subprocess; the
 numbers are what the kit logs itself (``timings.json``, callbacks/iteration_timing.py), the same
@@ -11,6 +12,12 @@ episodes of at most ``--eval_steps`` steps per task, no videos), no periodic che
 settings off (float32 LoRA branches, gradient checkpointing, the whole minibatch in one forward) with
 anchor targets in chunks of 64 (chunks of 1024 run out of memory); ``shipped`` runs the config as it is;
 ``--set KEY=VALUE`` overrides more keys.
+
+Method ``vla_rl`` runs ``configs/vla_rl.yaml`` with ``trainer.devices`` 1 (its 8 GPUs overridden) on
+the same LIBERO-Goal tasks (one joint stage of ``--iterations`` iterations: env i on task i mod K),
+the same random policy checkpoint, and the RPRM on: a second VLM of the policy's shape (the same
+random base) with a random LoRA and head, written as an RPRM checkpoint first (the adapters and
+head; the frozen base referenced); its scoring of every rollout frame is ``time/reward_shaping``.
 
 Reported per method: medians over each task's iterations after its first (steady state), the
 first iterations' compile/capture time, env steps/s end to end (collection + targets + update;
@@ -24,6 +31,7 @@ Usage (GPU machine, after ``source bench/device_setup.sh install``):
     python bench/crl_job.py --out $OUT/crl_job.json [--methods crl seq_ft] [--variant shipped|speed_off]
 CPU smoke test of the script itself (tiny random OpenVLA, 2 envs, software rendering):
     python bench/crl_job.py --size tiny --num_envs 2 --frames 16 --eval_episodes 2 --eval_steps 4 --out /tmp/j.json
+    (``--methods vla_rl``: the same for configs/vla_rl.yaml)
 """
 from __future__ import annotations
 
@@ -50,7 +58,7 @@ VARIANTS = {  # dotted config keys -> values; "shipped": configs/crl.yaml as it 
                   "model.policy.init_args.lora.compute_dtype": "float32",
                   "model.micro_batch_size": None, "model.target_chunk_size": 64},
 }
-PHASES = ["collection", "collection/acting", "collection/env", "rollout_targets", "anchor_targets",
+PHASES = ["collection", "collection/acting", "collection/env", "reward_shaping", "rollout_targets", "anchor_targets",
           "update/forward", "update/backward", "update/optimizer", "update", "evaluation", "checkpoint",
           "compile_capture", "iteration"]
 
@@ -78,13 +86,25 @@ def matmul_tflops(device: str) -> float | None:
 def config(args, method: str) -> str:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(os.path.join(ROOT, "configs", "crl.yaml"))
+    cfg = OmegaConf.load(os.path.join(ROOT, "configs", "vla_rl.yaml" if method == "vla_rl" else "crl.yaml"))
     pol = cfg.model.policy.init_args
     pol.backbone.init_args.pretrained = args.ckpt
     pol.norm_stats = args.ckpt
     if args.device == "cpu":
         pol.backbone.init_args.dtype = "float32"
         pol.compile_decode = False
+    if method == "vla_rl":  # one GPU, the bundle's suite, the random checkpoint's statistics and RPRM
+        from random_openvla_checkpoint import UNNORM_KEY
+
+        cfg.trainer.devices, cfg.trainer.strategy = 1, "auto"
+        pol.unnorm_key = UNNORM_KEY
+        cfg.data.stream[0].suite = "libero_goal"
+        rprm = cfg.data.reward_shaping.rprm.init_args.backbone.init_args
+        rprm.pretrained = args.ckpt
+        if args.device == "cpu":
+            rprm.dtype = "float32"
+        cfg.data.reward_shaping.checkpoint = rprm_checkpoint(
+            OmegaConf.to_container(cfg.data.reward_shaping.rprm), os.path.join(args.runs, "rprm_random.ckpt"))
     overrides = dict(VARIANTS[args.variant])
     for item in args.set:
         key, _, value = item.partition("=")
@@ -120,6 +140,27 @@ def config(args, method: str) -> str:
     cfg.data.num_minibatches = max(1, args.frames // args.minibatch)
     path = os.path.join(args.runs, f"{method}_{args.variant}{args.tag}.yaml")
     OmegaConf.save(cfg, path)
+    return path
+
+
+def rprm_checkpoint(spec: dict, path: str) -> str:
+    """An RPRM checkpoint as scripts/train_rprm.py writes one (RPRMModule's: with LoRA, the adapters
+    and head, the frozen VLM referenced), of an untrained RPRM (random head), built on the CPU."""
+    import torch
+
+    if os.path.isfile(path):
+        return path
+    from datamodules.reward_shaping import build_rprm
+    from modules.vla_rl.rprm_module import RPRMModule
+
+    t = time.perf_counter()
+    module = RPRMModule(build_rprm(spec))
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path + ".partial")
+    os.replace(path + ".partial", path)
+    log(f"wrote the RPRM checkpoint {path} in {time.perf_counter() - t:.0f} s")
+    del module
     return path
 
 
@@ -227,7 +268,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--ckpt", default=None, help="OpenVLA checkpoint directory (written if missing)")
     ap.add_argument("--size", choices=["7b", "tiny"], default="7b")
-    ap.add_argument("--methods", nargs="+", default=["crl", "seq_ft"], choices=["crl", "seq_ft"])
+    ap.add_argument("--methods", nargs="+", default=["crl", "seq_ft"], choices=["crl", "seq_ft", "vla_rl"])
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="shipped")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more config overrides, e.g. model.micro_batch_size=16")

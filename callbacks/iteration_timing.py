@@ -14,6 +14,7 @@ Phases (seconds, per rank):
   collection/env_step      of which the env pool's steps (the slowest worker sets each one)
   collection/env_reset     of which the resets of the envs whose episode ended (every worker of
                            a lock-step pool waits for them)
+  reward_shaping           the RPRM's scores of the rollout's frames (VLA-RL's process reward)
   rollout_targets          values, V(s') at truncations, GAE and MC returns
   anchor_targets           old-goal samples: the old policy's action distribution, V_old
   update/forward, update/backward, update/optimizer   the PPO minibatches
@@ -22,7 +23,7 @@ Phases (seconds, per rank):
   compile_capture          torch.compile and CUDA-graph capture of the decode step (summed over
                            every phase it happened in)
 
-``perf/env_steps_per_s`` = frames / (collection + rollout_targets + anchor_targets + update):
+``perf/env_steps_per_s`` = frames / (collection + reward_shaping + rollout_targets + anchor_targets + update):
 the training loop's throughput, evaluation and checkpoints apart; ``perf/env_steps_per_s_wall``
 divides by the whole iteration (everything included). ``perf/update_samples``: samples (current
 + anchor) through the update's forward and backward (fewer when the approximate-KL stop ends
@@ -45,7 +46,7 @@ from lightning.pytorch.callbacks import Callback
 
 from modules.timing import TIMER, phase, set_enabled, total
 
-LOOP_PHASES = ("collection", "rollout_targets", "anchor_targets", "update")
+LOOP_PHASES = ("collection", "reward_shaping", "rollout_targets", "anchor_targets", "update")
 
 
 def summarize(seconds: dict[str, float], frames: int, wall: float | None) -> dict[str, float]:

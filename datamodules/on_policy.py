@@ -296,7 +296,8 @@ class OnPolicyDataModule(TaskStream, LightningDataModule):
             if hasattr(cb, "on_rollout"):
                 cb.on_rollout(self.trainer, module, rollout)
         if self.reward_shaping is not None:
-            extra.update(self.reward_shaping(rollout, module.device))
+            with phase("reward_shaping"):
+                extra.update(self.reward_shaping(rollout, module.device))
         samples, anchors, stats = module.process_rollout(
             rollout, self.anchor_goals, self.anchor_fraction,
             self.memory if self.anchor_source == "memory" else None, self.anchor_heads)

@@ -39,3 +39,39 @@ def test_openvla_benchmark_runs_every_section_on_the_cpu(tmp_path):
         assert all(row[k] > 0 for k in ("prefill", "generate", "act_cuda_graph"))
     assert all(u["samples_per_s"] > 0 for u in r["update"].values()) and len(r["update"]) == 4
     assert r["crl_vs_ppo"]["crl"]["step_s"] > 0 and r["crl_vs_ppo"]["ppo"]["step_s"] > 0
+
+
+def test_the_vla_rl_job_runs_on_one_gpu_with_its_rprm_on(tmp_path):
+    """bench/crl_job.py's ``vla_rl`` job: configs/vla_rl.yaml on one device, LIBERO-Goal, and an RPRM
+    checkpoint of the adapters and head (the frozen VLM referenced) that the reward shaping built
+    from the same config loads (its base checked against the record)."""
+    import argparse
+
+    import torch
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import crl_job
+    from random_openvla_checkpoint import write
+
+    from datamodules.reward_shaping import RewardShaping
+
+    ckpt = write(str(tmp_path / "openvla"), "tiny", "cpu")
+    args = argparse.Namespace(ckpt=ckpt, device="cpu", variant="shipped", set=["data.reward_shaping.scale=0.5"],
+                              runs=str(tmp_path), tag="", checkpoints=False, iterations=2, eval_episodes=2,
+                              eval_steps=4, num_envs=2, tasks=[8, 1], render=None, frames=16, minibatch=8)
+    cfg = OmegaConf.load(crl_job.config(args, "vla_rl"))
+    assert cfg.trainer.devices == 1 and cfg.trainer.strategy == "auto" and cfg.data.joint
+    assert cfg.data.stream[0].suite == "libero_goal" and list(cfg.data.stream[0].task_ids) == [8, 1]
+    shaping = cfg.data.reward_shaping
+    assert shaping.scale == 0.5 and shaping.rprm.init_args.backbone.init_args.pretrained == ckpt
+    saved = torch.load(shaping.checkpoint, weights_only=False)
+    assert saved["state_dict"] and all(".lora_" in k or k.startswith("rprm.head.") for k in saved["state_dict"])
+    assert len(saved["frozen_base"]["tensors"]) > 20 and saved["frozen_base"]["source"] == ckpt
+    built = RewardShaping(OmegaConf.to_container(shaping))  # builds the RPRM and loads the checkpoint
+    assert built.active and built.checkpoint == shaping.checkpoint
+    assert torch.equal(built.rprm.head[1].weight, saved["state_dict"]["rprm.head.1.weight"])
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(
+        str(tmp_path), "vla_rl_shipped.yaml"), "--print_config"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "reward_shaping" in res.stdout and "micro_batch_size: 8" in res.stdout

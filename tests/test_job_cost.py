@@ -50,11 +50,11 @@ def test_phases_nest_and_the_row_derives_env_time_and_throughput():
     assert timer.pop() == {}
     row = summarize({"collection": 3.0, "collection/acting": 2.0, "collection/env_start": 0.5,
                      "collection/acting/compile_capture": 0.25, "evaluation/acting/compile_capture": 0.5,
-                     "rollout_targets": 1.0, "anchor_targets": 2.0, "update/forward": 1.5,
+                     "reward_shaping": 0.5, "rollout_targets": 1.0, "anchor_targets": 2.0, "update/forward": 1.5,
                      "update/backward": 1.5, "update/optimizer": 1.0, "evaluation": 9.0}, 512, 20.0)
     assert row["time/collection/env"] == 0.5 and row["time/update"] == 4.0
     assert row["time/compile_capture"] == 0.75
-    assert row["perf/env_steps_per_s"] == 512 / (3.0 + 1.0 + 2.0 + 4.0)  # evaluation apart
+    assert row["perf/env_steps_per_s"] == 512 / (3.0 + 0.5 + 1.0 + 2.0 + 4.0)  # evaluation apart
     assert row["perf/env_steps_per_s_wall"] == 512 / 20.0
 
 

@@ -97,6 +97,14 @@ def test_shaping_in_a_train_run_follows_the_formula(tmp_path):
         assert shaped == pytest.approx(sparse + scale * (score - offset), abs=2e-6)
         assert abs(shaped - sparse) > 1e-3 and 0.0 < score < 1.0
     assert len(s["rollout/success"]) == 2
+    # the RPRM's scoring has its own phase in the timing breakdown, inside the training loop's time
+    rows = [r for r in json.load(open(os.path.join(log_dir_of(tmp_path, "shaped"), "timings.json")))
+            if isinstance(r["iteration"], int)]
+    assert len(rows) == 2 and all(r["time/reward_shaping"] > 0 for r in rows)
+    frames = OmegaConf.load(cfg).data.frames_per_batch
+    for r in rows:  # env steps/s of the loop: frames / (collection + RPRM scoring + targets + update)
+        loop = r["time/collection"] + r["time/reward_shaping"] + r["time/rollout_targets"] + r["time/update"]
+        assert r["perf/env_steps_per_s"] == pytest.approx(frames / loop)
 
 
 # -- online RPRM, then a resume ------------------------------------------------------------------
