@@ -1,7 +1,7 @@
 """Collect ``<sweep>/<method>/seed*/metrics.json`` into a markdown table (mean +- std over seeds).
 
     python scripts/results_table.py runs/sweep [more sweeps ...] [LABEL=runs/other] [--out table.md] [--tasks K]
-        [--metrics_file metrics_greedy.json] [--ci] [--compare crl=lwf ...]
+        [--metrics_file metrics_greedy.json] [--ci] [--compare crl=lwf ...] [--paired]
 
 A sweep given as ``LABEL=path`` (another stream, say) has its methods listed as
 ``method [LABEL]`` in the same table; streams of different lengths share the table (R[i,i]
@@ -13,10 +13,14 @@ Runs whose metrics.json is missing or incomplete are listed, not averaged. ``--t
 scores the first K tasks only (the K x K corner of R, metrics recomputed on it), so runs cut
 short after task K-1 still count. ``--metrics_file`` reads another evaluation of the same runs,
 e.g. ``metrics_greedy.json`` (``PerTaskEvaluation(tag=greedy)``); the wall time is the run's.
-``--ci`` adds a table of FAR / BWT / FT / F as the mean over seeds with its 95% bootstrap interval
-(percentile, 10,000 resamples of the seeds); ``--compare A=B`` the difference of means A - B with
-its 95% bootstrap interval (each method's seeds resampled on their own), e.g. ``crl=lwf``: does
-the anchor-critic term change forgetting beyond the KL term?
+``--ci`` adds a table of FAR / BWT / FT / F / FWT (LIBERO's forward transfer: here the mean of R's
+diagonal, how well each new task is learned) as the mean over seeds with its 95% bootstrap
+interval (percentile, 10,000 resamples of the seeds); ``--compare A=B`` the difference of means
+A - B with its 95% bootstrap interval (each method's seeds resampled on their own), e.g.
+``crl=lwf``: does the anchor-critic term change forgetting beyond the KL term? ``--paired``
+compares by seed instead: the mean of the per-seed differences over the seeds both methods ran,
+with the seeds resampled together (runs of one seed share the starting model, the env seeds and,
+for methods that differ only at task boundaries, the whole first task).
 """
 from __future__ import annotations
 
@@ -77,7 +81,7 @@ def fmt(values) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
 
 
-CI_METRICS = ("FAR", "BWT", "FT", "F")
+CI_METRICS = ("FAR", "BWT", "FT", "F", "FWT")
 
 
 def bootstrap_ci(values, other=None, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
@@ -94,15 +98,32 @@ def bootstrap_ci(values, other=None, resamples: int = 10_000, seed: int = 0) -> 
     return float(mean), float(lo), float(hi)
 
 
-def ci_table(runs: dict, compare: list[tuple[str, str]]) -> list[str]:
-    """Means with 95% bootstrap intervals, and the differences asked for with ``--compare``."""
+def paired_ci(a: list[dict], b: list[dict], metric: str) -> tuple[float, float, float, int]:
+    """The mean per-seed difference of ``metric`` between two methods' runs over their common seeds,
+    its 95% bootstrap interval (the seeds resampled together) and the number of seeds."""
+    mine, theirs = ({r["seed"]: r["metrics"][metric] for r in rs} for rs in (a, b))
+    seeds = sorted(set(mine) & set(theirs))
+    return (*bootstrap_ci([mine[s] - theirs[s] for s in seeds]), len(seeds))
+
+
+def ci_table(runs: dict, compare: list[tuple[str, str]], paired: bool = False) -> list[str]:
+    """Means with 95% bootstrap intervals, and the differences asked for with ``--compare``
+    (``paired``: per seed, over the seeds both methods ran)."""
     lines = ["Mean over seeds [95% bootstrap interval]:", "",
              "| method | seeds | " + " | ".join(CI_METRICS) + " |", "|" + "---|" * (len(CI_METRICS) + 2)]
     for method, rs in runs.items():
         cells = ["{:.2f} [{:.2f}, {:.2f}]".format(*bootstrap_ci([r["metrics"][m] for r in rs])) for m in CI_METRICS]
         lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells) + " |")
     lines.append("")
-    if compare:
+    if compare and paired:
+        lines += ["Differences A - B paired by seed (the seeds both ran) [95% bootstrap interval]:", "",
+                  "| A - B | seeds | " + " | ".join(CI_METRICS) + " |", "|" + "---|" * (len(CI_METRICS) + 2)]
+        for a, b in compare:
+            stats = [paired_ci(runs[a], runs[b], m) for m in CI_METRICS]
+            cells = ["{:+.2f} [{:+.2f}, {:+.2f}]".format(*st[:3]) for st in stats]
+            lines.append(f"| {a} - {b} | {stats[0][3]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    elif compare:
         lines += ["Differences of means A - B [95% bootstrap interval]:", "",
                   "| A - B | " + " | ".join(CI_METRICS) + " |", "|" + "---|" * (len(CI_METRICS) + 1)]
         for a, b in compare:
@@ -114,7 +135,7 @@ def ci_table(runs: dict, compare: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
-def table(runs: dict, ci: bool = False, compare: list[tuple[str, str]] = ()) -> str:
+def table(runs: dict, ci: bool = False, compare: list[tuple[str, str]] = (), paired: bool = False) -> str:
     K = max(len(r["R"]) for rs in runs.values() for r in rs)
     timed = any(not np.isnan(r["wall_s"]) for rs in runs.values() for r in rs)  # else no wall column
     head = (["method", "seeds", "before (mean b)"] + [f"R[{i},{i}]" for i in range(K)]
@@ -129,7 +150,7 @@ def table(runs: dict, ci: bool = False, compare: list[tuple[str, str]] = ()) -> 
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     if ci or compare:
-        lines += ci_table(runs, list(compare))
+        lines += ci_table(runs, list(compare), paired)
     lines += seed_table(runs)
     lines += curve_table(runs)
     for method, rs in runs.items():
@@ -190,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--ci", action="store_true", help="means with 95%% bootstrap intervals")
     p.add_argument("--compare", action="append", default=[], metavar="A=B",
                    help="the difference of means A - B with its 95%% bootstrap interval (repeatable)")
+    p.add_argument("--paired", action="store_true",
+                   help="--compare by seed: the mean per-seed difference over the seeds both methods ran")
     args = p.parse_args(argv)
     if args.tasks is not None and args.tasks <= 0:
         print(f"error: --tasks={args.tasks}: must be > 0", file=sys.stderr)
@@ -204,7 +227,12 @@ def main(argv=None) -> int:
         if len(pair) != 2 or not all(m in runs for m in pair):
             print(f"error: --compare={c!r}: expected A=B, two of the methods {sorted(runs)}", file=sys.stderr)
             return 2
-    text = table(runs, args.ci, pairs)
+    if args.paired:
+        for a, b in pairs:
+            if not {r["seed"] for r in runs[a]} & {r["seed"] for r in runs[b]}:
+                print(f"error: --paired --compare={a}={b}: the two methods share no seed", file=sys.stderr)
+                return 2
+    text = table(runs, args.ci, pairs, args.paired)
     if broken:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(broken) + "\n"
     if args.out:

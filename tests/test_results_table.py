@@ -142,3 +142,27 @@ def test_bootstrap_intervals_and_differences(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"), str(tmp_path),
                           "--compare", "crl=ewc"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --compare='crl=ewc'")
+
+
+def test_paired_differences_resample_the_seeds_together(tmp_path):
+    """--paired --compare A=B: the mean per-seed difference over the seeds both ran; a constant
+    per-seed difference has no spread even when the seeds spread widely."""
+    m = {"BWT": -0.2, "F": 0.2, "FT": 0.0, "FWT": 0.8, "NBT": 0.2, "AUC": 0.6}
+    for s, far in enumerate((0.3, 0.9, 0.6)):
+        _write(tmp_path / "crl" / f"seed{s}", [[0.8, 0.1], [0.6, 0.9]], [0.1, 0.1], dict(m, FAR=far))
+        _write(tmp_path / "lwf" / f"seed{s}", [[0.8, 0.1], [0.6, 0.9]], [0.1, 0.1], dict(m, FAR=far - 0.1))
+    _write(tmp_path / "lwf" / "seed3", [[0.8, 0.1], [0.6, 0.9]], [0.1, 0.1], dict(m, FAR=0.0))  # crl has no seed 3
+    script = os.path.join(ROOT, "scripts", "results_table.py")
+    paired = subprocess.run([sys.executable, script, str(tmp_path), "--ci", "--compare", "crl=lwf", "--paired"],
+                            capture_output=True, text=True)
+    assert paired.returncode == 0, paired.stderr
+    assert "| crl - lwf | 3 | +0.10 [+0.10, +0.10] |" in paired.stdout
+    unpaired = subprocess.run([sys.executable, script, str(tmp_path), "--ci", "--compare", "crl=lwf"],
+                              capture_output=True, text=True)
+    row = next(line for line in unpaired.stdout.splitlines() if line.startswith("| crl - lwf |"))
+    mean, lo, hi = (float(x) for x in row.split("|")[2].replace("[", "").replace("]", "").replace(",", "").split())
+    assert abs(mean - (0.6 - 0.375)) < 0.006 and hi - lo > 0.3  # seed 3 counts; the seeds' spread shows
+    _write(tmp_path / "ewc" / "seed7", [[0.8, 0.1], [0.6, 0.9]], [0.1, 0.1], dict(m, FAR=0.5))
+    bad = subprocess.run([sys.executable, script, str(tmp_path), "--compare", "crl=ewc", "--paired"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --paired --compare=crl=ewc: the two methods share no seed"
