@@ -14,10 +14,12 @@ anchor targets in chunks of 64 (chunks of 1024 run out of memory); ``shipped`` r
 ``--set KEY=VALUE`` overrides more keys.
 
 Method ``vla_rl`` runs ``configs/vla_rl.yaml`` with ``trainer.devices`` 1 (its 8 GPUs overridden) on
-the same LIBERO-Goal tasks (one joint stage of ``--iterations`` iterations: env i on task i mod K),
-the same random policy checkpoint, and the RPRM on: a second VLM of the policy's shape (the same
-random base) with a random LoRA and head, written as an RPRM checkpoint first (the adapters and
-head; the frozen base referenced); its scoring of every rollout frame is ``time/reward_shaping``.
+the same LIBERO-Goal tasks, laid out as that config does: every iteration collects all tasks (env i
+on task i mod K) and TaskSwitch cuts training into one block of ``--iterations`` iterations per
+task, each followed by an evaluation. Same random policy checkpoint; the RPRM on: a second VLM of
+the policy's shape (the same random base) with an untrained LoRA (B = 0) and a random head, written
+as an RPRM checkpoint first (adapters and head, the frozen base referenced); its scoring of every
+rollout frame is ``time/reward_shaping``.
 
 Reported per method: medians over each task's iterations after its first (steady state), the
 first iterations' compile/capture time, env steps/s end to end (collection + targets + update;
@@ -103,14 +105,15 @@ def config(args, method: str) -> str:
         rprm.pretrained = args.ckpt
         if args.device == "cpu":
             rprm.dtype = "float32"
-        cfg.data.reward_shaping.checkpoint = rprm_checkpoint(
-            OmegaConf.to_container(cfg.data.reward_shaping.rprm), os.path.join(args.runs, "rprm_random.ckpt"))
     overrides = dict(VARIANTS[args.variant])
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
+    if method == "vla_rl":  # the RPRM as configured (after the overrides)
+        cfg.data.reward_shaping.checkpoint = rprm_checkpoint(OmegaConf.to_container(cfg.data.reward_shaping.rprm),
+                                                             args.runs)
     cfg.trainer.logger.init_args.save_dir = args.runs
     cfg.trainer.logger.init_args.name = f"{method}_{args.variant}{args.tag}"
     cfg.trainer.enable_progress_bar = True
@@ -143,11 +146,16 @@ def config(args, method: str) -> str:
     return path
 
 
-def rprm_checkpoint(spec: dict, path: str) -> str:
+def rprm_checkpoint(spec: dict, folder: str) -> str:
     """An RPRM checkpoint as scripts/train_rprm.py writes one (RPRMModule's: with LoRA, the adapters
-    and head, the frozen VLM referenced), of an untrained RPRM (random head), built on the CPU."""
+    and head, the frozen VLM referenced), of an untrained RPRM (random head), built on the CPU; one
+    file per RPRM config (``rprm_random_<hash of the config>.ckpt``), reused while it exists."""
+    import hashlib
+
     import torch
 
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(folder, f"rprm_random_{digest}.ckpt")
     if os.path.isfile(path):
         return path
     from datamodules.reward_shaping import build_rprm

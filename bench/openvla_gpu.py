@@ -277,6 +277,7 @@ def timed_step(fn, dev, reps, opt, samples=None) -> dict:
 
 def profile_step(fn, res, key, top=25):
     """torch.profiler over one update step: the kernels that take the GPU time, printed and kept."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -288,9 +289,10 @@ def profile_step(fn, res, key, top=25):
     table = events.table(sort_by="cuda_time_total", row_limit=top)
     # GPU busy = the kernels' own time; far below the wall time means the host (launches,
     # Python) holds the GPU up, not its arithmetic
-    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
-    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
-                  and "CUDA" in str(e.device_type))
+    # the kernels' own entries only (an aten op also carries its kernels' time as self device time)
+    kernels_only = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    busy = sum(e.self_device_time_total for e in kernels_only) / 1e6
+    kernels = sum(e.count for e in kernels_only)
     summary = {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_fraction": busy / wall, "kernel_launches": kernels}
     print(table, summary, flush=True)
     res.setdefault("profile", {})[key] = {"table": table, **summary}

@@ -58,8 +58,8 @@ class TaskProgressBar(TQDMProgressBar):
                 parts.append(f"{label} {float(stats[key]):.3f}")
         seconds = TIMER.peek()  # this iteration's phases so far (callbacks/iteration_timing.py logs all)
         update = sum(v for k, v in seconds.items() if k.startswith("update/"))
-        for label, value in (("collect", seconds.get("collection")), ("anchors", seconds.get("anchor_targets")),
-                             ("update", update or None)):
+        for label, value in (("collect", seconds.get("collection")), ("rprm", seconds.get("reward_shaping")),
+                             ("anchors", seconds.get("anchor_targets")), ("update", update or None)):
             if value is not None:
                 parts.append(f"{label} {value:.1f}s")
         parts.append(f"{time.time() - self._epoch_start:.1f}s")

@@ -35,7 +35,10 @@ def frozen_base_keys(module: torch.nn.Module, prefix: str = "policy.") -> list[s
 
 def _checksum(t: torch.Tensor) -> float:
     flat = t.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel()), device=flat.device).long()
+    n, k = flat.numel(), min(SAMPLES, flat.numel())
+    # evenly spaced indices in exact integer arithmetic: the same on every device (a checkpoint
+    # saved from GPU weights is checked against CPU ones)
+    idx = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)
     values = flat[idx].double()
     return float((values * torch.arange(1, len(values) + 1, device=values.device, dtype=torch.float64)).sum())
 

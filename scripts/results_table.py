@@ -13,8 +13,8 @@ Runs whose metrics.json is missing or incomplete are listed, not averaged. ``--t
 scores the first K tasks only (the K x K corner of R, metrics recomputed on it), so runs cut
 short after task K-1 still count. ``--metrics_file`` reads another evaluation of the same runs,
 e.g. ``metrics_greedy.json`` (``PerTaskEvaluation(tag=greedy)``); the wall time is the run's.
-``--ci`` adds a table of FAR / BWT / FT / F / FWT (LIBERO's forward transfer: here the mean of R's
-diagonal, how well each new task is learned) as the mean over seeds with its 95% bootstrap
+``--ci`` adds a table of FAR / BWT / FT / F / FWT (LIBERO's forward transfer: with evaluations at
+task ends only, the mean of R's diagonal, how well each new task is learned) as the mean over seeds with its 95% bootstrap
 interval (percentile, 10,000 resamples of the seeds); ``--compare A=B`` the difference of means
 A - B with its 95% bootstrap interval (each method's seeds resampled on their own), e.g.
 ``crl=lwf``: does the anchor-critic term change forgetting beyond the KL term? ``--paired``

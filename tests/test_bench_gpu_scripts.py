@@ -57,7 +57,8 @@ def test_the_vla_rl_job_runs_on_one_gpu_with_its_rprm_on(tmp_path):
     from datamodules.reward_shaping import RewardShaping
 
     ckpt = write(str(tmp_path / "openvla"), "tiny", "cpu")
-    args = argparse.Namespace(ckpt=ckpt, device="cpu", variant="shipped", set=["data.reward_shaping.scale=0.5"],
+    args = argparse.Namespace(ckpt=ckpt, device="cpu", variant="shipped",
+                              set=["data.reward_shaping.scale=0.5", "data.reward_shaping.rprm.init_args.lora.r=4"],
                               runs=str(tmp_path), tag="", checkpoints=False, iterations=2, eval_episodes=2,
                               eval_steps=4, num_envs=2, tasks=[8, 1], render=None, frames=16, minibatch=8)
     cfg = OmegaConf.load(crl_job.config(args, "vla_rl"))
@@ -65,12 +66,16 @@ def test_the_vla_rl_job_runs_on_one_gpu_with_its_rprm_on(tmp_path):
     assert cfg.data.stream[0].suite == "libero_goal" and list(cfg.data.stream[0].task_ids) == [8, 1]
     shaping = cfg.data.reward_shaping
     assert shaping.scale == 0.5 and shaping.rprm.init_args.backbone.init_args.pretrained == ckpt
+    assert shaping.rprm.init_args.lora.r == 4  # the checkpoint is written for the RPRM as overridden
     saved = torch.load(shaping.checkpoint, weights_only=False)
     assert saved["state_dict"] and all(".lora_" in k or k.startswith("rprm.head.") for k in saved["state_dict"])
     assert len(saved["frozen_base"]["tensors"]) > 20 and saved["frozen_base"]["source"] == ckpt
+    assert os.path.basename(shaping.checkpoint).startswith("rprm_random_")
     built = RewardShaping(OmegaConf.to_container(shaping))  # builds the RPRM and loads the checkpoint
     assert built.active and built.checkpoint == shaping.checkpoint
     assert torch.equal(built.rprm.head[1].weight, saved["state_dict"]["rprm.head.1.weight"])
+    lora_a = next(v for k, v in saved["state_dict"].items() if ".lora_A." in k)
+    assert lora_a.shape[0] == 4
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(
         str(tmp_path), "vla_rl_shipped.yaml"), "--print_config"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]

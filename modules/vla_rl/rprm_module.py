@@ -78,7 +78,9 @@ class RPRMModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "frozen_base" in checkpoint:
-            restore_frozen_base(self, checkpoint, prefix="rprm.", keys=_recorded_keys(self.rprm, checkpoint, "ckpt_path"))
+            where = f"model.rprm.init_args.backbone (source {self.rprm.backbone.source!r}): the checkpoint (--ckpt_path)"
+            restore_frozen_base(self, checkpoint, prefix="rprm.", keys=_recorded_keys(self.rprm, checkpoint, where),
+                                where=where)
 
     def configure_optimizers(self):
         hp = self.hparams
