@@ -27,10 +27,15 @@ ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_
 SAMPLES = 4096
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name belongs to a LoRA adapter (PEFT's naming)."""
+    return any(a in name for a in ADAPTER_PARTS)
+
+
 def frozen_base_keys(module: torch.nn.Module, prefix: str = "policy.") -> list[str]:
     """State-dict keys of the policy's parameters that never train (LoRA's base), adapters excluded."""
     return [n for n, p in module.named_parameters()
-            if n.startswith(prefix) and not p.requires_grad and not any(a in n for a in ADAPTER_PARTS)]
+            if n.startswith(prefix) and not p.requires_grad and not is_adapter(n)]
 
 
 def _checksum(t: torch.Tensor) -> float:

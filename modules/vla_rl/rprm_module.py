@@ -10,7 +10,7 @@ import torch
 from lightning import LightningModule
 
 from modules.checkpoint_io import CheckpointError
-from modules.lora_checkpoint import ADAPTER_PARTS, drop_frozen_base, restore_frozen_base
+from modules.lora_checkpoint import drop_frozen_base, is_adapter, restore_frozen_base
 from modules.vla_rl.metrics import binary_accuracy, binary_auroc
 from modules.vla_rl.rprm import RPRM
 
@@ -72,7 +72,7 @@ class RPRMModule(LightningModule):
         self.log("val/positive_fraction", labels.mean())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keys = [k for k in frozen_base_keys(self.rprm) if not self.get_parameter(k).requires_grad]
+        keys = [k for k in rprm_base_keys(self.rprm) if not self.get_parameter(k).requires_grad]
         if keys:  # LoRA: the trainable state only; the frozen VLM is referenced
             drop_frozen_base(self, checkpoint, prefix="rprm.", keys=keys)
 
@@ -88,18 +88,19 @@ class RPRMModule(LightningModule):
         return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
 
 
-def frozen_base_keys(rprm: RPRM) -> list[str]:
-    """``rprm.``-prefixed names of the VLM's weights that LoRA leaves frozen (none without LoRA)."""
+def rprm_base_keys(rprm: RPRM) -> list[str]:
+    """``rprm.``-prefixed names of the VLM's weights that LoRA leaves frozen (none without LoRA), by
+    name: the reward shaping's RPRM is frozen as a whole, so ``requires_grad`` cannot tell them."""
     names = [n for n, _ in rprm.named_parameters()]
-    if not any(a in n for n in names for a in ADAPTER_PARTS):
+    if not any(is_adapter(n) for n in names):
         return []
-    return [f"rprm.{n}" for n in names if n.startswith("backbone.") and not any(a in n for a in ADAPTER_PARTS)]
+    return [f"rprm.{n}" for n in names if n.startswith("backbone.") and not is_adapter(n)]
 
 
 def _recorded_keys(rprm: RPRM, checkpoint: dict, key: str) -> list[str]:
     """The checkpoint's frozen-base keys, which must be this RPRM's frozen-base keys (whether or not
     it is frozen as a whole already, as the reward shaping's is)."""
-    recorded, mine = list(checkpoint["frozen_base"]["tensors"]), frozen_base_keys(rprm)
+    recorded, mine = list(checkpoint["frozen_base"]["tensors"]), rprm_base_keys(rprm)
     if set(recorded) != set(mine):
         raise CheckpointError(f"{key}: the checkpoint's RPRM has {len(recorded)} frozen base tensors, this one "
                               f"{len(mine)}: build the RPRM with the settings it was trained with")
