@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modules.critics import GoalConditionedCritic, frozen_copy  # noqa: E402
 from modules.losses import crl_loss  # noqa: E402
 from modules.policy import OpenVLABackbone, TokenVLAPolicy  # noqa: E402
-from modules.policy.lora import AdapterPolicy, snapshot_adapter  # noqa: E402
+from modules.policy.lora import AdapterPolicy, set_fused_lora, snapshot_adapter  # noqa: E402
 from modules.policy.token_vla import set_gradient_checkpointing  # noqa: E402
 
 INSTRUCTIONS = ["put the bowl on the plate", "open the middle drawer of the cabinet",
@@ -313,21 +313,26 @@ def bench_update(args, backbone, dev, res):
                                   "compute_dtype": args.lora_compute}).to(dev)
     critic, opt = training_parts(policy, dev, res)
     rows = res.setdefault("update", {})
-    for ckpt in (False, True):
+    # fused LoRA (lora.fused) against PEFT's forward: the same policy, its layers switched
+    fused_settings = args.lora_fused if args.lora_compute == "backbone" else [0]
+    for ckpt in map(bool, args.checkpointing):
         set_gradient_checkpointing(backbone.model, ckpt)
         for mb in args.micro:
-            if time.perf_counter() - T0 > args.budget_s * 0.85:
-                log(f"update: skipping micro-batch {mb} ckpt={ckpt} (time budget)")
-                continue
-            images, prompts = batch_inputs(policy, mb, dev, seed=mb)
-            tokens = torch.randint(0, 256, (mb, 7), device=dev)
-            key = f"mb{mb}_ckpt{int(ckpt)}"
-            rows[key] = timed_step(lambda: ppo_step(policy, critic, opt, images, prompts, tokens), dev,
-                                   args.train_reps, opt, samples=mb)
-            log(f"update {key}: {rows[key]}")
-            if args.profile and dev.type == "cuda" and rows[key]["step_s"] and not ckpt and mb == args.micro[0]:
-                profile_step(lambda: ppo_step(policy, critic, opt, images, prompts, tokens), res, key)
-            free(dev)
+            for fused in fused_settings:
+                if time.perf_counter() - T0 > args.budget_s * 0.85:
+                    log(f"update: skipping micro-batch {mb} ckpt={ckpt} fused={fused} (time budget)")
+                    continue
+                set_fused_lora(backbone.model, bool(fused))
+                images, prompts = batch_inputs(policy, mb, dev, seed=mb)
+                tokens = torch.randint(0, 256, (mb, 7), device=dev)
+                key = f"mb{mb}_ckpt{int(ckpt)}_fused{fused}"
+                rows[key] = timed_step(lambda: ppo_step(policy, critic, opt, images, prompts, tokens), dev,
+                                       args.train_reps, opt, samples=mb)
+                log(f"update {key}: {rows[key]}")
+                if args.profile and dev.type == "cuda" and rows[key]["step_s"] and not ckpt and mb == args.micro[0]:
+                    profile_step(lambda: ppo_step(policy, critic, opt, images, prompts, tokens), res, key)
+                free(dev)
+    set_fused_lora(backbone.model, bool(fused_settings[-1]))
 
     # (c) CRL vs PPO at one micro-batch, checkpointing on (the setting one would train with)
     mb, n_anchor = args.crl_micro, args.crl_micro // 2  # data.anchor_fraction 0.5 (the kit's default)
@@ -386,13 +391,15 @@ def table(res):
                      f"{cell(b, c)} | {(c / f) if c and f else float('nan'):.3f}x |")
     if "update" in res:
         lines += ["", f"LoRA r=32 all-linear ({res.get('lora_trainable_params', 0) / 1e6:.1f} M trainable) PPO update:",
-                  "| micro-batch | checkpointing | samples/s | step s | peak GiB |", "| --- | --- | --- | --- | --- |"]
+                  "| micro-batch | checkpointing | fused LoRA | samples/s | step s | peak GiB |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for key, row in res["update"].items():
-            mb, ck = key[2:].split("_ckpt")
+            mb, rest = key[2:].split("_ckpt")
+            ck, fused = rest.split("_fused")
             sps = f"{row['samples_per_s']:.1f}" if row["samples_per_s"] else "-"
             st = f"{row['step_s']:.3f}" if row["step_s"] else "-"
             pk = row["peak_gib"] if isinstance(row["peak_gib"], str) else f"{row['peak_gib']:.1f}"
-            lines.append(f"| {mb} | {'on' if ck == '1' else 'off'} | {sps} | {st} | {pk} |")
+            lines.append(f"| {mb} | {'on' if ck == '1' else 'off'} | {'on' if fused == '1' else 'off'} | {sps} | {st} | {pk} |")
     if "crl_vs_ppo" in res:
         c = res["crl_vs_ppo"]
         lines += ["", f"CRL vs PPO step, micro-batch {c['micro_batch']} (+{c['anchors']} anchor samples for CRL), "
@@ -421,6 +428,10 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--lora_compute", default="backbone", choices=["float32", "backbone"],
                     help="lora.compute_dtype of the update's policy")
+    ap.add_argument("--lora_fused", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                    help="lora.fused settings timed (compute_dtype backbone), on the same policy")
+    ap.add_argument("--checkpointing", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                    help="gradient checkpointing settings timed")
     ap.add_argument("--profile", action="store_true", help="profile one update step at the first micro-batch")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")

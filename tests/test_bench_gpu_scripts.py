@@ -37,7 +37,10 @@ def test_openvla_benchmark_runs_every_section_on_the_cpu(tmp_path):
     r = json.loads(out.read_text())
     for row in r["acting"].values():
         assert all(row[k] > 0 for k in ("prefill", "generate", "act_cuda_graph"))
-    assert all(u["samples_per_s"] > 0 for u in r["update"].values()) and len(r["update"]) == 4
+    # 2 micro-batches x checkpointing off / on x PEFT's LoRA forward / the fused one
+    assert all(u["samples_per_s"] > 0 for u in r["update"].values()) and len(r["update"]) == 8
+    assert {"mb2_ckpt0_fused0", "mb2_ckpt0_fused1", "mb4_ckpt1_fused1"} <= set(r["update"])
+    assert "| 4 | on | on |" in res.stdout  # the update table's fused column
     assert r["crl_vs_ppo"]["crl"]["step_s"] > 0 and r["crl_vs_ppo"]["ppo"]["step_s"] > 0
 
 

@@ -12,7 +12,7 @@ from tensordict import TensorDict
 from modules.crl_module import CRLModule, _prompts_to_td
 from modules.policy import OpenVLABackbone, TokenVLAPolicy
 from modules.policy.base import act_in_chunks
-from modules.policy.lora import _BranchLinear, snapshot_adapter
+from modules.policy.lora import AdapterPolicy, _BranchLinear, set_fused_lora, snapshot_adapter
 from modules.policy.openvla import decoding
 from modules.timing import PhaseTimer
 
@@ -173,6 +173,61 @@ def test_lora_branches_in_bf16_keep_float32_weights_and_match_float32_branches()
     assert all(g is not None and g.dtype == torch.float32 for g in grads) and any(g.abs().sum() > 0 for g in grads)
     snapshot_adapter(bf16.backbone.model)  # the old policy's adapter multiplies in bf16 too
     assert sum(isinstance(m, _BranchLinear) for m in bf16.modules()) == 2 * len(branches)
+
+
+def _lora_params(policy):
+    return {n: p for n, p in policy.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_lora_forward_and_gradients_equal_pefts(dtype):
+    policy = _policy(dtype=dtype, lora={**LORA, "compute_dtype": "backbone", "fused": True})
+    model = policy.backbone.model
+    with torch.no_grad():
+        for name, p in _lora_params(policy).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    images, prompts = _images(3), policy.encode(INSTRUCTIONS)
+    torch.manual_seed(0)
+    acted = policy.act(images, prompts)
+    runs = {}
+    for fused in (True, False):
+        assert set_fused_lora(model, fused) > 0
+        out = policy.evaluate(images, prompts, acted.tokens)
+        (-out.log_prob.sum()).backward()
+        runs[fused] = (out.log_prob.detach(), {n: p.grad.clone() for n, p in _lora_params(policy).items()})
+        policy.zero_grad(set_to_none=True)
+    tol = 1e-5 if dtype == "float32" else 0.05  # bf16: the fused sum rounds once, PEFT's three times
+    assert torch.allclose(runs[True][0], runs[False][0], atol=tol)
+    assert torch.allclose(runs[True][0], acted.log_prob, atol=tol)  # acting and training agree fused
+    g_fused, g_peft = runs[True][1], runs[False][1]
+    assert any(g.abs().sum() > 0 for g in g_fused.values())
+    for name in g_peft:
+        rel = (g_fused[name] - g_peft[name]).norm() / g_peft[name].norm().clamp_min(1e-12)
+        assert rel < (1e-4 if dtype == "float32" else 0.1), (name, float(rel))
+
+
+def test_fused_lora_runs_the_old_adapter_with_its_own_weights():
+    policy = _policy(lora={**LORA, "compute_dtype": "backbone", "fused": True})
+    for step in range(2):  # the old adapter: a random B; then the trainable one moves away from it
+        with torch.no_grad():
+            for name, p in _lora_params(policy).items():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        if step == 0:
+            snapshot_adapter(policy.backbone.model)
+    images, prompts = _images(3), policy.encode(INSTRUCTIONS)
+    tokens = torch.randint(0, 256, (3, 7))
+    old = AdapterPolicy(policy)
+    fused_old, fused_new = old.evaluate(images, prompts, tokens).log_prob, policy.evaluate(images, prompts, tokens).log_prob
+    set_fused_lora(policy.backbone.model, False)
+    assert torch.allclose(fused_old, old.evaluate(images, prompts, tokens).log_prob, atol=1e-5)
+    assert (fused_old - fused_new.detach()).abs().max() > 1e-3
+
+
+def test_fused_lora_needs_the_backbone_compute_dtype():
+    with pytest.raises(ValueError, match=r"model.policy.lora.fused=True: needs compute_dtype: backbone"):
+        _policy(lora={**LORA, "fused": True})
 
 
 def test_bad_lora_compute_dtype_is_one_line():

@@ -7,6 +7,7 @@ Adapters are saved in PEFT's own format (``PeftModel.from_pretrained`` loads the
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 
@@ -41,6 +42,50 @@ def _branches_in_backbone_dtype(model: PeftModel) -> None:
                     branch.__class__ = _BranchLinear
 
 
+@functools.cache
+def _fused_lora_linear_class():
+    """PEFT's LoRA ``Linear`` with the plain single-adapter forward done in one ``addmm``
+    (built on first use: PEFT is imported lazily)."""
+    from peft.tuners.lora import Linear as PeftLinear
+
+    class FusedLoraLinear(PeftLinear):
+        """``y = base(x) + (A x) (s B)^T`` as ``addmm(base(x), A x, (s B)^T)``: the scale s is folded
+        into B's r columns and the sum is the matmul's epilogue, where PEFT's
+        ``base(x) + B(A x) * s`` spends two element-wise passes over the full output width
+        (and one more in the backward). Same arithmetic up to rounding; anything else
+        (several or merged adapters, dropout, biases, variants, PEFT's keyword arguments)
+        takes PEFT's own forward."""
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            names = self.active_adapters
+            name = names[0] if len(names) == 1 else None
+            base = self.base_layer
+            if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+                    or name in self.lora_variant or self.lora_B[name].bias is not None
+                    or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+                    or type(base) is not torch.nn.Linear or x.dtype != base.weight.dtype):
+                return super().forward(x, *args, **kwargs)
+            down = torch.nn.functional.linear(x, self.lora_A[name].weight.to(x.dtype))  # A x: r wide
+            up = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype).t()         # (s B)^T: r x out
+            y = torch.nn.functional.linear(x, base.weight, base.bias)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), down.reshape(-1, down.shape[-1]), up).view(y.shape)
+
+    return FusedLoraLinear
+
+
+def set_fused_lora(model: torch.nn.Module, fused: bool) -> int:
+    """Switch every LoRA linear layer of ``model`` between PEFT's forward and the fused one
+    (``LoRA.fused``); returns how many layers were switched."""
+    from peft.tuners.lora import Linear as PeftLinear
+
+    fused_cls, switched = _fused_lora_linear_class(), 0
+    for module in model.modules():
+        if type(module) in (PeftLinear, fused_cls):
+            module.__class__ = fused_cls if fused else PeftLinear
+            switched += 1
+    return switched
+
+
 @dataclass
 class LoRA:
     """PEFT LoRA adapters on a backbone; the base weights stay frozen.
@@ -52,6 +97,8 @@ class LoRA:
         target_modules: the linear layers adapted, by name, or ``all-linear``.
         compute_dtype: ``float32`` (PEFT's: the branches multiply in float32) or ``backbone``
             (in the backbone's dtype, bf16 on a GPU, from float32 master weights).
+        fused: with ``compute_dtype: backbone``, each adapted linear layer adds its branch inside
+            one matmul (``addmm``, scale folded into B) instead of PEFT's two full-width passes.
     """
 
     r: int = 8
@@ -59,6 +106,7 @@ class LoRA:
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     compute_dtype: str = "float32"
+    fused: bool = False
 
 
 def lora_kwargs(lora: LoRA | dict) -> dict:
@@ -67,7 +115,8 @@ def lora_kwargs(lora: LoRA | dict) -> dict:
 
 
 def apply_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-               target_modules: list[str] | str = ("q_proj", "v_proj"), compute_dtype: str = "float32") -> PeftModel:
+               target_modules: list[str] | str = ("q_proj", "v_proj"), compute_dtype: str = "float32",
+               fused: bool = False) -> PeftModel:
     """Wrap ``model`` with a trainable LoRA adapter; the base weights are frozen.
 
     Args:
@@ -77,6 +126,9 @@ def apply_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, dropout: flo
             multiplies in float32) or ``backbone`` (the branch multiplies in the backbone's dtype,
             bf16 on a GPU, from float32 master weights: no float32 copy of every linear layer's
             input, and bf16 tensor cores). The weights and the optimiser stay float32 either way.
+        fused: ``compute_dtype: backbone`` only: ``y = addmm(base(x), A x, (s B)^T)``, one matmul
+            whose epilogue adds the branch, in place of PEFT's ``base(x) + B(A x) * s`` (a
+            full-width multiply and add per layer, and the multiply's backward).
     """
     if r <= 0:
         raise ValueError(f"model.policy.lora.r={r!r}: must be > 0")
@@ -84,12 +136,17 @@ def apply_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, dropout: flo
         raise ValueError(f"model.policy.lora.dropout={dropout!r}: must be in [0, 1)")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"model.policy.lora.compute_dtype={compute_dtype!r}: one of {list(COMPUTE_DTYPES)}")
+    if fused and compute_dtype != "backbone":
+        raise ValueError(f"model.policy.lora.fused={fused!r}: needs compute_dtype: backbone "
+                         f"(got {compute_dtype!r}; PEFT's float32 branches add in float32)")
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     peft_model = get_peft_model(model, config)
     peft_model.kit_compute_dtype = compute_dtype
     if compute_dtype == "backbone":
         _branches_in_backbone_dtype(peft_model)
+    if fused:
+        set_fused_lora(peft_model, True)
     return peft_model
 
 
