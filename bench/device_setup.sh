@@ -6,15 +6,20 @@
 #     -> .device/bundle/  LIBERO-Goal's code, assets and init states + wheels, and its setup.sh
 #        (the packer: any tool that writes wheels/, site.tar.xz and setup.sh TARGET, for Python 3.12)
 #     -> .device/wheels/  wheels of what the machine's own Python lacks (Lightning, PEFT, TensorBoard)
+#     -> .device/babyai/  wheels of BabyAI (minigrid, pygame-ce) for CPU sweeps on the machine's cores
 #     -> .gl/             the GL loader libraries EGL rendering needs (Debian packages)
 # There (python3 with torch and transformers; the repository root is the working directory):
 #   source bench/device_setup.sh install
 #     -> packages in /tmp/site, LIBERO's config, MUJOCO_GL=egl and the NVIDIA EGL vendor file
-# Both .device/ and .gl/ are git-ignored; together with the tree they must fit the transfer limit
-# of the machine (about 57 MiB for LIBERO-Goal).
+#        (carry .device/bundle, .device/wheels and .gl; about 57 MiB with the tree for LIBERO-Goal)
+#   source bench/device_setup.sh install-babyai
+#     -> the packages BabyAI runs need (scripts/sweep.py on configs/quickstart.yaml), no LIBERO
+#        (carry .device/bundle/wheels, .device/wheels and .device/babyai; about 40 MiB with the tree)
+# Both .device/ and .gl/ are git-ignored; what a call carries must fit the machine's transfer limit.
 set -uo pipefail
 mode=${1:-install}
 EXTRA_WHEELS=(lightning==2.6.6 peft==0.21.2 tensorboard==2.21.0 absl-py==2.5.1 Markdown==3.11.3 Werkzeug==3.1.9)
+BABYAI_WHEELS=(minigrid==3.2.0 pygame-ce==2.5.8)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any)
 
 if [ "$mode" = pack ]; then
@@ -40,6 +45,8 @@ with zipfile.ZipFile(src) as zi, zipfile.ZipFile(src + ".tmp", "w", zipfile.ZIP_
         zo.writestr(item, data)
 os.replace(src + ".tmp", src)
 PY
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${plat[@]}" -d .device/babyai "${BABYAI_WHEELS[@]}"
   mkdir -p .gl /tmp/amd64/partial
   o=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
   apt-get "${o[@]}" update >/dev/null
@@ -59,6 +66,15 @@ elif [ "$mode" = install ]; then
   [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
   python3 -c "import torch, lightning, peft, torchrl, transformers; print('device ready:', torch.__version__, \
 torch.cuda.get_device_name(0), 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
+elif [ "$mode" = install-babyai ]; then
+  if [ ! -f /tmp/site/.kit_babyai ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .device/bundle/wheels/*.whl .device/wheels/*.whl .device/babyai/*.whl || return 1 2>/dev/null || exit 1
+    touch /tmp/site/.kit_babyai
+  fi
+  export PYTHONPATH=/tmp/site:$PWD
+  python3 -c "import torch, lightning, torchrl, minigrid; print('device ready (BabyAI):', torch.__version__, \
+'lightning', lightning.__version__, 'minigrid', minigrid.__version__, 'cores', __import__('os').cpu_count())"
 else
-  echo "usage: bash bench/device_setup.sh pack | source bench/device_setup.sh install" >&2
+  echo "usage: bash bench/device_setup.sh pack | source bench/device_setup.sh install | install-babyai" >&2
 fi

@@ -102,3 +102,33 @@ def test_branch_arguments_are_checked(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             sweep.parse_args(base + ["--branch", bad])
         assert "--branch" in capsys.readouterr().err
+
+
+def test_pack_runs_moves_each_runs_records_and_only_the_checkpoint_resume_needs(tmp_path, monkeypatch):
+    import tarfile
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import pack_runs
+
+    monkeypatch.chdir(tmp_path)
+    for run, newest in (("sweep/crl/seed0", "task1_end.ckpt"), ("sweep/lwf/seed1", "last.ckpt")):
+        os.makedirs(f"{run}/checkpoints")
+        os.makedirs(f"{run}/eval_episodes")
+        for i, name in enumerate(sorted({"last.ckpt", "task0_end.ckpt", "task1_end.ckpt"} - {newest}) + [newest]):
+            with open(f"{run}/checkpoints/{name}", "wb") as f:
+                f.write(os.urandom(300_000))
+            os.utime(f"{run}/checkpoints/{name}", (1000 + i, 1000 + i))  # the last one written is the newest
+        for name in ("metrics.json", "eval_episodes/after_task0.rank0.json", "events.out.tfevents.1"):
+            with open(f"{run}/{name}", "w") as f:
+                f.write("{}")
+    parts = pack_runs.pack("sweep", "runs.tgz", max_mib=0.5)  # one run per part
+    assert parts == ["runs.0.tgz", "runs.1.tgz"]
+    names = set()
+    for part in parts:
+        with tarfile.open(part) as tar:
+            names |= set(tar.getnames())
+    assert {n for n in names if n.endswith(".ckpt")} == {"sweep/crl/seed0/checkpoints/task1_end.ckpt",
+                                                          "sweep/lwf/seed1/checkpoints/last.ckpt"}
+    assert "sweep/lwf/seed1/eval_episodes/after_task0.rank0.json" in names and "sweep/crl/seed0/metrics.json" in names
+    with tarfile.open(parts[0]) as tar:  # the checkpoint keeps its time: --resume picks it as the newest again
+        assert tar.getmember("sweep/crl/seed0/checkpoints/task1_end.ckpt").mtime == 1002
