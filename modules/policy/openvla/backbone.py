@@ -93,12 +93,21 @@ class OpenVLABackbone(VLMBackbone):
     def image_token_count(self) -> int:
         return self._image_tokens
 
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The towers' mean and std [1, 6, 1, 1] on ``device``, made once (a new tensor from Python
+        values on a GPU is a host-to-device copy that waits for the GPU, at every call)."""
+        cached = getattr(self, "_norm_constants", None)
+        if cached is None or cached[0].device != device:
+            cached = tuple(torch.tensor(v, device=device).view(1, 6, 1, 1)
+                           for v in (DINO_MEAN + SIGLIP_MEAN, DINO_STD + SIGLIP_STD))
+            self._norm_constants = cached
+        return cached
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> [B, 6, S, S] (DINOv2 channels, then SigLIP channels)."""
         if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             images = pil_resize(images, self.image_size)
         x = images.float() / 255.0
-        mean = torch.tensor(DINO_MEAN + SIGLIP_MEAN, device=x.device).view(1, 6, 1, 1)
-        std = torch.tensor(DINO_STD + SIGLIP_STD, device=x.device).view(1, 6, 1, 1)
+        mean, std = self._normalisation(x.device)
         dtype = self.model.get_output_embeddings().weight.dtype
         return ((torch.cat([x, x], 1) - mean) / std).to(dtype)
